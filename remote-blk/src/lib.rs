@@ -1,1 +1,10 @@
-//! placeholder: see the crate's issue.
+//! Remote block storage for vNode: `vnode-blkd`, an NBD server over raw files, and the NBD
+//! client library behind the VMM's virtio-blk backend.
+//!
+//! - [`nbd::protocol`]: the NBD wire format and handshake state machine (plain code, fuzzed).
+//! - [`nbd::server`]: the server: a thread per connection serving requests inline.
+//! - [`nbd::client`]: a pipelined client (`submit` + completion callback, or blocking calls).
+//! - [`backend`]: the raw file behind an export.
+
+pub mod backend;
+pub mod nbd;

@@ -1,0 +1,154 @@
+//! `vnode-blkd`: serves raw files as NBD exports.
+//!
+//! ```text
+//! vnode-blkd --listen 127.0.0.1:10809 --export disk=/var/lib/vnode/disk.img:8G
+//! vnode-blkd --socket /run/blk.sock --export a=a.img --export b=b.img:1G --secret b=@b.key
+//! ```
+//! Once listening it prints `listening on ADDR` on stdout (and writes ADDR to `--ready-file`),
+//! so scripts and tests can bind port 0 and wait for that line instead of sleeping.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use remote_blk::backend::FileBackend;
+use remote_blk::nbd::server::{Export, Listener, Server, Threading};
+
+#[derive(Debug, Parser)]
+#[command(name = "vnode-blkd", about = "NBD storage server for vNode")]
+struct Args {
+    /// TCP address to listen on (port 0 picks a free one).
+    #[arg(long, conflicts_with = "socket")]
+    listen: Option<String>,
+    /// Unix socket path to listen on.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// NAME=FILE[:SIZE]: export FILE as NAME, creating it with SIZE bytes (K/M/G/T suffixes)
+    /// when it does not exist. The first export is also the default (empty name) export.
+    #[arg(long = "export", required = true)]
+    exports: Vec<String>,
+    /// NAME=SECRET or NAME=@FILE: clients must send this secret to use export NAME.
+    #[arg(long = "secret")]
+    secrets: Vec<String>,
+    /// Export every file read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Open the files with O_DIRECT (requests must then be 512-byte aligned).
+    #[arg(long)]
+    direct: bool,
+    /// Threading model: `inline` (a thread per connection does all its I/O) or `pool:N`.
+    #[arg(long, default_value = "inline")]
+    threads: String,
+    /// Write the bound address here once listening.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let (num, mul) = match s.chars().last()? {
+        'k' | 'K' => (&s[..s.len() - 1], 1u64 << 10),
+        'm' | 'M' => (&s[..s.len() - 1], 1 << 20),
+        'g' | 'G' => (&s[..s.len() - 1], 1 << 30),
+        't' | 'T' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mul)
+}
+
+fn parse_export(spec: &str) -> Result<(String, PathBuf, Option<u64>)> {
+    let (name, rest) = spec
+        .split_once('=')
+        .with_context(|| format!("--export {spec:?}: expected NAME=FILE[:SIZE]"))?;
+    let (file, size) = match rest.rsplit_once(':') {
+        Some((f, sz)) => match parse_size(sz) {
+            Some(n) => (f, Some(n)),
+            None => bail!("--export {spec:?}: bad size {sz:?}"),
+        },
+        None => (rest, None),
+    };
+    Ok((name.to_owned(), PathBuf::from(file), size))
+}
+
+fn parse_secrets(specs: &[String]) -> Result<HashMap<String, Vec<u8>>> {
+    let mut out = HashMap::new();
+    for spec in specs {
+        let (name, secret) = spec
+            .split_once('=')
+            .context("--secret: expected NAME=SECRET or NAME=@FILE")?;
+        let bytes = match secret.strip_prefix('@') {
+            Some(path) => {
+                let s = std::fs::read_to_string(path).with_context(|| format!("read {path}"))?;
+                s.trim_end().as_bytes().to_vec()
+            }
+            None => secret.as_bytes().to_vec(),
+        };
+        out.insert(name.to_owned(), bytes);
+    }
+    Ok(out)
+}
+
+fn parse_threads(s: &str) -> Result<Threading> {
+    if s == "inline" {
+        return Ok(Threading::Inline);
+    }
+    match s.strip_prefix("pool:").map(str::parse::<usize>) {
+        Some(Ok(n)) if n > 0 => Ok(Threading::Pool(n)),
+        _ => bail!("--threads {s:?}: expected inline or pool:N"),
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut secrets = parse_secrets(&args.secrets)?;
+    let mut exports = Vec::new();
+    for spec in &args.exports {
+        let (name, path, size) = parse_export(spec)?;
+        let backend = FileBackend::open(&path, size, args.direct)
+            .with_context(|| format!("export {name}"))?;
+        tracing::info!(export = %name, path = %path.display(), size = backend.size(), "export");
+        exports.push(Export {
+            secret: secrets.remove(&name),
+            name,
+            backend,
+            read_only: args.read_only,
+        });
+    }
+    if let Some(name) = secrets.keys().next() {
+        bail!("--secret for unknown export {name:?}");
+    }
+    let server = Server::new(exports, parse_threads(&args.threads)?);
+    let (listener, addr) = match (&args.listen, &args.socket) {
+        (Some(a), None) => {
+            let l = TcpListener::bind(a).with_context(|| format!("listen on {a}"))?;
+            let addr = l.local_addr()?.to_string();
+            (Listener::Tcp(l), addr)
+        }
+        (None, Some(p)) => {
+            let _ = std::fs::remove_file(p);
+            let l = UnixListener::bind(p).with_context(|| format!("listen on {}", p.display()))?;
+            (Listener::Unix(l), p.display().to_string())
+        }
+        _ => bail!("give exactly one of --listen ADDR and --socket PATH"),
+    };
+    if let Some(f) = &args.ready_file {
+        std::fs::write(f, &addr).with_context(|| format!("write {}", f.display()))?;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening on {addr}")?;
+    out.flush()?;
+    drop(out);
+    tracing::info!(%addr, threads = %args.threads, "serving");
+    server.serve(&listener)?;
+    Ok(())
+}
