@@ -1,0 +1,80 @@
+//! vNode's test guest: a freestanding ELF that boots on `vnode` (docs/guest-abi.md), drops to
+//! user mode on every vCPU and runs a memory or CPU workload, reporting JSON lines on COM1.
+//!
+//! Only `boot.rs` runs in supervisor mode (emulated, slow, on a PVM host); everything in Rust
+//! runs at CPL 3 natively. The workloads themselves live in the `testguest` library.
+#![no_std]
+#![no_main]
+
+mod boot;
+mod cputest;
+mod machine;
+mod memfuncs;
+mod memtest;
+mod port;
+
+use testguest::cmdline::{self, Test};
+use testguest::json::JsonLine;
+
+/// Entered from `boot.rs` by `iretq` at CPL 3 on every vCPU.
+pub extern "C" fn user_main(vcpu: u64, nvcpus: u64, boot_params: u64) -> ! {
+    let n = nvcpus.clamp(1, boot::MAX_VCPUS) as u32;
+    let vcpu = vcpu as u32;
+    let info = machine::BootInfo::read(boot_params);
+    if vcpu == 0 {
+        let mut line = JsonLine::<4096>::new()
+            .str("guest", "testguest")
+            .u64("vcpus", n as u64)
+            .u64("ram_bytes", info.ram_bytes())
+            .bytes_str("cmdline", info.cmdline());
+        port::serial_write(line.finish());
+    }
+    let cfg = match cmdline::parse(info.cmdline()) {
+        Ok(cfg) => cfg,
+        Err(bad) => {
+            if vcpu == 0 {
+                let mut line = JsonLine::<512>::new()
+                    .str("error", "bad command line value")
+                    .bytes_str("key", bad.key)
+                    .bytes_str("value", bad.value);
+                port::serial_write(line.finish());
+                port::exit(2);
+            }
+            park()
+        }
+    };
+    match cfg.test {
+        Test::Mem => memtest::run(vcpu, n, &info, &cfg),
+        Test::Cpu => cputest::run(vcpu, n, &cfg),
+    }
+}
+
+/// Where a vCPU waits when vCPU 0 is about to end the VM.
+pub fn park() -> ! {
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// The final line, then the debug exit: status 0 if `ok`, 1 if not.
+pub fn finish(ok: bool, errors: u64) -> ! {
+    let mut line = JsonLine::<128>::new()
+        .bool("done", true)
+        .bool("ok", ok)
+        .u64("errors", errors);
+    port::serial_write(line.finish());
+    port::exit(if ok { 0 } else { 1 })
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let mut line = JsonLine::<512>::new().str("error", "panic");
+    if let Some(loc) = info.location() {
+        line = line.str("file", loc.file()).u64("line", loc.line() as u64);
+    }
+    if let Some(msg) = info.message().as_str() {
+        line = line.str("message", msg);
+    }
+    port::serial_write(line.finish());
+    port::exit(3)
+}
