@@ -1,0 +1,4 @@
+//! x86_64: memory layout, boot-time CPU state, CPUID and MSRs.
+pub mod cpuid;
+pub mod layout;
+pub mod regs;

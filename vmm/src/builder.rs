@@ -1,0 +1,177 @@
+//! Builds a VM from a `VmConfig`, as an ordered list of `attach_*` steps.
+
+use std::fs::File;
+use std::io::{self, LineWriter};
+use std::sync::{Arc, Mutex};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::cpuid::{boot_msrs, patch_cpuid, HostKind};
+use crate::arch::x86_64::layout::BOOT_GDT_START;
+use crate::arch::x86_64::regs::{
+    boot_gdt_bytes, boot_page_tables, entry_regs, long_mode_sregs, reset_fpu,
+};
+use crate::boot::{load_guest, BootError, BootInfo};
+use crate::config::{SerialOut, VmConfig};
+use crate::devices::bus::{BusError, IoBuses};
+use crate::devices::debug_exit::{DebugExit, PhaseMarker, DEBUG_EXIT_PORT, PHASE_PORT};
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::serial::{SerialDevice, SerialWriter, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::StopSignal;
+use crate::kvm::{KvmError, Vcpu, VcpuBoot, Vm};
+use crate::memory::guest::{local_memory, MemoryError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot open serial output {path}: {source}")]
+    SerialOut {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] io::Error),
+    #[error("cannot write boot structures into guest RAM: {0}")]
+    GuestWrite(#[from] vm_memory::GuestMemoryError),
+    #[error("--vcpus {0} is more than KVM allows here ({1})")]
+    TooManyVcpus(u32, usize),
+}
+
+/// A VM ready to run.
+pub struct Vmm {
+    pub vm: Vm,
+    pub mem: GuestMemoryMmap,
+    pub vcpus: Vec<Vcpu>,
+    pub buses: IoBuses,
+    pub stop: StopSignal,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub boot: BootInfo,
+}
+
+/// Builds the VM: memory, KVM platform, devices, guest image, vCPUs.
+pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
+    let (kernel, _) = crate::boot::open_kernel(&config.kernel)?; // fail fast on a bad kernel
+    drop(kernel);
+    let mem = local_memory(config.mem_size)?;
+    let mut vm = Vm::new(&config.kvm_device)?;
+    if config.vcpus as usize > vm.max_vcpus() {
+        return Err(BuildError::TooManyVcpus(config.vcpus, vm.max_vcpus()));
+    }
+    vm.setup_platform()?;
+    vm.map_memory(&mem)?;
+    let stop = StopSignal::new();
+    let mut buses = IoBuses::default();
+    let serial = attach_serial(&vm, &mut buses, &config.serial)?;
+    attach_i8042(&mut buses, &stop)?;
+    attach_debug_ports(&mut buses, &mem, &stop, config)?;
+    write_boot_tables(&mem)?;
+    let boot = load_guest(
+        &mem,
+        config.mem_size,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &config.cmdline,
+    )?;
+    let vcpus = create_vcpus(&vm, config.vcpus, &boot)?;
+    Ok(Vmm {
+        vm,
+        mem,
+        vcpus,
+        buses,
+        stop,
+        serial,
+        boot,
+    })
+}
+
+fn attach_serial(
+    vm: &Vm,
+    buses: &mut IoBuses,
+    out: &SerialOut,
+) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
+    let writer: SerialWriter = match out {
+        SerialOut::Stdout => Box::new(LineWriter::new(io::stdout())),
+        SerialOut::File(path) => {
+            Box::new(LineWriter::new(File::create(path).map_err(|source| {
+                BuildError::SerialOut {
+                    path: path.clone(),
+                    source,
+                }
+            })?))
+        }
+    };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&irq, COM1_IRQ)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, writer)));
+    buses.pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
+    Ok(serial)
+}
+
+fn attach_i8042(buses: &mut IoBuses, stop: &StopSignal) -> Result<(), BuildError> {
+    buses.pio.insert(
+        I8042_BASE,
+        I8042_LEN,
+        Arc::new(Mutex::new(I8042::new(stop.clone()))),
+    )?;
+    Ok(())
+}
+
+fn attach_debug_ports(
+    buses: &mut IoBuses,
+    mem: &GuestMemoryMmap,
+    stop: &StopSignal,
+    config: &VmConfig,
+) -> Result<(), BuildError> {
+    buses.pio.insert(
+        DEBUG_EXIT_PORT,
+        1,
+        Arc::new(Mutex::new(DebugExit::new(stop.clone()))),
+    )?;
+    let marker = PhaseMarker::new(mem.clone(), config.corrupt);
+    buses
+        .pio
+        .insert(PHASE_PORT, 1, Arc::new(Mutex::new(marker)))?;
+    Ok(())
+}
+
+fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), BuildError> {
+    mem.write_slice(&boot_gdt_bytes(), GuestAddress(BOOT_GDT_START))?;
+    for (addr, page) in boot_page_tables() {
+        mem.write_slice(&page, GuestAddress(addr))?;
+    }
+    Ok(())
+}
+
+fn create_vcpus(vm: &Vm, count: u32, boot: &BootInfo) -> Result<Vec<Vcpu>, BuildError> {
+    let host = HostKind::detect();
+    tracing::info!(?host, "KVM host kind");
+    let supported = vm.supported_cpuid()?;
+    let msrs = boot_msrs();
+    let mut vcpus = Vec::with_capacity(count as usize);
+    for index in 0..count {
+        let vcpu = vm.create_vcpu(index)?;
+        let mut cpuid = supported.clone();
+        patch_cpuid(&mut cpuid, index, count, host);
+        let starts = index == 0 || boot.smp_entry;
+        let smp = boot
+            .smp_entry
+            .then_some((u64::from(index), u64::from(count)));
+        let vboot = starts.then(|| VcpuBoot {
+            regs: entry_regs(boot.entry, smp),
+            sregs: long_mode_sregs,
+            fpu: reset_fpu(),
+        });
+        vcpu.configure(&cpuid, &msrs, vboot.as_ref())?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}

@@ -1,0 +1,165 @@
+//! The VM's configuration, validated before anything is created.
+
+use std::path::PathBuf;
+
+use crate::arch::x86_64::layout::MIN_MEM_SIZE;
+use crate::devices::debug_exit::CorruptHook;
+
+/// Where guest serial output goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialOut {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_size: u64,
+    pub vcpus: u32,
+    pub serial: SerialOut,
+    pub kvm_device: PathBuf,
+    pub corrupt: Option<CorruptHook>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid size {0:?}: use a number with an optional K, M, G or T suffix")]
+    Size(String),
+    #[error("--mem {0} is too small: a guest needs at least {min} MiB", min = MIN_MEM_SIZE >> 20)]
+    MemTooSmall(u64),
+    #[error("--mem {mem} is larger than this host's memory ({host} bytes)")]
+    MemTooLarge { mem: u64, host: u64 },
+    #[error("--mem {0} is not a multiple of 4 KiB")]
+    MemUnaligned(u64),
+    #[error("--vcpus must be at least 1")]
+    NoVcpus,
+    #[error("--vcpus {0} is more than the 254 this VMM supports")]
+    TooManyVcpus(u32),
+    #[error("invalid --debug-corrupt {0:?}: expected GPA@PHASE, e.g. 0x20000000@1")]
+    Corrupt(String),
+}
+
+/// Parses "4096", "64K", "512M", "1G", "1T" (binary units) into bytes.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::Size(s.to_owned());
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(err()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| err())?;
+    n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+/// Parses a number in decimal or 0x-prefixed hex.
+pub fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Parses `GPA@PHASE`.
+pub fn parse_corrupt(s: &str) -> Result<CorruptHook, ConfigError> {
+    let err = || ConfigError::Corrupt(s.to_owned());
+    let (gpa, phase) = s.split_once('@').ok_or_else(err)?;
+    Ok(CorruptHook {
+        gpa: parse_u64(gpa).ok_or_else(err)?,
+        phase: parse_u64(phase)
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or_else(err)?,
+    })
+}
+
+/// Total RAM of this host, from /proc/meminfo.
+pub fn host_mem_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Checks memory size and vCPU count against what this VMM and host can do.
+pub fn validate(mem_size: u64, vcpus: u32, host_mem: Option<u64>) -> Result<(), ConfigError> {
+    if vcpus == 0 {
+        return Err(ConfigError::NoVcpus);
+    }
+    if vcpus > 254 {
+        return Err(ConfigError::TooManyVcpus(vcpus));
+    }
+    if mem_size < MIN_MEM_SIZE {
+        return Err(ConfigError::MemTooSmall(mem_size));
+    }
+    if !mem_size.is_multiple_of(4096) {
+        return Err(ConfigError::MemUnaligned(mem_size));
+    }
+    if let Some(host) = host_mem {
+        if mem_size > host {
+            return Err(ConfigError::MemTooLarge {
+                mem: mem_size,
+                host,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn corrupt_hook() {
+        assert_eq!(
+            parse_corrupt("0x1000@2"),
+            Ok(CorruptHook {
+                gpa: 0x1000,
+                phase: 2
+            })
+        );
+        assert!(parse_corrupt("0x1000").is_err());
+        assert!(parse_corrupt("zz@1").is_err());
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(validate(1 << 30, 0, None), Err(ConfigError::NoVcpus));
+        assert_eq!(
+            validate(1 << 20, 1, None),
+            Err(ConfigError::MemTooSmall(1 << 20))
+        );
+        assert!(matches!(
+            validate(8 << 30, 1, Some(4 << 30)),
+            Err(ConfigError::MemTooLarge { .. })
+        ));
+        assert_eq!(
+            validate((1 << 30) + 1, 1, None),
+            Err(ConfigError::MemUnaligned((1 << 30) + 1))
+        );
+        assert_eq!(validate(1 << 30, 2, Some(4 << 30)), Ok(()));
+    }
+}

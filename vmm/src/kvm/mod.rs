@@ -1,0 +1,39 @@
+//! The only module that speaks kvm-ioctls: the VM, its vCPUs, and the dispatch of VM exits.
+mod exit;
+mod vcpu;
+mod vm;
+
+pub use exit::{handle_exit, ExitAction};
+pub use vcpu::{Vcpu, VcpuBoot};
+pub use vm::Vm;
+
+use std::path::PathBuf;
+
+/// What failed while talking to KVM.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    #[error("cannot open {path}: {source} (is KVM available and is the device writable?)")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a usable KVM device: {source}")]
+    NotKvm {
+        path: PathBuf,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM API version {0} is not the expected 12")]
+    ApiVersion(i32),
+    #[error("{op} failed: {source}")]
+    Ioctl {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+pub(crate) fn ioctl_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError::Ioctl { op, source }
+}

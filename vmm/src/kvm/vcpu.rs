@@ -1,0 +1,198 @@
+//! One vCPU: its boot state, and the run loop that dispatches exits until the VM stops.
+
+use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs};
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::{handle_exit, ioctl_err, ExitAction, KvmError};
+use crate::devices::bus::IoBuses;
+use crate::devices::{StopReason, StopSignal};
+use crate::metrics::METRICS;
+
+/// Where a vCPU starts: its general registers and a function that fills in its special registers.
+pub struct VcpuBoot {
+    pub regs: kvm_regs,
+    pub sregs: fn(kvm_sregs) -> kvm_sregs,
+    pub fpu: kvm_bindings::kvm_fpu,
+}
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+/// KVM_INTERNAL_ERROR_EMULATION: the instruction emulator failed.
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+const BP_VECTOR: u8 = 3;
+
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u32,
+}
+
+impl Vcpu {
+    pub(super) fn new(fd: VcpuFd, index: u32) -> Self {
+        Self { fd, index }
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// CPUID, MSRs, LAPIC LINT pins (virtual wire mode), and, for a vCPU that starts running at
+    /// once, its registers. APs without `boot` wait for INIT/SIPI from the guest.
+    pub fn configure(
+        &self,
+        cpuid: &[kvm_cpuid_entry2],
+        msrs: &[(u32, u64)],
+        boot: Option<&VcpuBoot>,
+    ) -> Result<(), KvmError> {
+        let cpuid = CpuId::from_entries(cpuid).map_err(|_| KvmError::Ioctl {
+            op: "building CPUID",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(ioctl_err("KVM_SET_CPUID2"))?;
+        let entries: Vec<kvm_msr_entry> = msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs_fam = Msrs::from_entries(&entries).map_err(|_| KvmError::Ioctl {
+            op: "building MSRs",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let set = self
+            .fd
+            .set_msrs(&msrs_fam)
+            .map_err(ioctl_err("KVM_SET_MSRS"))?;
+        if set != entries.len() {
+            tracing::debug!(
+                set,
+                wanted = entries.len(),
+                "KVM accepted only some boot MSRs"
+            );
+        }
+        self.set_lint()?;
+        if let Some(boot) = boot {
+            let sregs = self.fd.get_sregs().map_err(ioctl_err("KVM_GET_SREGS"))?;
+            self.fd
+                .set_sregs(&(boot.sregs)(sregs))
+                .map_err(ioctl_err("KVM_SET_SREGS"))?;
+            self.fd
+                .set_regs(&boot.regs)
+                .map_err(ioctl_err("KVM_SET_REGS"))?;
+            self.fd
+                .set_fpu(&boot.fpu)
+                .map_err(ioctl_err("KVM_SET_FPU"))?;
+        }
+        Ok(())
+    }
+
+    fn set_lint(&self) -> Result<(), KvmError> {
+        let mut lapic = self.fd.get_lapic().map_err(ioctl_err("KVM_GET_LAPIC"))?;
+        for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let mut b = [0u8; 4];
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = lapic.regs[reg + i] as u8;
+            }
+            let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+            for (i, x) in v.to_le_bytes().iter().enumerate() {
+                lapic.regs[reg + i] = *x as _;
+            }
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(ioctl_err("KVM_SET_LAPIC"))
+    }
+
+    /// Runs the vCPU until the VM stops. Fatal conditions are reported through `stop`.
+    pub fn run(&mut self, buses: &IoBuses, mem: &GuestMemoryMmap, stop: &StopSignal) {
+        loop {
+            if stop.reason().is_some() {
+                return;
+            }
+            let action = match self.fd.run() {
+                Ok(exit) => handle_exit(exit, buses),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => {
+                    stop.stop(StopReason::Fatal(format!(
+                        "vCPU {}: KVM_RUN failed: {e}",
+                        self.index
+                    )));
+                    return;
+                }
+            };
+            let fatal = match action {
+                ExitAction::Continue => continue,
+                ExitAction::InternalError => match self.recover_internal_error(mem) {
+                    Ok(()) => continue,
+                    Err(msg) => msg,
+                },
+                ExitAction::Shutdown => format!("guest triple-faulted{}", self.where_am_i()),
+                ExitAction::FailEntry(r) => {
+                    format!("KVM could not enter the guest (reason {r:#x})")
+                }
+                ExitAction::Unhandled(what) => {
+                    format!("unhandled VM exit {what}{}", self.where_am_i())
+                }
+            };
+            stop.stop(StopReason::Fatal(format!("vCPU {}: {fatal}", self.index)));
+            return;
+        }
+    }
+
+    fn where_am_i(&self) -> String {
+        match self.fd.get_regs() {
+            Ok(r) => format!(" at rip {:#x}", r.rip),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// KVM on PVM emulates guest supervisor code and its emulator lacks `int3` in long mode:
+    /// it stops with an emulation failure. Deliver the #BP the instruction would have raised
+    /// (trap semantics: RIP past the int3). On hardware KVM int3 never gets here.
+    fn recover_internal_error(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
+        // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal` member of the
+        // exit union; reading a u32 from it is valid for any bit pattern.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        let opcode = self
+            .fd
+            .translate_gva(regs.rip)
+            .ok()
+            .filter(|t| t.valid != 0)
+            .and_then(|t| mem.read_obj::<u8>(GuestAddress(t.physical_address)).ok());
+        if suberror != KVM_INTERNAL_ERROR_EMULATION || opcode != Some(0xcc) {
+            return Err(format!(
+                "KVM internal error (suberror {suberror}) at rip {:#x}, opcode {opcode:02x?}",
+                regs.rip
+            ));
+        }
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
+        events.exception.injected = 1;
+        events.exception.nr = BP_VECTOR;
+        events.exception.has_error_code = 0;
+        events.exception.pending = 0;
+        events.flags = 0;
+        let mut regs = regs;
+        regs.rip += 1;
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))?;
+        METRICS.int3_injected.inc();
+        Ok(())
+    }
+}

@@ -1,0 +1,94 @@
+//! Counters for everything the guest can trigger. Each is incremented somewhere; all are printed
+//! as one JSON object when the VM stops (and on SIGUSR1).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// A monotonically increasing counter.
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub const fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Serialize for Counter {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.get())
+    }
+}
+
+/// VM-wide counters.
+#[derive(Default, Debug, Serialize)]
+pub struct Metrics {
+    pub exits_pio: Counter,
+    pub exits_mmio: Counter,
+    pub exits_hlt: Counter,
+    pub exits_other: Counter,
+    pub pio_unowned: Counter,
+    pub mmio_unowned: Counter,
+    pub int3_injected: Counter,
+    pub serial_errors: Counter,
+}
+
+pub static METRICS: Metrics = Metrics {
+    exits_pio: Counter::new(),
+    exits_mmio: Counter::new(),
+    exits_hlt: Counter::new(),
+    exits_other: Counter::new(),
+    pio_unowned: Counter::new(),
+    mmio_unowned: Counter::new(),
+    int3_injected: Counter::new(),
+    serial_errors: Counter::new(),
+};
+
+/// Logs at most `burst` events per key before going quiet, so a guest cannot flood the log.
+pub struct RateLimit {
+    seen: AtomicU64,
+    burst: u64,
+}
+
+impl RateLimit {
+    pub const fn new(burst: u64) -> Self {
+        Self {
+            seen: AtomicU64::new(0),
+            burst,
+        }
+    }
+    /// True while the event should still be logged.
+    pub fn allow(&self) -> bool {
+        self.seen.fetch_add(1, Ordering::Relaxed) < self.burst
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_stops_after_burst() {
+        let r = RateLimit::new(2);
+        assert!(r.allow() && r.allow());
+        assert!(!r.allow());
+    }
+
+    #[test]
+    fn counters_serialize_as_numbers() {
+        let m = Metrics::default();
+        m.exits_pio.add(3);
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["exits_pio"], 3);
+    }
+}

@@ -1,0 +1,97 @@
+//! Runs a built VM: one named thread per vCPU, an event loop for serial input, and the wait for
+//! the VM to stop. Returns the process exit status.
+
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+
+use crate::builder::Vmm;
+use crate::devices::serial::StdinInput;
+use crate::devices::StopReason;
+use crate::metrics::METRICS;
+
+/// How the VM ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest ended itself: its status (debug-exit) or 0 (reset / power-off).
+    Guest(u8),
+    /// vNode stopped the VM on a fatal condition.
+    Fatal(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot start thread {name}: {source}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("event loop: {0}")]
+    Events(String),
+}
+
+/// Starts the vCPUs and waits until the VM stops.
+pub fn run(vmm: Vmm) -> Result<Outcome, RunError> {
+    let Vmm {
+        vm,
+        mem,
+        vcpus,
+        buses,
+        stop,
+        serial,
+        boot: _,
+    } = vmm;
+    for mut vcpu in vcpus {
+        let name = format!("vcpu{}", vcpu.index());
+        let (buses, mem, stop) = (buses.clone(), mem.clone(), stop.clone());
+        thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || vcpu.run(&buses, &mem, &stop))
+            .map_err(|source| RunError::Spawn { name, source })?;
+    }
+    start_event_loop(serial.clone(), stop.clone())?;
+    let reason = loop {
+        if let Some(r) = stop.wait_timeout(Duration::from_secs(3600)) {
+            break r;
+        }
+    };
+    if let Err(e) = serial.lock().expect("serial lock poisoned").flush() {
+        tracing::warn!("cannot flush serial output: {e}");
+    }
+    drop(vm);
+    Ok(match reason {
+        StopReason::GuestExit(status) => Outcome::Guest(status),
+        StopReason::Reset => Outcome::Guest(0),
+        StopReason::Fatal(msg) => Outcome::Fatal(msg),
+    })
+}
+
+fn start_event_loop(
+    serial: Arc<Mutex<crate::devices::serial::SerialDevice>>,
+    stop: crate::devices::StopSignal,
+) -> Result<(), RunError> {
+    let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| RunError::Events(format!("{e:?}")))?;
+    events.add_subscriber(Arc::new(Mutex::new(StdinInput::new(serial))));
+    let name = "vmm-events".to_owned();
+    thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            while stop.reason().is_none() {
+                if let Err(e) = events.run_with_timeout(500) {
+                    tracing::warn!("event loop: {e:?}");
+                    return;
+                }
+            }
+        })
+        .map_err(|source| RunError::Spawn { name, source })?;
+    Ok(())
+}
+
+/// The VM's counters as one JSON object.
+pub fn stats_json() -> String {
+    serde_json::json!({ "vmm": &METRICS }).to_string()
+}
