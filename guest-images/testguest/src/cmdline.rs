@@ -6,6 +6,8 @@
 pub enum Test {
     Mem,
     Cpu,
+    /// Touches an unmapped address: tests the exception report (exit status 3).
+    Fault,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,7 +109,10 @@ pub fn parse_size(s: &[u8]) -> Option<u64> {
 /// Parses the command line.
 pub fn parse(cmdline: &[u8]) -> Result<Config, BadValue<'_>> {
     let mut cfg = Config::default();
-    for tok in cmdline.split(|c| c.is_ascii_whitespace()).filter(|t| !t.is_empty()) {
+    for tok in cmdline
+        .split(|c| c.is_ascii_whitespace())
+        .filter(|t| !t.is_empty())
+    {
         let Some(eq) = tok.iter().position(|&c| c == b'=') else {
             continue;
         };
@@ -118,6 +123,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadValue<'_>> {
                 cfg.test = match value {
                     b"mem" => Test::Mem,
                     b"cpu" => Test::Cpu,
+                    b"fault" => Test::Fault,
                     _ => return Err(bad),
                 }
             }
@@ -131,12 +137,11 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadValue<'_>> {
                 }
             }
             b"seed" => cfg.seed = parse_u64(value).ok_or(bad)?,
-            b"writes" => {
-                cfg.writes = parse_u64(value).filter(|&w| w <= 100).ok_or(bad)? as u32
-            }
+            b"writes" => cfg.writes = parse_u64(value).filter(|&w| w <= 100).ok_or(bad)? as u32,
             b"passes" => {
-                cfg.passes =
-                    parse_u64(value).filter(|&p| p <= MAX_PASSES as u64).ok_or(bad)? as u32
+                cfg.passes = parse_u64(value)
+                    .filter(|&p| p <= MAX_PASSES as u64)
+                    .ok_or(bad)? as u32
             }
             b"iters" => cfg.iters = parse_u64(value).ok_or(bad)?,
             _ => {}

@@ -106,9 +106,21 @@ mod tests {
     #[test]
     fn merge_keeps_lowest_address() {
         let mut a = Mismatches::default();
-        a.merge(Mismatches { errors: 1, first_error_gpa: Some(0x5000) });
-        a.merge(Mismatches { errors: 2, first_error_gpa: Some(0x3000) });
+        a.merge(Mismatches {
+            errors: 1,
+            first_error_gpa: Some(0x5000),
+        });
+        a.merge(Mismatches {
+            errors: 2,
+            first_error_gpa: Some(0x3000),
+        });
         a.merge(Mismatches::default());
-        assert_eq!(a, Mismatches { errors: 3, first_error_gpa: Some(0x3000) });
+        assert_eq!(
+            a,
+            Mismatches {
+                errors: 3,
+                first_error_gpa: Some(0x3000)
+            }
+        );
     }
 }

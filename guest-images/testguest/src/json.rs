@@ -177,7 +177,10 @@ mod tests {
     #[test]
     fn escapes_strings() {
         let j = JsonLine::<128>::new().bytes_str("cmdline", b"a=\"b\" c\\d\te\x01\xff");
-        assert_eq!(s(j), "{\"cmdline\":\"a=\\\"b\\\" c\\\\d\\te\\u0001\\u00ff\"}\n");
+        assert_eq!(
+            s(j),
+            "{\"cmdline\":\"a=\\\"b\\\" c\\\\d\\te\\u0001\\u00ff\"}\n"
+        );
     }
 
     #[test]

@@ -46,7 +46,23 @@ pub extern "C" fn user_main(vcpu: u64, nvcpus: u64, boot_params: u64) -> ! {
     match cfg.test {
         Test::Mem => memtest::run(vcpu, n, &info, &cfg),
         Test::Cpu => cputest::run(vcpu, n, &cfg),
+        Test::Fault if vcpu == 0 => fault(),
+        Test::Fault => park(),
     }
+}
+
+/// Reads an address the page tables do not map (1 TiB): the page fault is reported by the
+/// exception handler in boot.rs, which exits with status 3.
+fn fault() -> ! {
+    const UNMAPPED: u64 = 1 << 40;
+    // SAFETY: deliberately faults; the #PF handler never returns to this code.
+    let v = unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
+    // Only reached if the address was mapped after all.
+    let mut line = JsonLine::<128>::new()
+        .str("error", "expected a page fault")
+        .u64("value", v);
+    port::serial_write(line.finish());
+    port::exit(1)
 }
 
 /// Where a vCPU waits when vCPU 0 is about to end the VM.

@@ -15,6 +15,7 @@
 //!      accesses rewrite the page for this pass and record the pass; the rest verify it against
 //!      its recorded pass. Then `out 0xf5, 2`.
 //!   3. verify: every page of R read back in ascending order and checked.
+//!
 //! Mismatched 64-bit words are errors; the lowest mismatched address is reported.
 
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
@@ -108,7 +109,8 @@ impl Tally {
         let gpa = lay.region.gpa(p);
         let pass = lay.pass_of[p as usize].load(Relaxed) as u32;
         // SAFETY: page p is this vCPU's alone in the current phase (see the module docs).
-        self.mism.merge(verify_pages(unsafe { page(gpa) }, gpa, pass, seed));
+        self.mism
+            .merge(verify_pages(unsafe { page(gpa) }, gpa, pass, seed));
         self.reads += 1;
     }
 

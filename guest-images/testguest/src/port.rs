@@ -11,18 +11,24 @@ const PHASE_MARKER: u16 = 0xf5;
 fn outb(port: u16, v: u8) {
     // SAFETY: the guest runs with IOPL 3 and these are vnode's UART and debug ports; an `out`
     // touches no guest memory.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 fn outl(port: u16, v: u32) {
     // SAFETY: as in `outb`.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as in `outb`; reading the UART's LSR has no side effect on memory.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 

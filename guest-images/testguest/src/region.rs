@@ -85,7 +85,11 @@ mod tests {
 
     #[test]
     fn clips_below_base_and_spans_holes() {
-        let ram = [(0x1_0000_0000u64, 0x4000), (0, 0x9fc00), (0x10_0000, 0xbff0_0000)];
+        let ram = [
+            (0x1_0000_0000u64, 0x4000),
+            (0, 0x9fc00),
+            (0x10_0000, 0xbff0_0000),
+        ];
         let mut r = Region::above(ram.into_iter(), 0x80_0000);
         assert_eq!(r.pages(), (0xc000_0000 - 0x80_0000) / 4096 + 4);
         assert_eq!(r.gpa(0), 0x80_0000);

@@ -98,7 +98,10 @@ mod tests {
         // P(rank 0) = 1/zeta(n): about 8% for n = 1e5, theta = 0.99.
         let p0 = counts[0] as f64 / samples as f64;
         let expect0 = 1.0 / zeta(n, 0.99);
-        assert!((p0 - expect0).abs() < 0.1 * expect0, "p0 {p0} expected {expect0}");
+        assert!(
+            (p0 - expect0).abs() < 0.1 * expect0,
+            "p0 {p0} expected {expect0}"
+        );
         // Rank 1 about 2^-0.99 as often as rank 0, and the head is heavy: the hottest 1% of
         // ranks take more than half of the accesses.
         let ratio = counts[1] as f64 / counts[0] as f64;
