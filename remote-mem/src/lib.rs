@@ -1,1 +1,18 @@
-//! placeholder: see the crate's issue.
+//! Remote memory for vNode: the `vnode-memd` memory server and the client library the VMM's
+//! fault-serving threads use to fetch and evict guest pages.
+//!
+//! - [`protocol`]: the versioned, length-prefixed wire protocol (with its state machine).
+//! - [`transport`]: byte streams the protocol runs over: TCP (default), RDMA (`rdma` feature).
+//! - [`client`]: [`MemClient`] (one authenticated connection, pipelined and batched) and
+//!   [`ReplicatedRegion`] (a region kept on a primary and a backup server).
+//! - [`server`]: the server: connection handling, the page store, the memory log.
+
+pub mod client;
+pub mod error;
+pub mod protocol;
+pub mod server;
+pub mod transport;
+
+pub use client::{MemClient, ReadTicket, ReplicatedRegion, WriteTicket};
+pub use error::ClientError;
+pub use protocol::{ErrorCode, PAGE_SIZE};

@@ -1,0 +1,670 @@
+//! The client library the VMM's fault-serving threads use: [`MemClient`], one authenticated
+//! connection to one memory server, and [`ReplicatedRegion`], a region kept on a primary and a
+//! backup server.
+//!
+//! Calls are synchronous; use one `MemClient` per thread. Inside, requests are pipelined (the
+//! split-phase `submit_*`/`complete_*` calls let a prefetcher overlap a batch of reads with
+//! other work) and batched (up to [`MAX_BATCH`] pages per frame; longer lists are split and
+//! pipelined). The hot path reuses its buffers: a page read costs one `writev` and, usually,
+//! one `recv`, and allocates nothing.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+
+use crate::error::ClientError;
+use crate::protocol::{self, ErrorCode, Header, Op, HEADER_LEN, MAX_BATCH, PAGE_SIZE};
+use crate::transport::tcp::TcpConn;
+use crate::transport::Conn;
+
+/// Most requests in flight before the oldest reply is drained. Keeps the bytes of unread
+/// requests well under the socket buffers, so a pipelining client cannot deadlock with a
+/// server blocked on sending it replies.
+const MAX_PENDING: usize = 32;
+/// A request body larger than this is sent only after outstanding page replies are drained,
+/// for the same reason.
+const LARGE_REQUEST: usize = 16 * 1024;
+
+/// A batch of reads sent with [`MemClient::submit_read`], to collect with
+/// [`MemClient::complete_read`]. Every ticket must be completed.
+#[derive(Debug)]
+#[must_use = "a submitted read must be completed"]
+pub struct ReadTicket {
+    tag: u64,
+    pages: usize,
+}
+
+impl ReadTicket {
+    /// Bytes `complete_read` will fill.
+    pub fn len_bytes(&self) -> usize {
+        self.pages * PAGE_SIZE
+    }
+}
+
+/// A batch of writes sent with [`MemClient::submit_write`], to confirm with
+/// [`MemClient::complete_write`].
+#[derive(Debug)]
+#[must_use = "a submitted write must be completed"]
+pub struct WriteTicket {
+    tag: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    Done,
+    Data(usize),
+    HelloOk,
+}
+
+#[derive(Debug)]
+struct Pending {
+    tag: u64,
+    expect: Expect,
+}
+
+/// A reply read ahead of its turn (out-of-order completion, or drained to bound the pipeline).
+struct Stashed {
+    tag: u64,
+    result: Result<Vec<u8>, (ErrorCode, String)>,
+}
+
+/// One authenticated connection to one memory server.
+pub struct MemClient {
+    conn: Box<dyn Conn>,
+    addr: String,
+    vnode_id: u64,
+    next_tag: u64,
+    /// Outgoing frame bytes other than page data.
+    scratch: Vec<u8>,
+    /// Incoming bodies that are not page data (errors, HelloOk).
+    body: Vec<u8>,
+    pending: VecDeque<Pending>,
+    stash: Vec<Stashed>,
+    broken: bool,
+    capacity_pages: u64,
+    free_pages: u64,
+}
+
+impl std::fmt::Debug for MemClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemClient")
+            .field("addr", &self.addr)
+            .field("vnode_id", &self.vnode_id)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+impl MemClient {
+    /// Connects over TCP and authenticates as `vnode_id` with the shared `secret`.
+    pub fn connect(addr: &str, vnode_id: u64, secret: &[u8]) -> Result<Self, ClientError> {
+        let conn = TcpConn::connect(addr).map_err(|source| ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+        Self::with_conn(Box::new(conn), vnode_id, secret)
+    }
+
+    /// Authenticates over an already established connection of any transport.
+    pub fn with_conn(
+        conn: Box<dyn Conn>,
+        vnode_id: u64,
+        secret: &[u8],
+    ) -> Result<Self, ClientError> {
+        let addr = conn.peer().to_string();
+        if secret.is_empty() || secret.len() > protocol::MAX_SECRET {
+            return Err(ClientError::BadArgument {
+                addr,
+                what: "secret must be 1..=256 bytes",
+            });
+        }
+        let mut c = MemClient {
+            conn,
+            addr,
+            vnode_id,
+            next_tag: 1,
+            scratch: Vec::with_capacity(HEADER_LEN + protocol::BATCH_FIXED + 8 * MAX_BATCH),
+            body: Vec::with_capacity(HEADER_LEN + protocol::MAX_ERROR_MSG),
+            pending: VecDeque::with_capacity(MAX_PENDING + 1),
+            stash: Vec::new(),
+            broken: false,
+            capacity_pages: 0,
+            free_pages: 0,
+        };
+        let tag = c.take_tag();
+        c.scratch.clear();
+        protocol::encode_hello(&mut c.scratch, tag, vnode_id, secret);
+        c.send_scratch(&[], Expect::HelloOk, tag)?;
+        c.wait(tag, &mut [])?;
+        Ok(c)
+    }
+
+    /// The server's address, as given to `connect`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn vnode_id(&self) -> u64 {
+        self.vnode_id
+    }
+
+    /// Capacity and free pages the server reported at the handshake.
+    pub fn server_pages(&self) -> (u64, u64) {
+        (self.capacity_pages, self.free_pages)
+    }
+
+    /// Allocates `region` with `pages` zero-filled pages.
+    pub fn alloc_region(&mut self, region: u64, pages: u64) -> Result<(), ClientError> {
+        let tag = self.begin(16)?;
+        protocol::encode_alloc(&mut self.scratch, tag, region, pages);
+        self.send_scratch(&[], Expect::Done, tag)?;
+        self.wait(tag, &mut [])
+    }
+
+    /// Frees `region` and its pages.
+    pub fn free_region(&mut self, region: u64) -> Result<(), ClientError> {
+        let tag = self.begin(8)?;
+        protocol::encode_free(&mut self.scratch, tag, region);
+        self.send_scratch(&[], Expect::Done, tag)?;
+        self.wait(tag, &mut [])
+    }
+
+    /// Asks the server to copy `region` to the server at `target` and hand it over. Once this
+    /// returns, the region lives on `target` (same vNode id and region number) and the old
+    /// server refuses it with [`ErrorCode::Moved`]; connect to `target` to go on.
+    pub fn migrate_region(&mut self, region: u64, target: &str) -> Result<(), ClientError> {
+        if target.is_empty() || target.len() > protocol::MAX_ADDR {
+            return Err(self.bad("target address must be 1..=256 bytes"));
+        }
+        let tag = self.begin(10 + target.len())?;
+        protocol::encode_migrate(&mut self.scratch, tag, region, target);
+        self.send_scratch(&[], Expect::Done, tag)?;
+        self.wait(tag, &mut [])
+    }
+
+    /// Reads `pages` of `region` into `out` (`out.len() == 4096 * pages.len()`, in order).
+    pub fn read_pages(
+        &mut self,
+        region: u64,
+        pages: &[u64],
+        out: &mut [u8],
+    ) -> Result<(), ClientError> {
+        if out.len() != pages.len() * PAGE_SIZE {
+            return Err(self.bad("out.len() must be 4096 * pages.len()"));
+        }
+        if pages.len() <= MAX_BATCH {
+            let t = self.submit_read(region, pages)?;
+            return self.complete_read(t, out);
+        }
+        // Longer than one frame: pipeline the chunks, then collect them in order.
+        let first = self.next_tag;
+        for chunk in pages.chunks(MAX_BATCH) {
+            let t = self.submit_read(region, chunk)?;
+            let _in_flight = t; // completed below by tag
+        }
+        for (i, chunk) in out.chunks_mut(MAX_BATCH * PAGE_SIZE).enumerate() {
+            let t = ReadTicket {
+                tag: first + i as u64,
+                pages: chunk.len() / PAGE_SIZE,
+            };
+            self.complete_read(t, chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (`4096 * pages.len()` bytes, in order) to `pages` of `region`.
+    pub fn write_pages(
+        &mut self,
+        region: u64,
+        pages: &[u64],
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        if data.len() != pages.len() * PAGE_SIZE {
+            return Err(self.bad("data.len() must be 4096 * pages.len()"));
+        }
+        let first = self.next_tag;
+        let mut n = 0u64;
+        for (chunk, d) in pages
+            .chunks(MAX_BATCH)
+            .zip(data.chunks(MAX_BATCH * PAGE_SIZE))
+        {
+            let t = self.submit_write(region, chunk, d)?;
+            let _in_flight = t; // completed below by tag
+            n += 1;
+        }
+        for i in 0..n {
+            self.complete_write(WriteTicket { tag: first + i })?;
+        }
+        Ok(())
+    }
+
+    /// Sends a read of up to [`MAX_BATCH`] pages and returns at once.
+    pub fn submit_read(&mut self, region: u64, pages: &[u64]) -> Result<ReadTicket, ClientError> {
+        if pages.is_empty() || pages.len() > MAX_BATCH {
+            return Err(self.bad("a batch is 1..=256 pages"));
+        }
+        let tag = self.begin(8 * pages.len())?;
+        protocol::encode_batch(&mut self.scratch, Op::Read, tag, region, pages);
+        self.send_scratch(&[], Expect::Data(pages.len()), tag)?;
+        Ok(ReadTicket {
+            tag,
+            pages: pages.len(),
+        })
+    }
+
+    /// Waits for a submitted read and copies its pages into `out` (`ticket.len_bytes()`).
+    pub fn complete_read(&mut self, ticket: ReadTicket, out: &mut [u8]) -> Result<(), ClientError> {
+        if out.len() != ticket.len_bytes() {
+            return Err(self.bad("out.len() must match the ticket"));
+        }
+        self.wait(ticket.tag, out)
+    }
+
+    /// Sends a write of up to [`MAX_BATCH`] pages and returns at once.
+    pub fn submit_write(
+        &mut self,
+        region: u64,
+        pages: &[u64],
+        data: &[u8],
+    ) -> Result<WriteTicket, ClientError> {
+        if pages.is_empty() || pages.len() > MAX_BATCH {
+            return Err(self.bad("a batch is 1..=256 pages"));
+        }
+        if data.len() != pages.len() * PAGE_SIZE {
+            return Err(self.bad("data.len() must be 4096 * pages.len()"));
+        }
+        let tag = self.begin((8 + PAGE_SIZE) * pages.len())?;
+        protocol::encode_batch(&mut self.scratch, Op::Write, tag, region, pages);
+        self.send_scratch(data, Expect::Done, tag)?;
+        Ok(WriteTicket { tag })
+    }
+
+    /// Waits for a submitted write to be acknowledged.
+    pub fn complete_write(&mut self, ticket: WriteTicket) -> Result<(), ClientError> {
+        self.wait(ticket.tag, &mut [])
+    }
+
+    fn bad(&self, what: &'static str) -> ClientError {
+        ClientError::BadArgument {
+            addr: self.addr.clone(),
+            what,
+        }
+    }
+
+    fn take_tag(&mut self) -> u64 {
+        let t = self.next_tag;
+        self.next_tag = self.next_tag.wrapping_add(1);
+        t
+    }
+
+    /// Readies a new request: bounds the pipeline, clears the scratch buffer, picks a tag.
+    fn begin(&mut self, body_len: usize) -> Result<u64, ClientError> {
+        if self.broken {
+            return Err(ClientError::Poisoned {
+                addr: self.addr.clone(),
+            });
+        }
+        while self.pending.len() >= MAX_PENDING
+            || (body_len > LARGE_REQUEST
+                && self
+                    .pending
+                    .iter()
+                    .any(|p| matches!(p.expect, Expect::Data(_))))
+        {
+            self.drain_oldest()?;
+        }
+        self.scratch.clear();
+        Ok(self.take_tag())
+    }
+
+    fn send_scratch(&mut self, data: &[u8], expect: Expect, tag: u64) -> Result<(), ClientError> {
+        let r = if data.is_empty() {
+            self.conn.send(&mut [IoSlice::new(&self.scratch)])
+        } else {
+            self.conn
+                .send(&mut [IoSlice::new(&self.scratch), IoSlice::new(data)])
+        };
+        if let Err(e) = r {
+            return Err(self.io_failed(e));
+        }
+        self.pending.push_back(Pending { tag, expect });
+        Ok(())
+    }
+
+    fn io_failed(&mut self, e: io::Error) -> ClientError {
+        self.broken = true;
+        let addr = self.addr.clone();
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe => ClientError::Closed { addr },
+            _ => ClientError::Io { addr, source: e },
+        }
+    }
+
+    /// Reads the oldest outstanding reply into the stash.
+    fn drain_oldest(&mut self) -> Result<(), ClientError> {
+        let Some(p) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        let mut buf = match p.expect {
+            Expect::Data(n) => vec![0u8; n * PAGE_SIZE],
+            _ => Vec::new(),
+        };
+        let result = match self.recv_reply(&p, &mut buf) {
+            Ok(()) => Ok(buf),
+            Err(ClientError::Refused { code, msg, .. }) => Err((code, msg)),
+            Err(e) => return Err(e),
+        };
+        self.stash.push(Stashed { tag: p.tag, result });
+        Ok(())
+    }
+
+    /// Waits for the reply to `tag`, reading earlier replies into the stash.
+    fn wait(&mut self, tag: u64, out: &mut [u8]) -> Result<(), ClientError> {
+        if let Some(i) = self.stash.iter().position(|s| s.tag == tag) {
+            let s = self.stash.swap_remove(i);
+            return match s.result {
+                Ok(v) => {
+                    out.copy_from_slice(&v);
+                    Ok(())
+                }
+                Err((code, msg)) => Err(ClientError::Refused {
+                    addr: self.addr.clone(),
+                    code,
+                    msg,
+                }),
+            };
+        }
+        if !self.pending.iter().any(|p| p.tag == tag) {
+            return Err(self.bad("ticket not outstanding on this connection"));
+        }
+        while let Some(front) = self.pending.front() {
+            if front.tag == tag {
+                let p = self.pending.pop_front().expect("front exists");
+                return self.recv_reply(&p, out);
+            }
+            self.drain_oldest()?;
+        }
+        Err(self.bad("ticket not outstanding on this connection"))
+    }
+
+    /// Reads one reply, the one for `p`, into `out` (page data) or `self.body`.
+    fn recv_reply(&mut self, p: &Pending, out: &mut [u8]) -> Result<(), ClientError> {
+        if self.broken {
+            return Err(ClientError::Poisoned {
+                addr: self.addr.clone(),
+            });
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        if let Err(e) = self.conn.recv_exact(&mut hb) {
+            return Err(self.io_failed(e));
+        }
+        let h = match Header::decode(&hb) {
+            Ok(h) => h,
+            Err(source) => {
+                self.broken = true;
+                return Err(ClientError::Protocol {
+                    addr: self.addr.clone(),
+                    source,
+                });
+            }
+        };
+        if h.tag != p.tag {
+            self.broken = true;
+            return Err(self.unexpected(format!("tag {} for request {}", h.tag, p.tag)));
+        }
+        match (h.op, p.expect) {
+            (Op::Data, Expect::Data(n)) if h.len == n * PAGE_SIZE && out.len() == h.len => {
+                if let Err(e) = self.conn.recv_exact(out) {
+                    return Err(self.io_failed(e));
+                }
+                Ok(())
+            }
+            (Op::Done, Expect::Done) if h.len == 0 => Ok(()),
+            (Op::HelloOk, Expect::HelloOk) | (Op::Error, _) => {
+                self.body.resize(h.len, 0);
+                let mut body = std::mem::take(&mut self.body);
+                let r = self.conn.recv_exact(&mut body);
+                let parsed = r.map(|()| {
+                    if h.op == Op::Error {
+                        protocol::decode_error(&body).map(Err)
+                    } else {
+                        protocol::decode_hello_ok(&body).map(Ok)
+                    }
+                });
+                self.body = body;
+                match parsed {
+                    Err(e) => Err(self.io_failed(e)),
+                    Ok(Err(source)) => {
+                        self.broken = true;
+                        Err(ClientError::Protocol {
+                            addr: self.addr.clone(),
+                            source,
+                        })
+                    }
+                    Ok(Ok(Ok((cap, free)))) => {
+                        self.capacity_pages = cap;
+                        self.free_pages = free;
+                        Ok(())
+                    }
+                    Ok(Ok(Err((code, msg)))) => Err(ClientError::Refused {
+                        addr: self.addr.clone(),
+                        code,
+                        msg,
+                    }),
+                }
+            }
+            (op, expect) => {
+                self.broken = true;
+                Err(self.unexpected(format!("{op:?} of {} bytes, expected {expect:?}", h.len)))
+            }
+        }
+    }
+
+    fn unexpected(&self, what: String) -> ClientError {
+        ClientError::UnexpectedReply {
+            addr: self.addr.clone(),
+            what,
+        }
+    }
+}
+
+/// A region kept on two servers: writes go to both, reads go to the primary and fail over to
+/// the backup when the primary's connection fails.
+///
+/// After a replica fails it is dropped for good and the handle runs degraded on the other
+/// (logged once, visible through [`ReplicatedRegion::degraded`]); when both have failed every
+/// call returns [`ClientError::BothFailed`] naming both servers. A refused request (unknown
+/// region, page out of range) is returned as is: it is a bug, not a dead server.
+#[derive(Debug)]
+pub struct ReplicatedRegion {
+    region: u64,
+    primary: Option<MemClient>,
+    backup: Option<MemClient>,
+    primary_err: Option<String>,
+    backup_err: Option<String>,
+}
+
+impl ReplicatedRegion {
+    /// Wraps two connections (normally to two different servers) for `region`.
+    pub fn new(region: u64, primary: MemClient, backup: MemClient) -> Self {
+        ReplicatedRegion {
+            region,
+            primary: Some(primary),
+            backup: Some(backup),
+            primary_err: None,
+            backup_err: None,
+        }
+    }
+
+    pub fn region(&self) -> u64 {
+        self.region
+    }
+
+    /// True once one replica has failed.
+    pub fn degraded(&self) -> bool {
+        self.primary.is_none() || self.backup.is_none()
+    }
+
+    /// Address of the server reads go to, if any is left.
+    pub fn read_server(&self) -> Option<&str> {
+        self.primary
+            .as_ref()
+            .or(self.backup.as_ref())
+            .map(MemClient::addr)
+    }
+
+    /// Allocates the region on both servers.
+    pub fn alloc(&mut self, pages: u64) -> Result<(), ClientError> {
+        let region = self.region;
+        self.on_both(|c| c.alloc_region(region, pages))
+    }
+
+    /// Frees the region on both servers.
+    pub fn free(&mut self) -> Result<(), ClientError> {
+        let region = self.region;
+        self.on_both(|c| c.free_region(region))
+    }
+
+    /// Reads from the primary; on a transport failure, from the backup.
+    pub fn read_pages(&mut self, pages: &[u64], out: &mut [u8]) -> Result<(), ClientError> {
+        let region = self.region;
+        if let Some(p) = self.primary.as_mut() {
+            match p.read_pages(region, pages, out) {
+                Err(e) if e.is_transport() => self.lose_primary(e),
+                r => return r,
+            }
+        }
+        if let Some(b) = self.backup.as_mut() {
+            match b.read_pages(region, pages, out) {
+                Err(e) if e.is_transport() => self.lose_backup(e),
+                r => return r,
+            }
+        }
+        Err(self.both_failed())
+    }
+
+    /// Writes to both servers, overlapping the two round trips.
+    pub fn write_pages(&mut self, pages: &[u64], data: &[u8]) -> Result<(), ClientError> {
+        if pages.len() > MAX_BATCH {
+            for (c, d) in pages
+                .chunks(MAX_BATCH)
+                .zip(data.chunks(MAX_BATCH * PAGE_SIZE))
+            {
+                self.write_pages(c, d)?;
+            }
+            return Ok(());
+        }
+        let region = self.region;
+        let tp = match self
+            .primary
+            .as_mut()
+            .map(|c| c.submit_write(region, pages, data))
+        {
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => return self.write_failed_primary(e, pages, data),
+            None => None,
+        };
+        let tb = match self
+            .backup
+            .as_mut()
+            .map(|c| c.submit_write(region, pages, data))
+        {
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) if e.is_transport() => {
+                self.lose_backup(e);
+                None
+            }
+            Some(Err(e)) => return Err(e),
+            None => None,
+        };
+        if let (Some(t), Some(p)) = (tp, self.primary.as_mut()) {
+            match p.complete_write(t) {
+                Err(e) if e.is_transport() => self.lose_primary(e),
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+        }
+        if let (Some(t), Some(b)) = (tb, self.backup.as_mut()) {
+            match b.complete_write(t) {
+                Err(e) if e.is_transport() => self.lose_backup(e),
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+        }
+        if self.primary.is_none() && self.backup.is_none() {
+            return Err(self.both_failed());
+        }
+        Ok(())
+    }
+
+    fn write_failed_primary(
+        &mut self,
+        e: ClientError,
+        pages: &[u64],
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        if !e.is_transport() {
+            return Err(e);
+        }
+        self.lose_primary(e);
+        self.write_pages(pages, data)
+    }
+
+    fn on_both(
+        &mut self,
+        mut f: impl FnMut(&mut MemClient) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        if let Some(p) = self.primary.as_mut() {
+            match f(p) {
+                Err(e) if e.is_transport() => self.lose_primary(e),
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+        }
+        if let Some(b) = self.backup.as_mut() {
+            match f(b) {
+                Err(e) if e.is_transport() => self.lose_backup(e),
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+        }
+        if self.primary.is_none() && self.backup.is_none() {
+            return Err(self.both_failed());
+        }
+        Ok(())
+    }
+
+    fn lose_primary(&mut self, e: ClientError) {
+        tracing::error!(region = self.region, error = %e, "primary memory server failed; using the backup alone");
+        self.primary = None;
+        self.primary_err = Some(error_chain(&e));
+    }
+
+    fn lose_backup(&mut self, e: ClientError) {
+        tracing::error!(region = self.region, error = %e, "backup memory server failed; region has no replica");
+        self.backup = None;
+        self.backup_err = Some(error_chain(&e));
+    }
+
+    fn both_failed(&self) -> ClientError {
+        let describe = |e: &Option<String>| e.clone().unwrap_or_else(|| String::from("not used"));
+        ClientError::BothFailed {
+            region: self.region,
+            primary: describe(&self.primary_err),
+            backup: describe(&self.backup_err),
+        }
+    }
+}
+
+/// An error and its sources on one line, for keeping after the error itself is gone.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,686 @@
+//! The vNode memory protocol: what a memory client and `vnode-memd` say to each other.
+//!
+//! Every frame, in both directions, is a fixed 16-byte header followed by `len` bytes of body.
+//! All integers are little-endian.
+//!
+//! ```text
+//!  0      2   3   4        8                16
+//!  +------+---+---+--------+----------------+----------------
+//!  |magic |ver|op | len u32|    tag u64     |  body (len bytes)
+//!  +------+---+---+--------+----------------+----------------
+//! ```
+//!
+//! `magic` is [`MAGIC`], `ver` is [`VERSION`]; a frame with another magic or version is refused.
+//! `tag` is chosen by the client and echoed in the reply. Requests on one connection are
+//! served in order and replies come back in the same order, so a client may pipeline: send many
+//! requests, then read the replies. `len` is bounded per op ([`Op::max_body`]); a header whose
+//! `len` is larger is refused before any of the body is read.
+//!
+//! Request bodies (client to server):
+//!
+//! | op | body |
+//! |---|---|
+//! | `Hello` | vnode_id u64, secret_len u16, secret bytes |
+//! | `Alloc` | region u64, pages u64 |
+//! | `Free` | region u64 |
+//! | `Read` | region u64, count u32, reserved u32 (0), count x page u64 |
+//! | `Write` | region u64, count u32, reserved u32 (0), count x page u64, count x 4096 bytes |
+//! | `Migrate` | region u64, addr_len u16, target server address (UTF-8) |
+//!
+//! Reply bodies (server to client):
+//!
+//! | op | body |
+//! |---|---|
+//! | `HelloOk` | capacity_pages u64, free_pages u64 |
+//! | `Done` | empty (Alloc, Free, Write, Migrate succeeded) |
+//! | `Data` | count x 4096 bytes, in the order the pages were asked for |
+//! | `Error` | code u16, msg_len u16, msg (UTF-8) |
+//!
+//! Regions are named by (vNode id of the connection, region number): one vNode never sees
+//! another's regions.
+//!
+//! Connection state machine (server side):
+//!
+//! ```text
+//!   accept --> AwaitHello --Hello, right secret--> Ready --(any request)--> Ready
+//!                  |                                  |
+//!                  | anything else, wrong secret      | bad magic/version, unknown op,
+//!                  v                                  v oversized or malformed frame
+//!               Error reply, close               Error reply, close
+//! ```
+//!
+//! In `Ready`, a well-formed request that cannot be done (unknown region, page out of range,
+//! capacity exhausted, region moved) gets an `Error` reply and the connection stays open.
+//! A frame the server cannot parse ends the connection after the `Error` reply, because the
+//! byte stream can no longer be trusted to be in step.
+
+use thiserror::Error;
+
+/// First two bytes of every frame ("vM").
+pub const MAGIC: u16 = 0x4d76;
+/// Protocol version spoken by this crate.
+pub const VERSION: u8 = 1;
+/// Size of a page, the unit of every read and write.
+pub const PAGE_SIZE: usize = 4096;
+/// Size of the fixed frame header.
+pub const HEADER_LEN: usize = 16;
+/// Most pages in one `Read` or `Write` request.
+pub const MAX_BATCH: usize = 256;
+/// Longest accepted credential.
+pub const MAX_SECRET: usize = 256;
+/// Longest migration target address.
+pub const MAX_ADDR: usize = 256;
+/// Longest error message carried in an `Error` reply.
+pub const MAX_ERROR_MSG: usize = 1024;
+/// Fixed part of `Read` and `Write` bodies: region, count, reserved.
+pub const BATCH_FIXED: usize = 16;
+
+/// Frame kinds. Requests have the high bit clear, replies have it set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    Hello = 0x01,
+    Alloc = 0x02,
+    Free = 0x03,
+    Read = 0x04,
+    Write = 0x05,
+    Migrate = 0x06,
+    HelloOk = 0x81,
+    Done = 0x82,
+    Data = 0x84,
+    Error = 0xff,
+}
+
+impl Op {
+    pub fn from_u8(v: u8) -> Option<Op> {
+        Some(match v {
+            0x01 => Op::Hello,
+            0x02 => Op::Alloc,
+            0x03 => Op::Free,
+            0x04 => Op::Read,
+            0x05 => Op::Write,
+            0x06 => Op::Migrate,
+            0x81 => Op::HelloOk,
+            0x82 => Op::Done,
+            0x84 => Op::Data,
+            0xff => Op::Error,
+            _ => return None,
+        })
+    }
+
+    /// Largest body a frame of this kind may carry.
+    pub fn max_body(self) -> usize {
+        match self {
+            Op::Hello => 10 + MAX_SECRET,
+            Op::Alloc => 16,
+            Op::Free => 8,
+            Op::Read => BATCH_FIXED + 8 * MAX_BATCH,
+            Op::Write => BATCH_FIXED + (8 + PAGE_SIZE) * MAX_BATCH,
+            Op::Migrate => 10 + MAX_ADDR,
+            Op::HelloOk => 16,
+            Op::Done => 0,
+            Op::Data => PAGE_SIZE * MAX_BATCH,
+            Op::Error => 4 + MAX_ERROR_MSG,
+        }
+    }
+
+    pub fn is_request(self) -> bool {
+        (self as u8) & 0x80 == 0
+    }
+}
+
+/// Why a request failed, as carried in an `Error` reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// Missing or wrong credential, or a request before `Hello`.
+    Auth = 1,
+    /// Frame could not be parsed.
+    Malformed = 2,
+    /// Frame longer than its op allows.
+    Oversized = 3,
+    /// Protocol version not spoken by the server.
+    Version = 4,
+    /// No such region.
+    NoRegion = 5,
+    /// Region already exists.
+    Exists = 6,
+    /// Not enough capacity left for the allocation.
+    Capacity = 7,
+    /// Page index beyond the end of the region.
+    OutOfRange = 8,
+    /// Region was migrated; the message names the new server.
+    Moved = 9,
+    /// Server-side failure (storage, migration target).
+    Internal = 10,
+}
+
+impl ErrorCode {
+    pub fn from_u16(v: u16) -> ErrorCode {
+        match v {
+            1 => ErrorCode::Auth,
+            2 => ErrorCode::Malformed,
+            3 => ErrorCode::Oversized,
+            4 => ErrorCode::Version,
+            5 => ErrorCode::NoRegion,
+            6 => ErrorCode::Exists,
+            7 => ErrorCode::Capacity,
+            8 => ErrorCode::OutOfRange,
+            9 => ErrorCode::Moved,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            ErrorCode::Auth => "authentication failed",
+            ErrorCode::Malformed => "malformed frame",
+            ErrorCode::Oversized => "oversized frame",
+            ErrorCode::Version => "unsupported protocol version",
+            ErrorCode::NoRegion => "no such region",
+            ErrorCode::Exists => "region exists",
+            ErrorCode::Capacity => "capacity exceeded",
+            ErrorCode::OutOfRange => "page out of range",
+            ErrorCode::Moved => "region moved",
+            ErrorCode::Internal => "internal error",
+        };
+        f.write_str(s)
+    }
+}
+
+/// A frame that does not follow this protocol.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("bad magic {0:#06x}")]
+    BadMagic(u16),
+    #[error("unsupported protocol version {0}")]
+    BadVersion(u8),
+    #[error("unknown op {0:#04x}")]
+    UnknownOp(u8),
+    #[error("{op:?} frame of {len} bytes exceeds {max}")]
+    Oversized { op: Op, len: usize, max: usize },
+    #[error("malformed {op:?} frame: {what}")]
+    Malformed { op: Op, what: &'static str },
+}
+
+impl ProtocolError {
+    /// The code a server replies with when it refuses this frame.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::BadVersion(_) => ErrorCode::Version,
+            ProtocolError::Oversized { .. } => ErrorCode::Oversized,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub op: Op,
+    pub len: usize,
+    pub tag: u64,
+}
+
+impl Header {
+    pub fn new(op: Op, len: usize, tag: u64) -> Self {
+        Header { op, len, tag }
+    }
+
+    /// Encodes the header. `len` must already respect [`Op::max_body`].
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..2].copy_from_slice(&MAGIC.to_le_bytes());
+        b[2] = VERSION;
+        b[3] = self.op as u8;
+        // max_body() is far below u32::MAX, so the cast cannot truncate for valid frames.
+        b[4..8].copy_from_slice(&(self.len as u32).to_le_bytes());
+        b[8..16].copy_from_slice(&self.tag.to_le_bytes());
+        b
+    }
+
+    /// Decodes and validates a header: magic, version, op and the length bound.
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Header, ProtocolError> {
+        let magic = u16::from_le_bytes([b[0], b[1]]);
+        if magic != MAGIC {
+            return Err(ProtocolError::BadMagic(magic));
+        }
+        if b[2] != VERSION {
+            return Err(ProtocolError::BadVersion(b[2]));
+        }
+        let op = Op::from_u8(b[3]).ok_or(ProtocolError::UnknownOp(b[3]))?;
+        let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize;
+        let max = op.max_body();
+        if len > max {
+            return Err(ProtocolError::Oversized { op, len, max });
+        }
+        let tag = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+        Ok(Header { op, len, tag })
+    }
+}
+
+/// Page numbers of a batch, borrowed from the frame (unaligned, little-endian).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageList<'a>(&'a [u8]);
+
+impl<'a> PageList<'a> {
+    pub fn len(&self) -> usize {
+        self.0.len() / 8
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u64> + 'a {
+        self.0.chunks_exact(8).map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            u64::from_le_bytes(a)
+        })
+    }
+}
+
+/// A decoded request, borrowing its variable parts from the frame body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request<'a> {
+    Hello {
+        vnode_id: u64,
+        secret: &'a [u8],
+    },
+    Alloc {
+        region: u64,
+        pages: u64,
+    },
+    Free {
+        region: u64,
+    },
+    Read {
+        region: u64,
+        pages: PageList<'a>,
+    },
+    Write {
+        region: u64,
+        pages: PageList<'a>,
+        data: &'a [u8],
+    },
+    Migrate {
+        region: u64,
+        target: &'a str,
+    },
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+
+impl<'a> Request<'a> {
+    /// Decodes a request body. `h` must come from [`Header::decode`] and `body.len() == h.len`.
+    pub fn decode(h: &Header, body: &'a [u8]) -> Result<Request<'a>, ProtocolError> {
+        let op = h.op;
+        let bad = |what| ProtocolError::Malformed { op, what };
+        if body.len() != h.len {
+            return Err(bad("body length differs from header"));
+        }
+        match op {
+            Op::Hello => {
+                if body.len() < 10 {
+                    return Err(bad("short body"));
+                }
+                let n = u16_at(body, 8) as usize;
+                if n == 0 || n > MAX_SECRET || body.len() != 10 + n {
+                    return Err(bad("bad secret length"));
+                }
+                Ok(Request::Hello {
+                    vnode_id: u64_at(body, 0),
+                    secret: &body[10..],
+                })
+            }
+            Op::Alloc => {
+                if body.len() != 16 {
+                    return Err(bad("body is not 16 bytes"));
+                }
+                Ok(Request::Alloc {
+                    region: u64_at(body, 0),
+                    pages: u64_at(body, 8),
+                })
+            }
+            Op::Free => {
+                if body.len() != 8 {
+                    return Err(bad("body is not 8 bytes"));
+                }
+                Ok(Request::Free {
+                    region: u64_at(body, 0),
+                })
+            }
+            Op::Read | Op::Write => Self::decode_batch(op, body),
+            Op::Migrate => {
+                if body.len() < 10 {
+                    return Err(bad("short body"));
+                }
+                let n = u16_at(body, 8) as usize;
+                if n == 0 || n > MAX_ADDR || body.len() != 10 + n {
+                    return Err(bad("bad address length"));
+                }
+                let target =
+                    std::str::from_utf8(&body[10..]).map_err(|_| bad("address not utf-8"))?;
+                Ok(Request::Migrate {
+                    region: u64_at(body, 0),
+                    target,
+                })
+            }
+            Op::HelloOk | Op::Done | Op::Data | Op::Error => Err(bad("reply op in a request")),
+        }
+    }
+
+    fn decode_batch(op: Op, body: &'a [u8]) -> Result<Request<'a>, ProtocolError> {
+        let bad = |what| ProtocolError::Malformed { op, what };
+        if body.len() < BATCH_FIXED {
+            return Err(bad("short body"));
+        }
+        let region = u64_at(body, 0);
+        let count = u32_at(body, 8) as usize;
+        if u32_at(body, 12) != 0 {
+            return Err(bad("reserved field not zero"));
+        }
+        if count == 0 || count > MAX_BATCH {
+            return Err(bad("page count out of bounds"));
+        }
+        let per_page = if op == Op::Write { 8 + PAGE_SIZE } else { 8 };
+        if body.len() != BATCH_FIXED + count * per_page {
+            return Err(bad("body length does not match page count"));
+        }
+        let idx_end = BATCH_FIXED + 8 * count;
+        let pages = PageList(&body[BATCH_FIXED..idx_end]);
+        if op == Op::Write {
+            Ok(Request::Write {
+                region,
+                pages,
+                data: &body[idx_end..],
+            })
+        } else {
+            Ok(Request::Read { region, pages })
+        }
+    }
+}
+
+/// Appends the header and fixed part of a `Read` or `Write` request (everything but the page
+/// data) to `buf`. Written for the client hot path: no allocation once `buf` has grown.
+pub fn encode_batch(buf: &mut Vec<u8>, op: Op, tag: u64, region: u64, pages: &[u64]) {
+    let per_page = if op == Op::Write { 8 + PAGE_SIZE } else { 8 };
+    let len = BATCH_FIXED + pages.len() * per_page;
+    buf.extend_from_slice(&Header::new(op, len, tag).encode());
+    buf.extend_from_slice(&region.to_le_bytes());
+    buf.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&0u32.to_le_bytes());
+    for p in pages {
+        buf.extend_from_slice(&p.to_le_bytes());
+    }
+}
+
+/// Appends a whole `Hello` frame.
+pub fn encode_hello(buf: &mut Vec<u8>, tag: u64, vnode_id: u64, secret: &[u8]) {
+    buf.extend_from_slice(&Header::new(Op::Hello, 10 + secret.len(), tag).encode());
+    buf.extend_from_slice(&vnode_id.to_le_bytes());
+    buf.extend_from_slice(&(secret.len() as u16).to_le_bytes());
+    buf.extend_from_slice(secret);
+}
+
+/// Appends a whole `Alloc` frame.
+pub fn encode_alloc(buf: &mut Vec<u8>, tag: u64, region: u64, pages: u64) {
+    buf.extend_from_slice(&Header::new(Op::Alloc, 16, tag).encode());
+    buf.extend_from_slice(&region.to_le_bytes());
+    buf.extend_from_slice(&pages.to_le_bytes());
+}
+
+/// Appends a whole `Free` frame.
+pub fn encode_free(buf: &mut Vec<u8>, tag: u64, region: u64) {
+    buf.extend_from_slice(&Header::new(Op::Free, 8, tag).encode());
+    buf.extend_from_slice(&region.to_le_bytes());
+}
+
+/// Appends a whole `Migrate` frame.
+pub fn encode_migrate(buf: &mut Vec<u8>, tag: u64, region: u64, target: &str) {
+    buf.extend_from_slice(&Header::new(Op::Migrate, 10 + target.len(), tag).encode());
+    buf.extend_from_slice(&region.to_le_bytes());
+    buf.extend_from_slice(&(target.len() as u16).to_le_bytes());
+    buf.extend_from_slice(target.as_bytes());
+}
+
+/// Appends a whole `Error` frame; the message is cut to [`MAX_ERROR_MSG`] bytes.
+pub fn encode_error(buf: &mut Vec<u8>, tag: u64, code: ErrorCode, msg: &str) {
+    let mut end = msg.len().min(MAX_ERROR_MSG);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let msg = &msg.as_bytes()[..end];
+    buf.extend_from_slice(&Header::new(Op::Error, 4 + msg.len(), tag).encode());
+    buf.extend_from_slice(&(code as u16).to_le_bytes());
+    buf.extend_from_slice(&(msg.len() as u16).to_le_bytes());
+    buf.extend_from_slice(msg);
+}
+
+/// Decodes an `Error` reply body into its code and message.
+pub fn decode_error(body: &[u8]) -> Result<(ErrorCode, String), ProtocolError> {
+    let bad = |what| ProtocolError::Malformed {
+        op: Op::Error,
+        what,
+    };
+    if body.len() < 4 {
+        return Err(bad("short body"));
+    }
+    let n = u16_at(body, 2) as usize;
+    if body.len() != 4 + n {
+        return Err(bad("bad message length"));
+    }
+    let code = ErrorCode::from_u16(u16_at(body, 0));
+    Ok((code, String::from_utf8_lossy(&body[4..]).into_owned()))
+}
+
+/// Encodes a `HelloOk` body.
+pub fn encode_hello_ok(buf: &mut Vec<u8>, tag: u64, capacity_pages: u64, free_pages: u64) {
+    buf.extend_from_slice(&Header::new(Op::HelloOk, 16, tag).encode());
+    buf.extend_from_slice(&capacity_pages.to_le_bytes());
+    buf.extend_from_slice(&free_pages.to_le_bytes());
+}
+
+/// Decodes a `HelloOk` body into (capacity_pages, free_pages).
+pub fn decode_hello_ok(body: &[u8]) -> Result<(u64, u64), ProtocolError> {
+    if body.len() != 16 {
+        return Err(ProtocolError::Malformed {
+            op: Op::HelloOk,
+            what: "body is not 16 bytes",
+        });
+    }
+    Ok((u64_at(body, 0), u64_at(body, 8)))
+}
+
+/// Decodes one whole frame (header and body) as a request. For the fuzzer and tests: the
+/// server reads the header and body separately.
+pub fn decode_frame(frame: &[u8]) -> Result<(Header, Request<'_>), ProtocolError> {
+    let mut hb = [0u8; HEADER_LEN];
+    if frame.len() < HEADER_LEN {
+        return Err(ProtocolError::Malformed {
+            op: Op::Hello,
+            what: "short header",
+        });
+    }
+    hb.copy_from_slice(&frame[..HEADER_LEN]);
+    let h = Header::decode(&hb)?;
+    let req = Request::decode(&h, &frame[HEADER_LEN..])?;
+    Ok((h, req))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip() {
+        let h = Header::new(Op::Write, 16 + 4104, 77);
+        assert_eq!(Header::decode(&h.encode()), Ok(h));
+    }
+
+    #[test]
+    fn header_rejects_bad_magic_version_op_and_length() {
+        let mut b = Header::new(Op::Read, 24, 1).encode();
+        b[0] = 0;
+        assert!(matches!(
+            Header::decode(&b),
+            Err(ProtocolError::BadMagic(_))
+        ));
+        let mut b = Header::new(Op::Read, 24, 1).encode();
+        b[2] = 9;
+        assert_eq!(Header::decode(&b), Err(ProtocolError::BadVersion(9)));
+        let mut b = Header::new(Op::Read, 24, 1).encode();
+        b[3] = 0x42;
+        assert_eq!(Header::decode(&b), Err(ProtocolError::UnknownOp(0x42)));
+        let b = Header::new(Op::Free, 9, 1).encode();
+        assert!(matches!(
+            Header::decode(&b),
+            Err(ProtocolError::Oversized { len: 9, max: 8, .. })
+        ));
+        let b = Header::new(Op::Write, u32::MAX as usize, 1).encode();
+        assert_eq!(
+            Header::decode(&b).map_err(|e| e.code()),
+            Err(ErrorCode::Oversized)
+        );
+    }
+
+    #[test]
+    fn batch_round_trip() {
+        let mut buf = Vec::new();
+        encode_batch(&mut buf, Op::Write, 5, 3, &[7, 9]);
+        buf.extend_from_slice(&[0xab; 2 * PAGE_SIZE]);
+        let (h, req) = decode_frame(&buf).expect("valid frame");
+        assert_eq!(h.tag, 5);
+        match req {
+            Request::Write {
+                region,
+                pages,
+                data,
+            } => {
+                assert_eq!(region, 3);
+                assert_eq!(pages.iter().collect::<Vec<_>>(), vec![7, 9]);
+                assert_eq!(data.len(), 2 * PAGE_SIZE);
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        let mut buf = Vec::new();
+        encode_batch(&mut buf, Op::Read, 6, 3, &[1, 2, 3]);
+        let (_, req) = decode_frame(&buf).expect("valid frame");
+        assert!(matches!(req, Request::Read { region: 3, pages } if pages.len() == 3));
+    }
+
+    #[test]
+    fn batch_rejects_count_mismatch_and_empty() {
+        let mut buf = Vec::new();
+        encode_batch(&mut buf, Op::Read, 1, 3, &[1, 2]);
+        buf[16 + 8] = 3; // claim three pages, carry two
+        assert!(matches!(
+            decode_frame(&buf),
+            Err(ProtocolError::Malformed { .. })
+        ));
+        let mut buf = Vec::new();
+        encode_batch(&mut buf, Op::Read, 1, 3, &[]);
+        assert!(matches!(
+            decode_frame(&buf),
+            Err(ProtocolError::Malformed { .. })
+        ));
+        // A write without its data.
+        let mut buf = Vec::new();
+        encode_batch(&mut buf, Op::Write, 1, 3, &[1]);
+        let hdr = Header::new(Op::Write, buf.len() - HEADER_LEN, 1).encode();
+        buf[..HEADER_LEN].copy_from_slice(&hdr);
+        assert!(matches!(
+            decode_frame(&buf),
+            Err(ProtocolError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn hello_alloc_free_migrate_round_trip() {
+        let mut buf = Vec::new();
+        encode_hello(&mut buf, 1, 42, b"s3cret");
+        assert_eq!(
+            decode_frame(&buf).map(|f| f.1),
+            Ok(Request::Hello {
+                vnode_id: 42,
+                secret: b"s3cret"
+            })
+        );
+        let mut buf = Vec::new();
+        encode_alloc(&mut buf, 2, 4, 100);
+        assert_eq!(
+            decode_frame(&buf).map(|f| f.1),
+            Ok(Request::Alloc {
+                region: 4,
+                pages: 100
+            })
+        );
+        let mut buf = Vec::new();
+        encode_free(&mut buf, 3, 4);
+        assert_eq!(
+            decode_frame(&buf).map(|f| f.1),
+            Ok(Request::Free { region: 4 })
+        );
+        let mut buf = Vec::new();
+        encode_migrate(&mut buf, 3, 4, "127.0.0.1:9");
+        assert_eq!(
+            decode_frame(&buf).map(|f| f.1),
+            Ok(Request::Migrate {
+                region: 4,
+                target: "127.0.0.1:9"
+            })
+        );
+    }
+
+    #[test]
+    fn hello_rejects_empty_and_inconsistent_secret() {
+        let mut buf = Vec::new();
+        encode_hello(&mut buf, 1, 42, b"");
+        assert!(decode_frame(&buf).is_err());
+        let mut buf = Vec::new();
+        encode_hello(&mut buf, 1, 42, b"abc");
+        buf[16 + 8] = 200;
+        assert!(decode_frame(&buf).is_err());
+    }
+
+    #[test]
+    fn error_and_hello_ok_round_trip() {
+        let mut buf = Vec::new();
+        encode_error(&mut buf, 9, ErrorCode::Capacity, "no room");
+        let h = Header::decode(buf[..HEADER_LEN].try_into().expect("16 bytes")).expect("header");
+        assert_eq!(h.op, Op::Error);
+        assert_eq!(
+            decode_error(&buf[HEADER_LEN..]),
+            Ok((ErrorCode::Capacity, "no room".to_string()))
+        );
+        let long = "é".repeat(MAX_ERROR_MSG);
+        let mut buf = Vec::new();
+        encode_error(&mut buf, 9, ErrorCode::Internal, &long);
+        assert!(Header::decode(buf[..HEADER_LEN].try_into().expect("16 bytes")).is_ok());
+        let mut buf = Vec::new();
+        encode_hello_ok(&mut buf, 1, 10, 4);
+        assert_eq!(decode_hello_ok(&buf[HEADER_LEN..]), Ok((10, 4)));
+    }
+
+    #[test]
+    fn replies_are_not_requests() {
+        let mut buf = Vec::new();
+        encode_hello_ok(&mut buf, 1, 10, 4);
+        assert!(decode_frame(&buf).is_err());
+    }
+}

@@ -1,0 +1,27 @@
+//! Byte-stream transports the protocol runs over.
+//!
+//! The protocol only needs a reliable, ordered stream with a gather send, so a transport is a
+//! [`Conn`]: TCP today ([`tcp`]), RDMA behind the `rdma` feature ([`rdma`]). The client and the
+//! server are written against `Conn`, not against a socket type.
+
+use std::io::{self, IoSlice};
+
+pub mod rdma;
+pub mod tcp;
+
+/// One established, bidirectional connection.
+pub trait Conn: Send {
+    /// Sends every byte of `bufs`, in order; one gather syscall when the kernel takes it all.
+    fn send(&mut self, bufs: &mut [IoSlice<'_>]) -> io::Result<()>;
+    /// Fills `buf` completely or fails (`UnexpectedEof` when the peer closed).
+    fn recv_exact(&mut self, buf: &mut [u8]) -> io::Result<()>;
+    /// The peer's address, for error messages.
+    fn peer(&self) -> &str;
+}
+
+/// Which transport a server listens on or a client connects with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Tcp,
+    Rdma,
+}

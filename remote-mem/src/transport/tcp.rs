@@ -1,0 +1,68 @@
+//! TCP transport: TCP_NODELAY, one `writev` per send, a read buffer so that a reply header and
+//! its page usually arrive in one `recv`.
+
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+
+use super::Conn;
+
+/// Read buffer size: a few pages, so small pipelined replies are read in one syscall.
+const READ_BUF: usize = 64 * 1024;
+
+pub struct TcpConn {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+    peer: String,
+}
+
+impl TcpConn {
+    /// Connects to `addr`.
+    pub fn connect(addr: &str) -> io::Result<TcpConn> {
+        let mut last = io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing");
+        for sa in addr.to_socket_addrs()? {
+            match TcpStream::connect(sa) {
+                Ok(s) => return TcpConn::from_stream(s, addr.to_string()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Wraps an accepted or connected stream.
+    pub fn from_stream(s: TcpStream, peer: String) -> io::Result<TcpConn> {
+        s.set_nodelay(true)?;
+        let reader = BufReader::with_capacity(READ_BUF, s.try_clone()?);
+        Ok(TcpConn {
+            writer: s,
+            reader,
+            peer,
+        })
+    }
+
+    /// The underlying socket, e.g. to shut it down from another thread.
+    pub fn stream(&self) -> &TcpStream {
+        &self.writer
+    }
+}
+
+impl Conn for TcpConn {
+    fn send(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        while !bufs.is_empty() {
+            match self.writer.write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn recv_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.reader.read_exact(buf)
+    }
+
+    fn peer(&self) -> &str {
+        &self.peer
+    }
+}
