@@ -144,6 +144,181 @@ depmod_tree() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# linux: initramfs + root filesystem
+# ---------------------------------------------------------------------------------------------
+# Root filesystem packages (Debian bookworm); their Depends/Pre-Depends closure is added by apt.
+ROOT_PKGS="busybox-static fio memcached redis-server redis-tools libmemcached-tools"
+# Initramfs modules (the cloud kernel has ext4, jbd2, mbcache, crc16, crc32c built in and they
+# are skipped; modules.dep adds what these need, e.g. failover/net_failover for virtio_net).
+INITRD_MODS="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio virtio_blk virtio_net ext4 jbd2 mbcache crc16 crc32c_generic crc32c-intel"
+ROOTFS_EXTRA_MB=${ROOTFS_EXTRA_MB:-768}   # free space in rootfs.ext4 (fio's test file, redis, logs)
+
+# download_closure PKGS...: downloads PKGS and their dependency closure into $DEBS and prints the
+# .deb paths. apt resolves against an empty dpkg status (nothing counts as installed), so the
+# closure is complete; Recommends and Suggests are left out.
+download_closure() {
+    local st=$CACHE/apt-empty-status list p v f
+    mkdir -p "$DEBS/partial"; : > "$st"
+    local aptopts=(-o "Dir::State::status=$st" -o "Dir::Cache::archives=$DEBS" -o Debug::NoLocking=1
+                   -o APT::Install-Recommends=false -o APT::Install-Suggests=false)
+    # "Inst NAME (VERSION REPO [ARCH])" -> "NAME VERSION"
+    list=$(apt-get -s "${aptopts[@]}" install "$@" 2>"$CACHE/apt.err" | awk '/^Inst /{sub(/^\(/, "", $3); print $2, $3}') || true
+    if [ -z "$list" ]; then
+        apt_update_once
+        list=$(apt-get -s "${aptopts[@]}" install "$@" 2>"$CACHE/apt.err" | awk '/^Inst /{sub(/^\(/, "", $3); print $2, $3}') || true
+    fi
+    [ -n "$list" ] || { cat "$CACHE/apt.err" >&2; die "apt cannot resolve the closure of: $*"; }
+    info "closure of $*: $(echo "$list" | wc -l) packages"
+    apt-get -q -y --download-only "${aptopts[@]}" install "$@" >"$CACHE/apt.log" 2>&1 || {
+        tail -n 20 "$CACHE/apt.log" >&2; die "apt-get --download-only failed (log: $CACHE/apt.log)"; }
+    echo "$list" | while read -r p v; do
+        f=$(ls "$DEBS/${p}_${v//:/%3a}_"*.deb 2>/dev/null | head -n1 || true)
+        [ -n "$f" ] || die "closure package $p $v not in $DEBS after download"
+        echo "$f"
+    done
+    [ "$(echo "$list" | wc -l)" -gt 0 ]
+}
+
+# module_closure MODDIR NAMES...: module paths (relative to MODDIR) in load order, dependencies
+# first; names that are built in or absent are skipped.
+module_closure() {
+    /usr/bin/python3 "$SCRIPTS/linux-modclosure.py" "$@"
+}
+
+build_initrd() {
+    local mdir=$OUT/modules/$KVER bbdeb bbdir ir stamp mods m
+    step "initramfs: busybox-static and the kernel's virtio modules"
+    bbdeb=$(fetch_deb busybox-static)
+    stamp=$( { printf '%s\n' "$KVER" "$bbdeb" "$INITRD_MODS"; cat "$SCRIPTS/linux-initramfs-init.sh" "$0"; } | sha256sum | cut -c1-16)
+    if [ -f "$OUT/initrd.img" ] && [ "$(cat "$OUT/.initrd.stamp" 2>/dev/null)" = "$stamp" ]; then
+        info "out/initrd.img is current"; return 0
+    fi
+    bbdir=$CACHE/busybox-static
+    ir=$CACHE/initramfs
+    rm -rf "${bbdir:?}" "${ir:?}"
+    mkdir -p "$bbdir"; dpkg -x "$bbdeb" "$bbdir"
+    mkdir -p "$ir"/{bin,sbin,etc,proc,sys,dev,newroot,tmp,lib/modules,usr/bin,usr/sbin}
+    cp "$bbdir/bin/busybox" "$ir/bin/busybox"
+    mods=$(module_closure "$mdir" $INITRD_MODS) || die "module resolution failed"
+    : > "$ir/etc/vnode-modules"
+    for m in $mods; do
+        cp "$mdir/$m" "$ir/lib/modules/"
+        basename "$m" .ko >> "$ir/etc/vnode-modules"
+    done
+    info "modules (load order): $(tr '\n' ' ' < "$ir/etc/vnode-modules")"
+    install -m 0755 "$SCRIPTS/linux-initramfs-init.sh" "$ir/init"
+    mknod -m 600 "$ir/dev/console" c 5 1 2>/dev/null || true
+    mknod -m 666 "$ir/dev/null" c 1 3 2>/dev/null || true
+    step "initramfs: cpio + gzip -> out/initrd.img"
+    (cd "$ir" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -9 -n) > "$OUT/initrd.img.tmp" \
+        || die "cpio/gzip failed"
+    mv "$OUT/initrd.img.tmp" "$OUT/initrd.img"
+    echo "$stamp" > "$OUT/.initrd.stamp"
+    info "out/initrd.img: $(stat -c %s "$OUT/initrd.img") bytes"
+}
+
+# add_binary ROOT PATH: copies PATH to ROOT/usr/local/bin and the shared libraries it needs
+# (ldd on this host) to the same paths in ROOT, unless ROOT has them already.
+add_binary() {
+    local root=${1:?} src=$2 lib n=0
+    [ -f "$src" ] && [ -x "$src" ] || die "--add $src: not an executable file"
+    if ldd "$src" 2>/dev/null | grep -q 'not found'; then
+        die "--add $src: ldd reports missing libraries: $(ldd "$src" | grep 'not found' | tr '\n' ' ')"
+    fi
+    install -m 0755 "$src" "$root/usr/local/bin/$(basename "$src")"
+    if ldd "$src" >/dev/null 2>&1; then
+        for lib in $(ldd "$src" | awk '/=> \//{print $3} /^[ \t]*\/[^ ]+ \(/{print $1}'); do
+            [ -e "$root$lib" ] && continue
+            # merged /usr on one side, not on the other: the library may be there under the other name
+            [ -e "$root/usr$lib" ] || [ -e "$root${lib#/usr}" ] && continue
+            mkdir -p "$root$(dirname "$lib")"
+            cp -L "$lib" "$root$lib"; n=$((n + 1))
+        done
+    fi
+    info "added $(basename "$src") -> /usr/local/bin ($n shared libraries copied)"
+}
+
+build_rootfs() {
+    local adds=("$@") debs stamp tree d size_mb a ap b missing=
+    step "rootfs: resolving and downloading $ROOT_PKGS (+ dependency closure)"
+    debs=$(download_closure $ROOT_PKGS)
+    stamp=$( { printf '%s\n' "$KVER" $debs; cat "$SCRIPTS/linux-guest-init.sh" "$0";
+               for a in ${adds[@]+"${adds[@]}"}; do echo "$a"; cat "$a"; done; } | sha256sum | cut -c1-16)
+    if [ -f "$OUT/rootfs.ext4" ] && [ "$(cat "$OUT/.rootfs.stamp" 2>/dev/null)" = "$stamp" ]; then
+        info "out/rootfs.ext4 is current (delete it to rebuild; note that guests write to it)"; return 0
+    fi
+    tree=$CACHE/rootfs
+    [ -n "$CACHE" ] && [ "$tree" != / ] || die "bad rootfs tree path"
+    step "rootfs: dpkg -x $(echo "$debs" | wc -l) packages into cache/rootfs"
+    rm -rf "${tree:?}"; mkdir -p "$tree"
+    for d in $debs; do dpkg -x "$d" "$tree" || die "dpkg -x $d failed"; done
+    mkdir -p "$tree/etc/vnode/jobs"
+    echo "$debs" | xargs -n1 basename | sed 's/\.deb$//' > "$tree/etc/vnode/packages"
+
+    step "rootfs: configuring (busybox applets, users, init, modules, ld.so.cache)"
+    mkdir -p "$tree"/{proc,sys,dev,run,tmp,root,var/tmp,var/log,mnt,usr/local/bin,sbin,bin}
+    chmod 1777 "$tree/tmp" "$tree/var/tmp"
+    # busybox applets where no package provides the command
+    for ap in $("$tree/bin/busybox" --list-full); do
+        case "$ap" in linuxrc|sbin/init|init) continue ;; esac
+        if [ -e "$tree/$ap" ] || [ -L "$tree/$ap" ] || [ -e "$tree/usr/$ap" ] || [ -e "$tree/${ap#usr/}" ]; then continue; fi
+        mkdir -p "$tree/$(dirname "$ap")"
+        ln -s /bin/busybox "$tree/$ap"
+    done
+    [ -e "$tree/bin/sh" ] || ln -s busybox "$tree/bin/sh"
+    printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' 'daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin' \
+        'memcache:x:100:101:memcached:/nonexistent:/usr/sbin/nologin' 'redis:x:101:102:redis:/var/lib/redis:/usr/sbin/nologin' \
+        'nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin' > "$tree/etc/passwd"
+    printf '%s\n' 'root:x:0:' 'daemon:x:1:' 'memcache:x:101:' 'redis:x:102:' 'nogroup:x:65534:' > "$tree/etc/group"
+    printf 'root::0:0:99999:7:::\n' > "$tree/etc/shadow"; chmod 640 "$tree/etc/shadow"
+    echo vnode-guest > "$tree/etc/hostname"
+    printf '127.0.0.1\tlocalhost vnode-guest\n::1\tlocalhost\n' > "$tree/etc/hosts"
+    printf '/dev/vda\t/\text4\trw,noatime\t0 1\n' > "$tree/etc/fstab"
+    [ -e "$tree/etc/nsswitch.conf" ] || printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files\n' > "$tree/etc/nsswitch.conf"
+    rm -f "$tree/sbin/init"
+    install -m 0755 "$SCRIPTS/linux-guest-init.sh" "$tree/sbin/init"
+    mkdir -p "$tree/lib/modules"
+    cp -a "$OUT/modules/$KVER" "$tree/lib/modules/$KVER"
+    for a in ${adds[@]+"${adds[@]}"}; do add_binary "$tree" "$a"; done
+    ldconfig -r "$tree" 2>/dev/null || info "ldconfig -r failed (libraries in the default paths still load)"
+    # every program the jobs use must be there and start inside the tree
+    for b in usr/bin/fio usr/bin/memcached usr/bin/redis-server usr/bin/redis-benchmark usr/bin/redis-cli usr/bin/memcaslap; do
+        if [ ! -x "$tree/$b" ]; then missing="$missing $b"; continue; fi
+        chroot "$tree" "/$b" --version >/dev/null 2>&1 || chroot "$tree" "/$b" -V >/dev/null 2>&1 \
+            || info "warning: /$b --version fails in a chroot of the tree"
+    done
+    [ -z "$missing" ] || die "rootfs lacks:$missing"
+
+    size_mb=$(( $(du -sm "$tree" | cut -f1) * 12 / 10 + ROOTFS_EXTRA_MB ))
+    step "rootfs: mkfs.ext4 -d (${size_mb} MiB, sparse) -> out/rootfs.ext4"
+    rm -f "$OUT/rootfs.ext4.tmp"
+    truncate -s "${size_mb}M" "$OUT/rootfs.ext4.tmp"
+    mkfs.ext4 -q -F -L vnode-root -m 0 -E root_owner=0:0 -d "$tree" "$OUT/rootfs.ext4.tmp" \
+        || die "mkfs.ext4 -d failed"
+    e2fsck -fn "$OUT/rootfs.ext4.tmp" >/dev/null 2>&1 || die "e2fsck finds errors in the new image"
+    mv "$OUT/rootfs.ext4.tmp" "$OUT/rootfs.ext4"
+    echo "$stamp" > "$OUT/.rootfs.stamp"
+    info "out/rootfs.ext4: ${size_mb} MiB ($(du -m "$OUT/rootfs.ext4" | cut -f1) MiB allocated), $(echo "$debs" | wc -l) packages"
+}
+
+build_linux() {
+    local adds=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --add) [ $# -ge 2 ] || usage; adds+=("$(readlink -f "$2")"); shift 2 ;;
+            --add=*) adds+=("$(readlink -f "${1#--add=}")"); shift ;;
+            *) usage ;;
+        esac
+    done
+    need_tool cpio cpio
+    need_tool mkfs.ext4 e2fsprogs
+    build_initrd
+    build_rootfs ${adds[@]+"${adds[@]}"}
+    step "linux: outputs"
+    ls -l "$OUT"/vmlinux "$OUT"/vmlinuz "$OUT"/initrd.img "$OUT"/rootfs.ext4 | sed 's/^/    /' >&2
+}
+
+# ---------------------------------------------------------------------------------------------
 usage() { echo "usage: linux.sh kernel | linux [--add PATH]..." >&2; exit 2; }
 cmd=${1:-}; [ $# -gt 0 ] && shift
 case "$cmd" in
