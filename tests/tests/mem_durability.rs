@@ -1,0 +1,152 @@
+//! What a memory server keeps when processes die: the memory log across a kill -9 and restart,
+//! reads failing over to the backup when the primary is killed, and a region migrated from
+//! one server to another while its client switches over.
+
+mod mem_support;
+
+use mem_support::{pattern, temp_dir, Memd, SECRET};
+use remote_mem::{ClientError, ErrorCode, MemClient, ReplicatedRegion, PAGE_SIZE};
+
+#[test]
+fn mem_contents_survive_kill9_and_restart() {
+    let dir = temp_dir("data");
+    let d = dir.to_str().expect("utf-8 path");
+    let mut srv = Memd::start(&["--data-dir", d]);
+    let pages: Vec<u64> = (0..300).map(|i| i * 3).collect();
+    let data = pattern(42, &pages);
+    {
+        let mut c = MemClient::connect(&srv.addr, 11, SECRET).expect("connect");
+        c.alloc_region(7, 1024).expect("alloc");
+        c.alloc_region(8, 4).expect("alloc");
+        c.write_pages(7, &pages, &data).expect("write");
+        c.free_region(8).expect("free");
+    }
+    srv.kill9();
+    // Same data dir, same port is not needed: the client reconnects to the new address.
+    let srv = Memd::start(&["--data-dir", d]);
+    assert!(srv.stderr().contains("restored"), "{}", srv.stderr());
+    let mut c = MemClient::connect(&srv.addr, 11, SECRET).expect("connect");
+    let mut out = vec![0u8; data.len()];
+    c.read_pages(7, &pages, &mut out)
+        .expect("read after restart");
+    assert_eq!(out, data);
+    let mut z = vec![1u8; PAGE_SIZE];
+    c.read_pages(7, &[1], &mut z).expect("unwritten page");
+    assert!(z.iter().all(|&b| b == 0));
+    let err = c
+        .read_pages(8, &[0], &mut z)
+        .expect_err("freed before the crash");
+    assert_eq!(err.code(), Some(ErrorCode::NoRegion));
+    // Capacity accounting includes the restored region: 64M = 16384 pages, 1024 in use.
+    assert_eq!(c.server_pages(), (16384, 16384 - 1024));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn replicated(primary: &Memd, backup: &Memd, region: u64) -> ReplicatedRegion {
+    let p = MemClient::connect(&primary.addr, 3, SECRET).expect("primary");
+    let b = MemClient::connect(&backup.addr, 3, SECRET).expect("backup");
+    ReplicatedRegion::new(region, p, b)
+}
+
+#[test]
+fn mem_replicated_reads_fail_over_when_the_primary_dies() {
+    let mut primary = Memd::start(&[]);
+    let mut backup = Memd::start(&[]);
+    let mut r = replicated(&primary, &backup, 5);
+    r.alloc(512).expect("alloc on both");
+    let pages: Vec<u64> = (0..512).collect();
+    let data = pattern(5, &pages);
+    r.write_pages(&pages, &data).expect("write to both");
+    let mut out = vec![0u8; data.len()];
+    r.read_pages(&pages, &mut out).expect("read");
+    assert_eq!(out, data);
+    assert_eq!(r.read_server(), Some(primary.addr.as_str()));
+
+    primary.kill9();
+    out.fill(0);
+    r.read_pages(&pages, &mut out)
+        .expect("read fails over to the backup");
+    assert_eq!(out, data);
+    assert!(r.degraded());
+    assert_eq!(r.read_server(), Some(backup.addr.as_str()));
+    // Writes go on to the backup alone.
+    let new = pattern(6, &[10]);
+    r.write_pages(&[10], &new).expect("degraded write");
+    let mut one = vec![0u8; PAGE_SIZE];
+    r.read_pages(&[10], &mut one).expect("read");
+    assert_eq!(one, new);
+
+    backup.kill9();
+    let err = r.read_pages(&[10], &mut one).expect_err("no replica left");
+    assert!(matches!(err, ClientError::BothFailed { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&primary.addr) && msg.contains(&backup.addr),
+        "names both: {msg}"
+    );
+}
+
+#[test]
+fn mem_replicated_writes_survive_backup_death() {
+    let primary = Memd::start(&[]);
+    let mut backup = Memd::start(&[]);
+    let mut r = replicated(&primary, &backup, 6);
+    r.alloc(8).expect("alloc");
+    backup.kill9();
+    let data = pattern(8, &[0, 7]);
+    r.write_pages(&[0, 7], &data)
+        .expect("primary alone takes the write");
+    assert!(r.degraded());
+    let mut out = vec![0u8; data.len()];
+    r.read_pages(&[0, 7], &mut out).expect("read");
+    assert_eq!(out, data);
+}
+
+#[test]
+fn mem_region_migrates_between_servers() {
+    let src = Memd::start(&[]);
+    let dst = Memd::start(&[]);
+    let mut c = MemClient::connect(&src.addr, 21, SECRET).expect("connect");
+    let n = 600u64;
+    c.alloc_region(4, n).expect("alloc");
+    let pages: Vec<u64> = (0..n).step_by(2).collect();
+    let data = pattern(4, &pages);
+    c.write_pages(4, &pages, &data).expect("write");
+    // Another connection of the same vNode (another fault thread) is on the source too.
+    let mut other = MemClient::connect(&src.addr, 21, SECRET).expect("connect");
+
+    c.migrate_region(4, &dst.addr).expect("migrate");
+
+    // The source now refuses the region, naming where it went.
+    let mut one = vec![0u8; PAGE_SIZE];
+    let err = other.read_pages(4, &[0], &mut one).expect_err("moved");
+    assert_eq!(err.code(), Some(ErrorCode::Moved));
+    assert!(err.to_string().contains(&dst.addr), "{err}");
+    let err = other
+        .write_pages(4, &[0], &pattern(1, &[0]))
+        .expect_err("no write lands on the stale copy");
+    assert_eq!(err.code(), Some(ErrorCode::Moved));
+    // The source gave the capacity back.
+    assert_eq!(
+        MemClient::connect(&src.addr, 21, SECRET)
+            .expect("connect")
+            .server_pages()
+            .1,
+        16384
+    );
+    // The client switches over: same data on the target, unwritten pages still zero.
+    let mut c = MemClient::connect(&dst.addr, 21, SECRET).expect("connect to target");
+    let mut out = vec![0u8; data.len()];
+    c.read_pages(4, &pages, &mut out).expect("read on target");
+    assert_eq!(out, data);
+    c.read_pages(4, &[1], &mut one).expect("read");
+    assert!(one.iter().all(|&b| b == 0));
+    // A migration that cannot reach its target fails and leaves the region where it is.
+    let err = c
+        .migrate_region(4, "127.0.0.1:1")
+        .expect_err("nobody listens on port 1");
+    assert_eq!(err.code(), Some(ErrorCode::Internal), "{err}");
+    c.read_pages(4, &pages, &mut out)
+        .expect("region still served");
+    assert_eq!(out, data);
+}
