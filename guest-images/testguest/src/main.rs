@@ -3,6 +3,10 @@
 //!
 //! Only `boot.rs` runs in supervisor mode (emulated, slow, on a PVM host); everything in Rust
 //! runs at CPL 3 natively. The workloads themselves live in the `testguest` library.
+//!
+//! Exit status (port 0xf4): 0 all checks passed, 1 memory mismatches, 2 bad command line or a
+//! `bytes=` larger than the RAM available, 3 a CPU exception or a panic, 4 not every vCPU
+//! reached the guest within ~10 s.
 #![no_std]
 #![no_main]
 
@@ -12,6 +16,8 @@ mod machine;
 mod memfuncs;
 mod memtest;
 mod port;
+
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use testguest::cmdline::{self, Test};
 use testguest::json::JsonLine;
@@ -29,6 +35,7 @@ pub extern "C" fn user_main(vcpu: u64, nvcpus: u64, boot_params: u64) -> ! {
             .bytes_str("cmdline", info.cmdline());
         port::serial_write(line.finish());
     }
+    check_in(vcpu, n);
     let cfg = match cmdline::parse(info.cmdline()) {
         Ok(cfg) => cfg,
         Err(bad) => {
@@ -63,6 +70,38 @@ fn fault() -> ! {
         .u64("value", v);
     port::serial_write(line.finish());
     port::exit(1)
+}
+
+/// vCPUs that reached user mode.
+static STARTED: AtomicU32 = AtomicU32::new(0);
+/// How long vCPU 0 waits for the others (~10 s at 2 GHz): supervisor boot is emulated and slow
+/// on PVM, but takes milliseconds, not seconds.
+const START_TIMEOUT_CYCLES: u64 = 20_000_000_000;
+
+/// Counts this vCPU in; vCPU 0 waits for all `n`, and if some never come (e.g. a VMM that leaves
+/// them waiting for INIT/SIPI despite the SMP note) says so and exits with status 4 instead of
+/// hanging in the first barrier.
+fn check_in(vcpu: u32, n: u32) {
+    STARTED.fetch_add(1, Ordering::AcqRel);
+    if vcpu != 0 {
+        return;
+    }
+    let t0 = port::rdtsc();
+    loop {
+        let started = STARTED.load(Ordering::Acquire);
+        if started >= n {
+            return;
+        }
+        if port::rdtsc().wrapping_sub(t0) > START_TIMEOUT_CYCLES {
+            let mut line = JsonLine::<256>::new()
+                .str("error", "vCPUs did not start")
+                .u64("started", started as u64)
+                .u64("vcpus", n as u64);
+            port::serial_write(line.finish());
+            port::exit(4);
+        }
+        core::hint::spin_loop();
+    }
 }
 
 /// Where a vCPU waits when vCPU 0 is about to end the VM.
