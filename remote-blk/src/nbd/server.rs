@@ -417,7 +417,9 @@ fn validate(e: &Export, r: &Request) -> Result<(), u32> {
         return Err(EPERM);
     }
     if r.kind != CMD_FLUSH && past_end {
-        return Err(if writes { ENOSPC } else { EINVAL });
+        // The spec asks for ENOSPC on writes past the end, EINVAL for everything else.
+        let grows = matches!(r.kind, CMD_WRITE | CMD_WRITE_ZEROES);
+        return Err(if grows { ENOSPC } else { EINVAL });
     }
     if e.backend.direct()
         && matches!(r.kind, CMD_READ | CMD_WRITE)
