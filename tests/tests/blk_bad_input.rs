@@ -101,7 +101,10 @@ impl Raw {
 }
 
 fn one_export(dir: &TempDir, size: &str) -> Server {
-    start_blkd(&["--export", &format!("disk={}:{size}", dir.path("d.img").display())])
+    start_blkd(&[
+        "--export",
+        &format!("disk={}:{size}", dir.path("d.img").display()),
+    ])
 }
 
 #[test]
@@ -131,7 +134,10 @@ fn write_past_end_is_enospc_and_writes_nothing() {
     c.request(CMD_WRITE_ZEROES, 2, size, 4096, &[]);
     assert_eq!(c.reply(), (ENOSPC, 2));
     assert_eq!(c.read_ok(3, size - 4096, 4096), vec![0u8; 4096]);
-    assert_eq!(std::fs::metadata(dir.path("d.img")).expect("stat").len(), size);
+    assert_eq!(
+        std::fs::metadata(dir.path("d.img")).expect("stat").len(),
+        size
+    );
 }
 
 #[test]
@@ -268,7 +274,8 @@ fn full_backing_disk_is_an_io_error_for_that_request_only() {
     let mut got = vec![0u8; chunk.len()];
     small.read_at(&mut got, 0).expect("read back");
     assert!(got == chunk);
-    big.write_at(&chunk, 0, true).expect("other export still writes");
+    big.write_at(&chunk, 0, true)
+        .expect("other export still writes");
     big.read_at(&mut got, 0).expect("other export reads");
     assert!(got == chunk);
 }

@@ -33,26 +33,44 @@ fn qemu_io_write_read_verify_patterns() {
     // Writes with distinct patterns (one with FUA), zeroes and a discard, then reads that
     // verify every range in a second qemu-io process (so nothing is served from its cache).
     run(Command::new("qemu-io").args([
-        "-f", "raw",
-        "-c", "write -P 0xa5 0 1M",
-        "-c", "write -P 0x5a 1M 64k",
-        "-c", "write -f -P 0x11 4M 4k",
-        "-c", "write -P 0x77 8M 512",
-        "-c", "write -z 2M 128k",
-        "-c", "write -P 0x33 3M 64k",
-        "-c", "discard 3M 64k",
-        "-c", "flush",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0xa5 0 1M",
+        "-c",
+        "write -P 0x5a 1M 64k",
+        "-c",
+        "write -f -P 0x11 4M 4k",
+        "-c",
+        "write -P 0x77 8M 512",
+        "-c",
+        "write -z 2M 128k",
+        "-c",
+        "write -P 0x33 3M 64k",
+        "-c",
+        "discard 3M 64k",
+        "-c",
+        "flush",
         &uri,
     ]));
     let out = run(Command::new("qemu-io").args([
-        "-f", "raw", "-r",
-        "-c", "read -P 0xa5 0 1M",
-        "-c", "read -P 0x5a 1M 64k",
-        "-c", "read -P 0x11 4M 4k",
-        "-c", "read -P 0x77 8M 512",
-        "-c", "read -P 0 8389120 4k",
-        "-c", "read -P 0 2M 128k",
-        "-c", "read -P 0 15M 1M",
+        "-f",
+        "raw",
+        "-r",
+        "-c",
+        "read -P 0xa5 0 1M",
+        "-c",
+        "read -P 0x5a 1M 64k",
+        "-c",
+        "read -P 0x11 4M 4k",
+        "-c",
+        "read -P 0x77 8M 512",
+        "-c",
+        "read -P 0 8389120 4k",
+        "-c",
+        "read -P 0 2M 128k",
+        "-c",
+        "read -P 0 15M 1M",
         &uri,
     ]));
     assert!(!out.contains("Pattern verification failed"), "{out}");
@@ -116,9 +134,15 @@ fn nbdcopy_round_trips_a_file() {
     let srv = start_blkd(&["--export", &format!("disk={}:24M", img.display())]);
     let uri = srv.uri("disk");
     run(Command::new("nbdcopy").args(["--flush", src.to_str().expect("utf-8"), &uri]));
-    assert!(std::fs::read(&img).expect("backing file") == data, "backing file differs");
+    assert!(
+        std::fs::read(&img).expect("backing file") == data,
+        "backing file differs"
+    );
     run(Command::new("nbdcopy").args([&uri, back.to_str().expect("utf-8")]));
-    assert!(std::fs::read(&back).expect("copy") == data, "copied-back data differs");
+    assert!(
+        std::fs::read(&back).expect("copy") == data,
+        "copied-back data differs"
+    );
 }
 
 #[test]

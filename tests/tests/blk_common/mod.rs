@@ -50,7 +50,9 @@ pub fn have_tool(name: &str) -> bool {
         if std::env::var_os("CI").is_some() {
             panic!("{name} is not installed (CI must install it)");
         }
-        eprintln!("SKIPPED: {name} is not installed (apt-get install fio qemu-utils nbdkit libnbd-bin)");
+        eprintln!(
+            "SKIPPED: {name} is not installed (apt-get install fio qemu-utils nbdkit libnbd-bin)"
+        );
     }
     found
 }
@@ -153,7 +155,17 @@ fn wait_for_socket(child: &mut Child, path: &Path) {
 pub fn start_qemu_nbd(dir: &TempDir, file: &Path, export: &str) -> Server {
     let sock = dir.path("qemu-nbd.sock");
     let mut child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "-t", "-e", "8", "--cache=writeback", "-x", export, "-k"])
+        .args([
+            "-f",
+            "raw",
+            "-t",
+            "-e",
+            "8",
+            "--cache=writeback",
+            "-x",
+            export,
+            "-k",
+        ])
         .arg(&sock)
         .arg(file)
         .stdout(Stdio::null())
@@ -201,7 +213,9 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// Runs a command, panicking with its output when it fails; returns stdout.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
