@@ -11,6 +11,7 @@ pub mod content;
 pub mod json;
 pub mod math;
 pub mod perm;
+pub mod plan;
 pub mod region;
 pub mod rng;
 pub mod sync;

@@ -24,6 +24,7 @@ use testguest::cmdline::{Config, Pattern};
 use testguest::content::{fill_pages, verify_pages, Mismatches, PAGE_SIZE};
 use testguest::json::JsonLine;
 use testguest::perm::Permutation;
+use testguest::plan::{share, OwnPages};
 use testguest::region::Region;
 use testguest::rng::Rng;
 use testguest::sync::SpinBarrier;
@@ -133,12 +134,6 @@ impl Tally {
     }
 }
 
-/// vCPU `k`'s share `[lo, hi)` of `0..total` when split into `n` runs.
-fn share(total: u64, k: u32, n: u32) -> (u64, u64) {
-    let at = |i: u64| (total as u128 * i as u128 / n as u128) as u64;
-    (at(k as u64), at(k as u64 + 1))
-}
-
 fn fill(lay: &Layout, cfg: &Config, k: u32, n: u32) {
     let pages = lay.region.pages();
     let perm = Permutation::new(pages, cfg.seed ^ FILL_PERM_SALT);
@@ -156,30 +151,20 @@ fn fill(lay: &Layout, cfg: &Config, k: u32, n: u32) {
 
 fn passes(lay: &Layout, cfg: &Config, k: u32, n: u32) {
     let pages = lay.region.pages();
-    if (k as u64) >= pages {
+    let own = OwnPages::new(pages, k, n);
+    if own.count() == 0 {
         return;
     }
-    let n64 = n as u64;
-    let own_pages = (pages - k as u64).div_ceil(n64);
-    // Maps any page to one of vCPU k's pages (page % n == k) near it.
-    let own = |p: u64| {
-        let q = p - p % n64 + k as u64;
-        if q >= pages {
-            q - n64
-        } else {
-            q
-        }
-    };
     let scramble = Permutation::new(pages, cfg.seed ^ ZIPF_PERM_SALT);
     let zipf = (cfg.pattern == Pattern::Zipf).then(|| Zipf::new(pages, DEFAULT_THETA));
     let mut t = Tally::default();
     for pass in 1..=cfg.passes {
         let mut rng = Rng::new(cfg.seed, (pass as u64) << 32 | k as u64);
-        for i in 0..own_pages {
+        for i in 0..own.count() {
             let p = match (&zipf, cfg.pattern) {
-                (_, Pattern::Seq) => k as u64 + i * n64,
-                (Some(z), _) => own(scramble.apply(z.sample(&mut rng))),
-                _ => own(rng.below(pages)),
+                (_, Pattern::Seq) => own.nth(i),
+                (Some(z), _) => own.map(scramble.apply(z.sample(&mut rng))),
+                _ => own.map(rng.below(pages)),
             };
             if rng.percent(cfg.writes) {
                 t.write(lay, p, pass, cfg.seed);
