@@ -138,6 +138,7 @@ fn fill(lay: &Layout, cfg: &Config, k: u32, n: u32) {
     let pages = lay.region.pages();
     let perm = Permutation::new(pages, cfg.seed ^ FILL_PERM_SALT);
     let (lo, hi) = share(pages, k, n);
+    // Not published: `reads`/`writes` in the report count the passes phase only.
     let mut t = Tally::default();
     for pos in lo..hi {
         let p = match cfg.pattern {
