@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Reference check: Debian's QEMU, with KVM, boots the unmodified cloud kernel with our initramfs
+# and root filesystem, and the in-guest job prints its JSON. On this PVM host it runs inside the
+# hardware-virtualization sandbox (run.sh); on a host with a hardware /dev/kvm, pass --direct.
+#
+#   guest-images/sandbox/qemu-ref.sh [--job JOB] [--machine q35|microvm] [--mem MiB] [--smp N]
+#                                    [--l1-mem SIZE] [--l1-smp N] [--append ARGS] [--direct] [-v]
+#
+# Needs guest-images/out/{vmlinuz,initrd.img,rootfs.ext4} (guest-images/build.sh linux).
+# The root disk is opened with snapshot=on: the guest's writes go to a temporary overlay.
+# Prints the guest console's marker lines (-v: every console line) with the wall time (ms since QEMU started) at which
+# each arrived, then the JSON lines, and exits 0 when the job's summary says rc=0.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUT=$(cd "$HERE/.." && pwd)/out
+JOB=boot MACHINE=q35 MEM=1024 SMP=1 L1MEM=4G L1SMP=1 APPEND= DIRECT=0 INSIDE=0 ALL=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --job) JOB=$2; shift 2 ;;
+        --machine) MACHINE=$2; shift 2 ;;
+        --mem) MEM=$2; shift 2 ;;
+        --smp) SMP=$2; shift 2 ;;
+        --l1-mem) L1MEM=$2; shift 2 ;;
+        --l1-smp) L1SMP=$2; shift 2 ;;
+        --append) APPEND=$2; shift 2 ;;
+        --direct) DIRECT=1; shift ;;
+        -v) ALL=1; shift ;;
+        --inside) INSIDE=1; shift ;;
+        *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    esac
+done
+for f in vmlinuz initrd.img rootfs.ext4; do
+    [ -f "$OUT/$f" ] || { echo "qemu-ref: $OUT/$f missing: run guest-images/build.sh linux" >&2; exit 2; }
+done
+
+if [ $DIRECT = 0 ] && [ $INSIDE = 0 ]; then
+    exec "$HERE/run.sh" --mem "$L1MEM" --smp "$L1SMP" -- bash "$HERE/qemu-ref.sh" --inside \
+        --job "$JOB" --machine "$MACHINE" --mem "$MEM" --smp "$SMP" ${APPEND:+--append "$APPEND"} $([ $ALL = 1 ] && echo -v)
+fi
+
+[ -c /dev/kvm ] || { echo "qemu-ref: no /dev/kvm" >&2; exit 1; }
+case "$MACHINE" in
+    microvm) M=(-M microvm,acpi=on,rtc=off -device virtio-blk-device,drive=root) ;;
+    q35) M=(-M q35 -device virtio-blk-pci,drive=root) ;;
+    *) echo "qemu-ref: --machine microvm|q35" >&2; exit 2 ;;
+esac
+export TMPDIR=${TMPDIR:-/tmp}
+START=$(date +%s%N)
+log=$TMPDIR/qemu-ref.$$.log
+set +e
+timeout 900 qemu-system-x86_64 -accel kvm -cpu host -m "$MEM" -smp "$SMP" -nodefaults -no-user-config \
+    -display none -no-reboot -serial stdio "${M[@]}" \
+    -drive "id=root,file=$OUT/rootfs.ext4,format=raw,if=none,snapshot=on,cache=unsafe" \
+    -kernel "$OUT/vmlinuz" -initrd "$OUT/initrd.img" \
+    -append "console=ttyS0 quiet panic=-1 root=/dev/vda rw vnode.job=$JOB $APPEND" </dev/null 2>&1 \
+    | tr -d '\r' | while IFS= read -r line; do
+        t=$(( ($(date +%s%N) - START) / 1000000 ))
+        echo "$line" >> "$log"
+        [ $ALL = 1 ] && { printf '[%6d ms] %s\n' "$t" "$line"; continue; }
+        case "$line" in
+            VNODE-*|vnode-initramfs:*|'{'*|*qemu-system*|*"Kernel panic"*) printf '[%6d ms] %s\n' "$t" "$line" ;;
+        esac
+    done
+qrc=${PIPESTATUS[0]}
+set -e
+end=$(( ($(date +%s%N) - START) / 1000000 ))
+echo "qemu-ref: QEMU exit $qrc after $end ms (machine $MACHINE, ${MEM} MiB, $SMP vCPU, job $JOB)"
+if grep -q '^VNODE-EXIT rc=0' "$log"; then rm -f "$log"; exit 0; fi
+echo "qemu-ref: FAILED; last console lines:" >&2; tail -n 25 "$log" >&2; rm -f "$log"; exit 1
