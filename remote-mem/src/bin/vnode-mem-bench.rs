@@ -1,1 +1,255 @@
-fn main() {}
+//! `vnode-mem-bench`: page-read round trips and batched throughput of `vnode-memd` over
+//! loopback, next to a raw TCP echo baseline (16 bytes out, the same reply size back) measured
+//! in the same run, so the protocol's overhead is the difference between the two.
+//!
+//! Usage: `vnode-mem-bench [ITERATIONS]` (default 20000). Run it under `taskset -c 0` to put
+//! both ends on one core, and without to let the scheduler spread them. With the
+//! `tokio-baseline` feature it also measures a tokio echo server, the alternative to the
+//! server's thread per connection.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use remote_mem::server::{Server, ServerConfig};
+use remote_mem::{MemClient, PAGE_SIZE};
+
+const SECRET: &[u8] = b"bench-secret";
+const REGION_PAGES: u64 = 16384; // 64 MiB
+const THROUGHPUT_TIME: Duration = Duration::from_secs(1);
+
+/// A raw TCP echo server: for each 16-byte request carrying a reply size, send that many bytes.
+fn start_thread_echo() -> Result<String> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?.to_string();
+    thread::Builder::new()
+        .name("echo-accept".into())
+        .spawn(move || {
+            for s in l.incoming().flatten() {
+                let _ = thread::Builder::new()
+                    .name("echo-conn".into())
+                    .spawn(move || echo_conn(s));
+            }
+        })?;
+    Ok(addr)
+}
+
+fn echo_conn(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    let mut req = [0u8; 16];
+    let reply = vec![0x5au8; 256 * PAGE_SIZE];
+    while s.read_exact(&mut req).is_ok() {
+        let n = u64::from_le_bytes(req[..8].try_into().expect("8 bytes")) as usize;
+        if s.write_all(&reply[..n.min(reply.len())]).is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(feature = "tokio-baseline")]
+fn start_tokio_echo(multi_thread: bool) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let std_l = TcpListener::bind("127.0.0.1:0")?;
+    std_l.set_nonblocking(true)?;
+    let addr = std_l.local_addr()?.to_string();
+    let rt = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    };
+    thread::Builder::new()
+        .name("tokio-echo".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let Ok(l) = tokio::net::TcpListener::from_std(std_l) else {
+                    return;
+                };
+                while let Ok((mut s, _)) = l.accept().await {
+                    tokio::spawn(async move {
+                        let _ = s.set_nodelay(true);
+                        let mut req = [0u8; 16];
+                        let reply = vec![0x5au8; 256 * PAGE_SIZE];
+                        while s.read_exact(&mut req).await.is_ok() {
+                            let n =
+                                u64::from_le_bytes(req[..8].try_into().expect("8 bytes")) as usize;
+                            if s.write_all(&reply[..n.min(reply.len())]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            })
+        })?;
+    Ok(addr)
+}
+
+struct Echo {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Echo {
+    fn connect(addr: &str) -> Result<Echo> {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        Ok(Echo {
+            s,
+            buf: vec![0u8; 256 * PAGE_SIZE],
+        })
+    }
+
+    fn round_trip(&mut self, bytes: usize) -> Result<()> {
+        let mut req = [0u8; 16];
+        req[..8].copy_from_slice(&(bytes as u64).to_le_bytes());
+        self.s.write_all(&req)?;
+        self.s.read_exact(&mut self.buf[..bytes])?;
+        Ok(())
+    }
+}
+
+/// Times `n` calls of `f` (after a warm-up) and prints p50/p99/mean in microseconds.
+fn latency(name: &str, n: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    for i in 0..n / 10 + 1 {
+        f(i)?;
+    }
+    let mut ns: Vec<u64> = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        f(i)?;
+        ns.push(t.elapsed().as_nanos() as u64);
+    }
+    ns.sort_unstable();
+    let pct = |p: f64| ns[((ns.len() as f64 * p) as usize).min(ns.len() - 1)] as f64 / 1000.0;
+    let mean = ns.iter().sum::<u64>() as f64 / ns.len() as f64 / 1000.0;
+    println!(
+        "{name:<44} p50 {:>7.1} us  p99 {:>7.1} us  mean {:>7.1} us",
+        pct(0.5),
+        pct(0.99),
+        mean
+    );
+    Ok(pct(0.5))
+}
+
+/// Runs `f` (moving `pages` pages per call) for a second and prints pages/s and GB/s.
+fn throughput(name: &str, pages: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<()> {
+    let start = Instant::now();
+    let mut calls = 0usize;
+    while start.elapsed() < THROUGHPUT_TIME {
+        f(calls)?;
+        calls += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let moved = (calls * pages) as f64;
+    println!(
+        "{name:<44} {:>9.0} pages/s  {:>6.2} GB/s",
+        moved / secs,
+        moved * PAGE_SIZE as f64 / secs / 1e9
+    );
+    Ok(())
+}
+
+/// A cheap pseudo-random page sequence (so reads are not all one cached page).
+fn page_at(i: usize) -> u64 {
+    (i as u64).wrapping_mul(2_654_435_761) % REGION_PAGES
+}
+
+fn bench_memd(addr: &str, n: usize) -> Result<()> {
+    let mut c = MemClient::connect(addr, 1, SECRET)?;
+    c.alloc_region(0, REGION_PAGES)?;
+    let all: Vec<u64> = (0..REGION_PAGES).collect();
+    let fill = vec![0xa5u8; 256 * PAGE_SIZE];
+    for chunk in all.chunks(256) {
+        c.write_pages(0, chunk, &fill[..chunk.len() * PAGE_SIZE])?;
+    }
+    let mut buf = vec![0u8; 256 * PAGE_SIZE];
+    latency("memd read 1 page (MemClient::read_pages)", n, |i| {
+        c.read_pages(0, &[page_at(i)], &mut buf[..PAGE_SIZE])
+            .map_err(Into::into)
+    })?;
+    latency("memd write 1 page (MemClient::write_pages)", n, |i| {
+        c.write_pages(0, &[page_at(i)], &fill[..PAGE_SIZE])
+            .map_err(Into::into)
+    })?;
+    let mut idx = vec![0u64; 256];
+    for batch in [16usize, 64, 256] {
+        throughput(&format!("memd read batches of {batch} pages"), batch, |i| {
+            for (k, p) in idx[..batch].iter_mut().enumerate() {
+                *p = page_at(i * batch + k);
+            }
+            c.read_pages(0, &idx[..batch], &mut buf[..batch * PAGE_SIZE])
+                .map_err(Into::into)
+        })?;
+    }
+    throughput("memd write batches of 64 pages", 64, |i| {
+        for (k, p) in idx[..64].iter_mut().enumerate() {
+            *p = page_at(i * 64 + k);
+        }
+        c.write_pages(0, &idx[..64], &fill[..64 * PAGE_SIZE])
+            .map_err(Into::into)
+    })?;
+    throughput("memd 8 pipelined 1-page reads (split phase)", 8, |i| {
+        let mut tickets = [const { None }; 8];
+        for (k, t) in tickets.iter_mut().enumerate() {
+            *t = Some(c.submit_read(0, &[page_at(i * 8 + k)])?);
+        }
+        for (k, t) in tickets.iter_mut().enumerate() {
+            if let Some(t) = t.take() {
+                c.complete_read(t, &mut buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE])?;
+            }
+        }
+        Ok(())
+    })?;
+    c.free_region(0)?;
+    Ok(())
+}
+
+fn bench_echo(label: &str, addr: &str, n: usize) -> Result<()> {
+    let mut e = Echo::connect(addr)?;
+    latency(&format!("{label} echo 16 B -> 4 KiB"), n, |_| {
+        e.round_trip(PAGE_SIZE)
+    })?;
+    for batch in [16usize, 64, 256] {
+        throughput(
+            &format!("{label} echo 16 B -> {batch} pages"),
+            batch,
+            |_| e.round_trip(batch * PAGE_SIZE),
+        )?;
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let n: usize = match std::env::args().nth(1) {
+        Some(s) => s.parse().context("ITERATIONS must be a number")?,
+        None => 20_000,
+    };
+    let cpus = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!("vnode-mem-bench: {n} round trips per latency line, {THROUGHPUT_TIME:?} per throughput line, {cpus} CPU(s) allowed");
+    let server = Server::bind(
+        "127.0.0.1:0",
+        ServerConfig {
+            capacity_pages: REGION_PAGES,
+            data_dir: None,
+            secret: Some(SECRET.to_vec()),
+            sync: false,
+        },
+    )?
+    .spawn()?;
+    let echo = start_thread_echo()?;
+    bench_echo("raw TCP, thread/conn", &echo, n)?;
+    #[cfg(feature = "tokio-baseline")]
+    {
+        bench_echo("raw TCP, tokio 1-thread", &start_tokio_echo(false)?, n)?;
+        bench_echo("raw TCP, tokio multi-thread", &start_tokio_echo(true)?, n)?;
+    }
+    bench_memd(&server.addr().to_string(), n)?;
+    Ok(())
+}

@@ -63,10 +63,13 @@ impl<C: Conn> ConnState<'_, C> {
                 }
                 Err(e) => return self.refuse(tag, e.code(), &e.to_string()),
             };
-            self.body.resize(h.len, 0);
-            self.conn.recv_exact(&mut self.body)?;
+            // Grow only: shrinking and regrowing would zero-fill a page batch every write.
+            if self.body.len() < h.len {
+                self.body.resize(h.len, 0);
+            }
+            self.conn.recv_exact(&mut self.body[..h.len])?;
             let body = std::mem::take(&mut self.body);
-            let next = match Request::decode(&h, &body) {
+            let next = match Request::decode(&h, &body[..h.len]) {
                 Ok(req) => self.handle(tag, req),
                 Err(e) => self
                     .refuse(tag, e.code(), &e.to_string())
