@@ -138,6 +138,16 @@ impl Server {
         }
     }
 
+    /// Runs the handshake over arbitrary streams, returning the export chosen for
+    /// transmission (`None` when the client aborted). The fuzz target drives this.
+    pub fn negotiate(
+        &self,
+        rd: &mut impl Read,
+        wr: &mut impl Write,
+    ) -> Result<Option<&str>, ServerError> {
+        Ok(self.handshake(rd, wr)?.map(|s| s.export.name.as_str()))
+    }
+
     fn find(&self, name: &[u8]) -> Option<&Export> {
         // The default export (empty name) is the first one.
         if name.is_empty() {
