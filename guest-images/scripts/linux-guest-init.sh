@@ -26,32 +26,21 @@ export HOME=/root TERM=linux LANG=C
 umask 022
 cd /
 
-mountpoint -q /proc || mount -t proc proc /proc
-mountpoint -q /sys || mount -t sysfs sysfs /sys
-mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts /dev/shm
-mount -t devpts devpts /dev/pts 2>/dev/null
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm 2>/dev/null
-mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-grep -q ' / ext4 rw' /proc/mounts || mount -o remount,rw / 2>/dev/null
-hostname vnode-guest
-ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
-echo 0 > /proc/sys/kernel/printk 2>/dev/null  # keep kernel messages off the results
+up() { cut -d' ' -f1 /proc/uptime; }
 
 # Command line -> variables: vnode.fio_size=1G -> V_fio_size=1G
-V_job=boot V_exit=poweroff V_fio_size=64M V_fio_target=/var/tmp/fio-verify.dat V_fio_bs=4k V_fio_iodepth=16
-V_bench_time=10 V_clients=8 V_threads=1 V_mem=128
-for w in $(cat /proc/cmdline); do
-    case "$w" in
-        vnode.*=*) k=${w%%=*}; k=$(echo "${k#vnode.}" | tr -c 'a-zA-Z0-9_\n' _); eval "V_$k=\${w#*=}" ;;
-    esac
-done
+read_config() {
+    V_job=boot V_exit=poweroff V_fio_size=64M V_fio_target=/var/tmp/fio-verify.dat V_fio_bs=4k V_fio_iodepth=16
+    V_bench_time=10 V_clients=8 V_threads=1 V_mem=128
+    for w in ${VNODE_CMDLINE:-$(cat /proc/cmdline)}; do
+        case "$w" in
+            vnode.*=*) k=${w%%=*}; k=$(echo "${k#vnode.}" | tr -c 'a-zA-Z0-9_\n' _); eval "V_$k=\${w#*=}" ;;
+        esac
+    done
 
-up() { cut -d' ' -f1 /proc/uptime; }
-NCPU=$(grep -c ^processor /proc/cpuinfo)
-MEMKB=$(awk '/^MemTotal:/{print $2}' /proc/meminfo)
-echo "VNODE-INIT-UP uptime=$(up) kernel=$(uname -r) cpus=$NCPU mem_kb=$MEMKB job=$V_job"
+    NCPU=$(grep -c ^processor /proc/cpuinfo)
+    MEMKB=$(awk '/^MemTotal:/{print $2}' /proc/meminfo)
+}
 
 # json k v [k v]... : one JSON object on one line; values that look like numbers stay numbers.
 json() {
@@ -67,14 +56,16 @@ json() {
     echo "$out}"
 }
 
-wait_port() {  # host port seconds
-    local i=0
-    while [ $i -lt $(($3 * 10)) ]; do
-        nc -z "$1" "$2" 2>/dev/null && return 0
+wait_for() {  # seconds command...: retries the command every 0.1 s
+    local i=0 n=$(($1 * 10)); shift
+    while [ $i -lt $n ]; do
+        "$@" >/dev/null 2>&1 && return 0
         usleep 100000; i=$((i + 1))
     done
     return 1
 }
+memcached_up() { printf 'version\r\n' | nc -w 1 127.0.0.1 11211 2>/dev/null | grep -q VERSION; }
+redis_up() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = PONG ]; }
 
 # memtier_benchmark's "Totals" line: Type Ops/sec Hits/sec Misses/sec Avg.Latency p50 p99 p99.9 KB/sec
 memtier() {  # job protocol port
@@ -121,7 +112,7 @@ job_memcached_bench() {
     local rc log=/tmp/memcaslap.log
     memcached -u root -d -l 127.0.0.1 -p 11211 -m "$V_mem" -t "$V_threads" -P /run/memcached.pid || {
         json job memcached-bench error "memcached did not start"; return 1; }
-    wait_port 127.0.0.1 11211 10 || { json job memcached-bench error "memcached not listening"; return 1; }
+    wait_for 10 memcached_up || { json job memcached-bench error "memcached not listening"; return 1; }
     if command -v memtier_benchmark >/dev/null; then
         memtier memcached-bench memcache_binary 11211; rc=$?
     else
@@ -137,7 +128,7 @@ job_memcached_bench() {
         [ $rc -eq 0 ] || tail -n 8 "$log" >&2
     fi
     # A correctness spot check through a second client: set, get back, compare.
-    printf 'set vnode-check 0 0 5\r\nhello\r\nget vnode-check\r\nquit\r\n' | nc 127.0.0.1 11211 2>/dev/null | grep -q hello \
+    printf 'set vnode-check 0 0 5\r\nhello\r\nget vnode-check\r\nquit\r\n' | nc -w 2 127.0.0.1 11211 2>/dev/null | grep -q hello \
         && json job memcached-check ok true || { json job memcached-check ok false; rc=1; }
     kill "$(cat /run/memcached.pid)" 2>/dev/null
     return $rc
@@ -148,7 +139,7 @@ job_redis_bench() {
     redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --protected-mode no \
         --daemonize yes --pidfile /run/redis.pid --logfile /tmp/redis.log --dir /tmp || {
         json job redis-bench error "redis-server did not start"; return 1; }
-    wait_port 127.0.0.1 6379 10 || { json job redis-bench error "redis-server not listening"; return 1; }
+    wait_for 10 redis_up || { json job redis-bench error "redis-server not listening"; return 1; }
     if command -v memtier_benchmark >/dev/null; then
         memtier redis-bench redis 6379; rc=$?
     else
@@ -188,6 +179,32 @@ finish() {
     esac
     echo o > /proc/sysrq-trigger; sleep 5; reboot -f
 }
+
+setup_system() {
+    mounted() { [ -r /proc/mounts ] && grep -q "^[^ ]* $1 " /proc/mounts; }
+    mounted /proc || mount -t proc proc /proc
+    mounted /sys || mount -t sysfs sysfs /sys
+    mounted /dev || mount -t devtmpfs devtmpfs /dev
+    mkdir -p /dev/pts /dev/shm
+    mount -t devpts devpts /dev/pts 2>/dev/null
+    mount -t tmpfs -o mode=1777 tmpfs /dev/shm 2>/dev/null
+    mount -t tmpfs -o mode=0755 tmpfs /run
+    mount -t tmpfs -o mode=1777 tmpfs /tmp
+    grep -q ' / ext4 rw' /proc/mounts || mount -o remount,rw / 2>/dev/null
+    hostname vnode-guest
+    ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+    echo 0 > /proc/sys/kernel/printk 2>/dev/null  # keep kernel messages off the results
+}
+
+# Test hook: VNODE_INIT_TEST=1 /sbin/init runs the job without setting up or powering off the
+# system (e.g. in a chroot with private mount and network namespaces on the build host).
+if [ "${VNODE_INIT_TEST:-}" = 1 ]; then
+    read_config
+    echo "VNODE-JSON-BEGIN"; run_job "$V_job"; rc=$?; echo "VNODE-JSON-END"; echo "VNODE-EXIT rc=$rc"; exit $rc
+fi
+setup_system
+read_config
+echo "VNODE-INIT-UP uptime=$(up) kernel=$(uname -r) cpus=$NCPU mem_kb=$MEMKB job=$V_job"
 
 if [ "$V_job" = shell ]; then
     echo "vnode: shell on the console; 'exit' powers off"
