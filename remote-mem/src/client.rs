@@ -138,6 +138,19 @@ impl MemClient {
         Ok(c)
     }
 
+    /// Bounds how long any call may wait on the server (default: no bound). A server that
+    /// stops answering then fails the call with a transport error (and a [`ReplicatedRegion`]
+    /// fails over) instead of hanging the caller. Leave it off, or generous, around
+    /// `migrate_region`, which waits for the whole copy.
+    pub fn set_timeout(&mut self, timeout: Option<std::time::Duration>) -> Result<(), ClientError> {
+        self.conn
+            .set_timeout(timeout)
+            .map_err(|source| ClientError::Io {
+                addr: self.addr.clone(),
+                source,
+            })
+    }
+
     /// The server's address, as given to `connect`.
     pub fn addr(&self) -> &str {
         &self.addr
@@ -337,6 +350,7 @@ impl MemClient {
             io::ErrorKind::UnexpectedEof
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::BrokenPipe => ClientError::Closed { addr },
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout { addr },
             _ => ClientError::Io { addr, source: e },
         }
     }

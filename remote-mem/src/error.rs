@@ -23,6 +23,8 @@ pub enum ClientError {
     },
     #[error("memory server {addr}: connection closed by the server")]
     Closed { addr: String },
+    #[error("memory server {addr}: no reply within the timeout")]
+    Timeout { addr: String },
     #[error("memory server {addr}: connection unusable after an earlier failure")]
     Poisoned { addr: String },
     #[error("memory server {addr}: {code}: {msg}")]
@@ -66,6 +68,7 @@ impl ClientError {
             ClientError::Connect { .. }
             | ClientError::Io { .. }
             | ClientError::Closed { .. }
+            | ClientError::Timeout { .. }
             | ClientError::Poisoned { .. }
             | ClientError::Protocol { .. }
             | ClientError::UnexpectedReply { .. } => true,

@@ -103,6 +103,28 @@ fn mem_replicated_writes_survive_backup_death() {
 }
 
 #[test]
+fn mem_replicated_reads_fail_over_from_a_hung_primary_with_a_timeout() {
+    let primary = Memd::start(&[]);
+    let backup = Memd::start(&[]);
+    let mut p = MemClient::connect(&primary.addr, 3, SECRET).expect("primary");
+    p.set_timeout(Some(std::time::Duration::from_millis(300)))
+        .expect("timeout");
+    let b = MemClient::connect(&backup.addr, 3, SECRET).expect("backup");
+    let mut r = ReplicatedRegion::new(9, p, b);
+    r.alloc(4).expect("alloc");
+    let data = pattern(9, &[3]);
+    r.write_pages(&[3], &data).expect("write");
+    primary.freeze();
+    let mut out = vec![0u8; PAGE_SIZE];
+    let t = std::time::Instant::now();
+    r.read_pages(&[3], &mut out)
+        .expect("fails over after the timeout");
+    assert_eq!(out, data);
+    assert!(r.degraded());
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[test]
 fn mem_region_migrates_between_servers() {
     let src = Memd::start(&[]);
     let dst = Memd::start(&[]);

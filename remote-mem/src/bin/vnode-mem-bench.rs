@@ -104,6 +104,17 @@ impl Echo {
         })
     }
 
+    /// `k` requests sent one write each, then the `k` replies read: the pipelining baseline.
+    fn pipelined(&mut self, k: usize) -> Result<()> {
+        let mut req = [0u8; 16];
+        req[..8].copy_from_slice(&(PAGE_SIZE as u64).to_le_bytes());
+        for _ in 0..k {
+            self.s.write_all(&req)?;
+        }
+        self.s.read_exact(&mut self.buf[..k * PAGE_SIZE])?;
+        Ok(())
+    }
+
     fn round_trip(&mut self, bytes: usize) -> Result<()> {
         let mut req = [0u8; 16];
         req[..8].copy_from_slice(&(bytes as u64).to_le_bytes());
@@ -205,6 +216,20 @@ fn bench_memd(addr: &str, n: usize) -> Result<()> {
         }
         Ok(())
     })?;
+    throughput(
+        "memd split phase: 16-page prefetch + demand read",
+        17,
+        |i| {
+            for (k, p) in idx[..16].iter_mut().enumerate() {
+                *p = page_at(i * 17 + k);
+            }
+            let t = c.submit_read(0, &idx[..16])?;
+            let (demand, rest) = buf.split_at_mut(PAGE_SIZE);
+            c.read_pages(0, &[page_at(i * 17 + 16)], demand)?;
+            c.complete_read(t, &mut rest[..16 * PAGE_SIZE])?;
+            Ok(())
+        },
+    )?;
     c.free_region(0)?;
     Ok(())
 }
@@ -221,6 +246,9 @@ fn bench_echo(label: &str, addr: &str, n: usize) -> Result<()> {
             |_| e.round_trip(batch * PAGE_SIZE),
         )?;
     }
+    throughput(&format!("{label} echo 8 pipelined 4 KiB"), 8, |_| {
+        e.pipelined(8)
+    })?;
     Ok(())
 }
 

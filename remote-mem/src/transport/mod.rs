@@ -17,6 +17,9 @@ pub trait Conn: Send {
     fn recv_exact(&mut self, buf: &mut [u8]) -> io::Result<()>;
     /// The peer's address, for error messages.
     fn peer(&self) -> &str;
+    /// Bounds how long a send or receive may block (`None`: forever). A timeout surfaces as
+    /// an `io::Error` of kind `WouldBlock` or `TimedOut`.
+    fn set_timeout(&mut self, timeout: Option<std::time::Duration>) -> io::Result<()>;
 }
 
 /// Which transport a server listens on or a client connects with.

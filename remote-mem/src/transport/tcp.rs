@@ -65,4 +65,10 @@ impl Conn for TcpConn {
     fn peer(&self) -> &str {
         &self.peer
     }
+
+    fn set_timeout(&mut self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        // The reader is a clone of the same socket: one setsockopt covers both directions.
+        self.writer.set_read_timeout(timeout)?;
+        self.writer.set_write_timeout(timeout)
+    }
 }

@@ -86,6 +86,14 @@ impl Memd {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP: the server stays connected but never answers.
+    pub fn freeze(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: sends a signal to our own child process; no memory is involved.
+        let r = unsafe { libc::kill(pid, libc::SIGSTOP) };
+        assert_eq!(r, 0, "kill(SIGSTOP)");
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
