@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use remote_blk::backend::FileBackend;
-use remote_blk::nbd::server::{Export, Listener, Server, Threading};
+use remote_blk::nbd::server::{Export, Listener, Server, ServerOptions, Threading};
 
 #[derive(Debug, Parser)]
 #[command(name = "vnode-blkd", about = "NBD storage server for vNode")]
@@ -43,6 +43,9 @@ struct Args {
     /// Threading model: `inline` (a thread per connection does all its I/O) or `pool:N`.
     #[arg(long, default_value = "inline")]
     threads: String,
+    /// Pin each connection's thread to the CPU its client's packets arrive on (`on`/`off`).
+    #[arg(long, default_value = "on")]
+    follow_client_cpu: String,
     /// Write the bound address here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -127,7 +130,16 @@ fn main() -> Result<()> {
     if let Some(name) = secrets.keys().next() {
         bail!("--secret for unknown export {name:?}");
     }
-    let server = Server::new(exports, parse_threads(&args.threads)?);
+    let follow = match args.follow_client_cpu.as_str() {
+        "on" => true,
+        "off" => false,
+        other => bail!("--follow-client-cpu {other:?}: expected on or off"),
+    };
+    let opts = ServerOptions {
+        threading: parse_threads(&args.threads)?,
+        follow_client_cpu: follow,
+    };
+    let server = Server::new(exports, opts);
     let (listener, addr) = match (&args.listen, &args.socket) {
         (Some(a), None) => {
             let l = TcpListener::bind(a).with_context(|| format!("listen on {a}"))?;

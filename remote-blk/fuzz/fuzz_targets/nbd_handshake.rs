@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use remote_blk::backend::FileBackend;
 use remote_blk::nbd::protocol::*;
-use remote_blk::nbd::server::{Export, Server, Threading};
+use remote_blk::nbd::server::{Export, Server, ServerOptions};
 
 fn server() -> &'static Arc<Server> {
     static S: OnceLock<Arc<Server>> = OnceLock::new();
@@ -23,7 +23,7 @@ fn server() -> &'static Arc<Server> {
         };
         Server::new(
             vec![export("disk", None), export("locked", Some(b"key"))],
-            Threading::Inline,
+            ServerOptions::default(),
         )
     })
 }
