@@ -53,7 +53,8 @@ timeout 900 qemu-system-x86_64 -accel kvm -cpu host -m "$MEM" -smp "$SMP" -nodef
     -drive "id=root,file=$OUT/rootfs.ext4,format=raw,if=none,snapshot=on,cache=unsafe" \
     -kernel "$OUT/vmlinuz" -initrd "$OUT/initrd.img" \
     -append "console=ttyS0 quiet panic=-1 root=/dev/vda rw vnode.job=$JOB $APPEND" </dev/null 2>&1 \
-    | tr -d '\r' | while IFS= read -r line; do
+    | while IFS= read -r line; do
+        line=${line%$'\r'}
         t=$(( ($(date +%s%N) - START) / 1000000 ))
         echo "$line" >> "$log"
         [ $ALL = 1 ] && { printf '[%6d ms] %s\n' "$t" "$line"; continue; }

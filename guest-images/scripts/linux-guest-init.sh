@@ -13,6 +13,7 @@
 # Options: vnode.fio_size=64M vnode.fio_target=/var/tmp/fio-verify.dat (or /dev/vdb)
 #          vnode.fio_bs=4k vnode.fio_iodepth=16 vnode.bench_time=10 (seconds)
 #          vnode.clients=8 (connections) vnode.threads=1 vnode.mem=128 (server MiB)
+#          vnode.requests=N (redis-benchmark requests per test; default: sized to bench_time)
 #          vnode.exit=poweroff|reboot|halt (reboot: for a VMM without ACPI power-off; i8042 reset)
 #
 # Console protocol (one item per line):
@@ -143,7 +144,14 @@ job_redis_bench() {
     if command -v memtier_benchmark >/dev/null; then
         memtier redis-bench redis 6379; rc=$?
     else
-        local n=$((V_bench_time * 10000))
+        # redis-benchmark counts requests, not seconds: size the run from a short calibration so
+        # that SET and GET take about vnode.bench_time seconds together (or vnode.requests=N).
+        local n=${V_requests:-}
+        if [ -z "$n" ]; then
+            n=$(redis-benchmark -h 127.0.0.1 -p 6379 -c "$V_clients" -n 2000 -t set -d 64 --csv 2>/dev/null \
+                | awk -F'","' -v t="$V_bench_time" '/SET/{r=$2+0; n=int(r*t/2); if (n<1000) n=1000; print n}')
+            [ -n "$n" ] || n=10000
+        fi
         redis-benchmark -h 127.0.0.1 -p 6379 -c "$V_clients" -n "$n" -t set,get -r 100000 -d 64 --csv >"$log" 2>&1
         rc=$?
         # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
