@@ -682,3 +682,134 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::encode_hello_ok;
+
+    /// A connection that records what is sent and replays scripted replies.
+    struct Script {
+        replies: Vec<u8>,
+        pos: usize,
+        sent: usize,
+    }
+
+    impl Conn for Script {
+        fn send(&mut self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+            self.sent += bufs.iter().map(|b| b.len()).sum::<usize>();
+            Ok(())
+        }
+        fn recv_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+            let end = self.pos + buf.len();
+            if end > self.replies.len() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.copy_from_slice(&self.replies[self.pos..end]);
+            self.pos = end;
+            Ok(())
+        }
+        fn peer(&self) -> &str {
+            "mock:1"
+        }
+        fn set_timeout(&mut self, _: Option<std::time::Duration>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn client(replies: Vec<u8>) -> Result<MemClient, ClientError> {
+        let mut all = Vec::new();
+        encode_hello_ok(&mut all, 1, 100, 50);
+        all.extend_from_slice(&replies);
+        let conn = Script {
+            replies: all,
+            pos: 0,
+            sent: 0,
+        };
+        MemClient::with_conn(Box::new(conn), 7, b"secret")
+    }
+
+    fn data_reply(tag: u64, pages: usize, byte: u8) -> Vec<u8> {
+        let mut v = Header::new(Op::Data, pages * PAGE_SIZE, tag)
+            .encode()
+            .to_vec();
+        v.extend(std::iter::repeat_n(byte, pages * PAGE_SIZE));
+        v
+    }
+
+    #[test]
+    fn hello_reports_server_pages() {
+        let c = client(Vec::new()).expect("hello");
+        assert_eq!(c.server_pages(), (100, 50));
+    }
+
+    #[test]
+    fn replies_complete_out_of_order_through_the_stash() {
+        let mut r = data_reply(2, 1, 0xaa);
+        r.extend(data_reply(3, 2, 0xbb));
+        let mut c = client(r).expect("hello");
+        let t1 = c.submit_read(0, &[1]).expect("submit");
+        let t2 = c.submit_read(0, &[2, 3]).expect("submit");
+        let mut o2 = vec![0u8; t2.len_bytes()];
+        c.complete_read(t2, &mut o2).expect("second first");
+        assert!(o2.iter().all(|&b| b == 0xbb));
+        let mut o1 = vec![0u8; PAGE_SIZE];
+        c.complete_read(t1, &mut o1).expect("then the stashed one");
+        assert!(o1.iter().all(|&b| b == 0xaa));
+    }
+
+    #[test]
+    fn server_error_is_refused_naming_the_server_and_connection_goes_on() {
+        let mut r = Vec::new();
+        protocol::encode_error(&mut r, 2, ErrorCode::NoRegion, "vnode 7 has no region 0");
+        r.extend(data_reply(3, 1, 1));
+        let mut c = client(r).expect("hello");
+        let mut out = vec![0u8; PAGE_SIZE];
+        let e = c.read_pages(0, &[0], &mut out).expect_err("refused");
+        assert_eq!(e.code(), Some(ErrorCode::NoRegion));
+        assert!(!e.is_transport());
+        assert!(e.to_string().contains("mock:1"), "{e}");
+        c.read_pages(0, &[0], &mut out).expect("next request works");
+    }
+
+    #[test]
+    fn bad_replies_poison_the_connection() {
+        // Wrong tag.
+        let mut c = client(data_reply(9, 1, 0)).expect("hello");
+        let mut out = vec![0u8; PAGE_SIZE];
+        let e = c.read_pages(0, &[0], &mut out).expect_err("wrong tag");
+        assert!(e.is_transport(), "{e}");
+        assert!(matches!(
+            c.read_pages(0, &[0], &mut out),
+            Err(ClientError::Poisoned { .. })
+        ));
+        // Wrong length for the pages asked.
+        let mut c = client(data_reply(2, 2, 0)).expect("hello");
+        let e = c.read_pages(0, &[0], &mut out).expect_err("wrong length");
+        assert!(matches!(e, ClientError::UnexpectedReply { .. }), "{e}");
+        // Server closes mid-reply.
+        let mut r = data_reply(2, 1, 0);
+        r.truncate(100);
+        let mut c = client(r).expect("hello");
+        let e = c.read_pages(0, &[0], &mut out).expect_err("eof");
+        assert!(matches!(e, ClientError::Closed { .. }), "{e}");
+    }
+
+    #[test]
+    fn pipeline_depth_is_bounded() {
+        let mut r = Vec::new();
+        for tag in 2..2 + 40 {
+            r.extend(data_reply(tag, 1, tag as u8));
+        }
+        let mut c = client(r).expect("hello");
+        let tickets: Vec<ReadTicket> = (0..40)
+            .map(|_| c.submit_read(0, &[0]).expect("submit"))
+            .collect();
+        assert!(c.pending.len() <= MAX_PENDING);
+        for (i, t) in tickets.into_iter().enumerate() {
+            let mut out = vec![0u8; PAGE_SIZE];
+            c.complete_read(t, &mut out).expect("complete");
+            assert!(out.iter().all(|&b| b == (i + 2) as u8));
+        }
+    }
+}

@@ -45,6 +45,9 @@ struct Args {
     /// Transport: tcp, or rdma (needs the `rdma` build feature and an RDMA device).
     #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma"])]
     transport: String,
+    /// Log the server's counters every this many seconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    stats_interval: u64,
     /// msync each write to the memory log before acknowledging it (survives a host crash,
     /// not only a server crash).
     #[arg(long)]

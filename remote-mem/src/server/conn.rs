@@ -4,6 +4,7 @@
 
 use std::io::{self, IoSlice};
 
+use super::metrics::Metrics;
 use super::store::StoreError;
 use super::Shared;
 use crate::client::MemClient;
@@ -85,7 +86,18 @@ impl<C: Conn> ConnState<'_, C> {
 
     /// Sends an error and ends the connection (the stream can no longer be trusted).
     fn refuse(&mut self, tag: u64, code: ErrorCode, msg: &str) -> io::Result<()> {
-        tracing::warn!(peer = self.conn.peer(), %code, msg, "refusing connection");
+        let m = &self.shared.metrics;
+        Metrics::add(
+            if code == ErrorCode::Auth {
+                &m.auth_failures
+            } else {
+                &m.bad_frames
+            },
+            1,
+        );
+        if let Some(suppressed) = self.shared.refusal_log.allow() {
+            tracing::warn!(peer = self.conn.peer(), %code, msg, suppressed, "refusing connection");
+        }
         self.out.clear();
         protocol::encode_error(&mut self.out, tag, code, msg);
         self.conn.send(&mut [IoSlice::new(&self.out)])
@@ -116,7 +128,8 @@ impl<C: Conn> ConnState<'_, C> {
                 data,
             } => store
                 .region(vnode, region)
-                .and_then(|r| r.write(pages, data, store.sync())),
+                .and_then(|r| r.write(pages, data, store.sync()))
+                .map(|()| Metrics::add(&self.shared.metrics.pages_written, pages.len() as u64)),
             Request::Alloc { region, pages } => store.alloc(vnode, region, pages),
             Request::Free { region } => store.free(vnode, region),
             Request::Migrate { region, target } => self.migrate(vnode, region, target),
@@ -128,6 +141,7 @@ impl<C: Conn> ConnState<'_, C> {
                 .out
                 .extend_from_slice(&Header::new(Op::Done, 0, tag).encode()),
             Err(e) => {
+                Metrics::add(&self.shared.metrics.requests_refused, 1);
                 tracing::debug!(peer = self.conn.peer(), vnode, error = %e, "request refused");
                 self.out.clear();
                 protocol::encode_error(&mut self.out, tag, e.code(), &e.to_string());
@@ -170,7 +184,9 @@ impl<C: Conn> ConnState<'_, C> {
         let r = self.shared.store.region(vnode, region)?;
         self.out
             .extend_from_slice(&Header::new(Op::Data, pages.len() * PAGE_SIZE, tag).encode());
-        r.read(pages, &mut self.out)
+        r.read(pages, &mut self.out)?;
+        Metrics::add(&self.shared.metrics.pages_read, pages.len() as u64);
+        Ok(())
     }
 
     /// Copies the region to `target` with writers held off, then hands it over.
@@ -199,6 +215,7 @@ impl<C: Conn> ConnState<'_, C> {
             });
         }
         store.mark_moved(vnode, region, target)?;
+        Metrics::add(&self.shared.metrics.regions_migrated, 1);
         tracing::info!(vnode, region, target, "region migrated");
         Ok(())
     }

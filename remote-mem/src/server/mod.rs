@@ -11,6 +11,7 @@
 mod conn;
 pub mod log;
 pub mod mapping;
+pub mod metrics;
 pub mod store;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -22,6 +23,7 @@ use std::thread;
 use thiserror::Error;
 
 use crate::transport::tcp::TcpConn;
+use metrics::{Metrics, RateLimit};
 use store::{Store, StoreError};
 
 #[derive(Debug, Error)]
@@ -57,6 +59,9 @@ pub struct ServerConfig {
 pub(crate) struct Shared {
     pub store: Store,
     pub cfg: ServerConfig,
+    pub metrics: Metrics,
+    /// Peers can make the server refuse them at will: their log lines are rate-limited.
+    pub refusal_log: RateLimit,
 }
 
 /// A bound server, not yet accepting.
@@ -77,13 +82,35 @@ impl Server {
         })?;
         Ok(Server {
             listener,
-            shared: Arc::new(Shared { store, cfg }),
+            shared: Arc::new(Shared {
+                store,
+                cfg,
+                metrics: Metrics::default(),
+                refusal_log: RateLimit::new(10),
+            }),
             stop: Arc::new(AtomicBool::new(false)),
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Logs the counters every `every` on a background thread, for the life of the process.
+    pub fn log_stats_every(&self, every: std::time::Duration) -> Result<(), ServerError> {
+        let shared = Arc::clone(&self.shared);
+        thread::Builder::new()
+            .name("memd-stats".into())
+            .spawn(move || loop {
+                thread::sleep(every);
+                tracing::info!(
+                    free_pages = shared.store.free_pages(),
+                    "stats: {}",
+                    shared.metrics.summary()
+                );
+            })
+            .map_err(ServerError::Spawn)?;
+        Ok(())
     }
 
     /// Accepts connections until stopped, each served on its own named thread.
@@ -100,6 +127,7 @@ impl Server {
                 Err(e) => return Err(ServerError::Accept(e)),
             };
             let id = ids.fetch_add(1, Ordering::Relaxed);
+            Metrics::add(&self.shared.metrics.connections, 1);
             let shared = Arc::clone(&self.shared);
             let spawned = thread::Builder::new()
                 .name(format!("memd-conn-{id}"))
