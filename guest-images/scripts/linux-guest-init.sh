@@ -13,7 +13,7 @@
 # Options: vnode.fio_size=64M vnode.fio_target=/var/tmp/fio-verify.dat (or /dev/vdb)
 #          vnode.fio_bs=4k vnode.fio_iodepth=16 vnode.bench_time=10 (seconds)
 #          vnode.clients=8 (connections) vnode.threads=1 vnode.mem=128 (server MiB)
-#          vnode.requests=N (redis-benchmark requests per test; default: sized to bench_time)
+#          vnode.keys=10000 (key space) vnode.requests=N (redis-benchmark requests per test; default: sized to bench_time)
 #          vnode.exit=poweroff|reboot|halt (reboot: for a VMM without ACPI power-off; i8042 reset)
 #
 # Console protocol (one item per line):
@@ -32,7 +32,7 @@ up() { cut -d' ' -f1 /proc/uptime; }
 # Command line -> variables: vnode.fio_size=1G -> V_fio_size=1G
 read_config() {
     V_job=boot V_exit=poweroff V_fio_size=64M V_fio_target=/var/tmp/fio-verify.dat V_fio_bs=4k V_fio_iodepth=16
-    V_bench_time=10 V_clients=8 V_threads=1 V_mem=128
+    V_bench_time=10 V_clients=8 V_threads=1 V_mem=128 V_keys=10000
     for w in ${VNODE_CMDLINE:-$(cat /proc/cmdline)}; do
         case "$w" in
             vnode.*=*) k=${w%%=*}; k=$(echo "${k#vnode.}" | tr -c 'a-zA-Z0-9_\n' _); eval "V_$k=\${w#*=}" ;;
@@ -72,7 +72,7 @@ redis_up() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = PONG ]; }
 memtier() {  # job protocol port
     local log=/tmp/memtier.$1.log rc
     memtier_benchmark -s 127.0.0.1 -p "$3" -P "$2" --test-time="$V_bench_time" -t "$V_threads" \
-        -c "$V_clients" --ratio=1:4 --key-pattern=R:R --hide-histogram >"$log" 2>&1
+        -c "$V_clients" --ratio=1:4 --key-pattern=R:R --key-maximum="$V_keys" --hide-histogram >"$log" 2>&1
     rc=$?
     awk -v job="$1" -v rc=$rc -v t="$V_bench_time" '/^Totals/{tot=$0} END{
         n=split(tot, f, " ");
@@ -152,7 +152,7 @@ job_redis_bench() {
                 | awk -F'","' -v t="$V_bench_time" '/SET/{r=$2+0; n=int(r*t/2); if (n<1000) n=1000; print n}')
             [ -n "$n" ] || n=10000
         fi
-        redis-benchmark -h 127.0.0.1 -p 6379 -c "$V_clients" -n "$n" -t set,get -r 100000 -d 64 --csv >"$log" 2>&1
+        redis-benchmark -h 127.0.0.1 -p 6379 -c "$V_clients" -n "$n" -t set,get -r "$V_keys" -d 64 --csv >"$log" 2>&1
         rc=$?
         # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
         awk -F'","' -v rc=$rc -v n=$n '{gsub(/^"|"$/, "")} $1=="SET"||$1=="GET"{found=1;
