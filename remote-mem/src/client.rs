@@ -1,6 +1,5 @@
 //! The client library the VMM's fault-serving threads use: [`MemClient`], one authenticated
-//! connection to one memory server, and [`ReplicatedRegion`], a region kept on a primary and a
-//! backup server.
+//! connection to one memory server. (A region on two servers: [`crate::ReplicatedRegion`].)
 //!
 //! Calls are synchronous; use one `MemClient` per thread. Inside, requests are pipelined (the
 //! split-phase `submit_*`/`complete_*` calls let a prefetcher overlap a batch of reads with
@@ -82,6 +81,9 @@ pub struct MemClient {
     broken: bool,
     capacity_pages: u64,
     free_pages: u64,
+    /// Kept to open the same session elsewhere (following a migrated region).
+    secret: Vec<u8>,
+    timeout: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for MemClient {
@@ -129,6 +131,8 @@ impl MemClient {
             broken: false,
             capacity_pages: 0,
             free_pages: 0,
+            secret: secret.to_vec(),
+            timeout: None,
         };
         let tag = c.take_tag();
         c.scratch.clear();
@@ -139,7 +143,7 @@ impl MemClient {
     }
 
     /// Bounds how long any call may wait on the server (default: no bound). A server that
-    /// stops answering then fails the call with a transport error (and a [`ReplicatedRegion`]
+    /// stops answering then fails the call with a transport error (and a [`crate::ReplicatedRegion`]
     /// fails over) instead of hanging the caller. Leave it off, or generous, around
     /// `migrate_region`, which waits for the whole copy.
     pub fn set_timeout(&mut self, timeout: Option<std::time::Duration>) -> Result<(), ClientError> {
@@ -148,7 +152,17 @@ impl MemClient {
             .map_err(|source| ClientError::Io {
                 addr: self.addr.clone(),
                 source,
-            })
+            })?;
+        self.timeout = timeout;
+        Ok(())
+    }
+
+    /// Opens a new connection to `addr` (TCP) as the same vNode, with the same secret and
+    /// timeout: how a client follows a region that moved.
+    pub fn connect_like(&self, addr: &str) -> Result<MemClient, ClientError> {
+        let mut c = MemClient::connect(addr, self.vnode_id, &self.secret)?;
+        c.set_timeout(self.timeout)?;
+        Ok(c)
     }
 
     /// The server's address, as given to `connect`.
@@ -481,206 +495,6 @@ impl MemClient {
             what,
         }
     }
-}
-
-/// A region kept on two servers: writes go to both, reads go to the primary and fail over to
-/// the backup when the primary's connection fails.
-///
-/// After a replica fails it is dropped for good and the handle runs degraded on the other
-/// (logged once, visible through [`ReplicatedRegion::degraded`]); when both have failed every
-/// call returns [`ClientError::BothFailed`] naming both servers. A refused request (unknown
-/// region, page out of range) is returned as is: it is a bug, not a dead server.
-#[derive(Debug)]
-pub struct ReplicatedRegion {
-    region: u64,
-    primary: Option<MemClient>,
-    backup: Option<MemClient>,
-    primary_err: Option<String>,
-    backup_err: Option<String>,
-}
-
-impl ReplicatedRegion {
-    /// Wraps two connections (normally to two different servers) for `region`.
-    pub fn new(region: u64, primary: MemClient, backup: MemClient) -> Self {
-        ReplicatedRegion {
-            region,
-            primary: Some(primary),
-            backup: Some(backup),
-            primary_err: None,
-            backup_err: None,
-        }
-    }
-
-    pub fn region(&self) -> u64 {
-        self.region
-    }
-
-    /// True once one replica has failed.
-    pub fn degraded(&self) -> bool {
-        self.primary.is_none() || self.backup.is_none()
-    }
-
-    /// Address of the server reads go to, if any is left.
-    pub fn read_server(&self) -> Option<&str> {
-        self.primary
-            .as_ref()
-            .or(self.backup.as_ref())
-            .map(MemClient::addr)
-    }
-
-    /// Allocates the region on both servers.
-    pub fn alloc(&mut self, pages: u64) -> Result<(), ClientError> {
-        let region = self.region;
-        self.on_both(|c| c.alloc_region(region, pages))
-    }
-
-    /// Frees the region on both servers.
-    pub fn free(&mut self) -> Result<(), ClientError> {
-        let region = self.region;
-        self.on_both(|c| c.free_region(region))
-    }
-
-    /// Reads from the primary; on a transport failure, from the backup.
-    pub fn read_pages(&mut self, pages: &[u64], out: &mut [u8]) -> Result<(), ClientError> {
-        let region = self.region;
-        if let Some(p) = self.primary.as_mut() {
-            match p.read_pages(region, pages, out) {
-                Err(e) if e.is_transport() => self.lose_primary(e),
-                r => return r,
-            }
-        }
-        if let Some(b) = self.backup.as_mut() {
-            match b.read_pages(region, pages, out) {
-                Err(e) if e.is_transport() => self.lose_backup(e),
-                r => return r,
-            }
-        }
-        Err(self.both_failed())
-    }
-
-    /// Writes to both servers, overlapping the two round trips.
-    pub fn write_pages(&mut self, pages: &[u64], data: &[u8]) -> Result<(), ClientError> {
-        if pages.len() > MAX_BATCH {
-            for (c, d) in pages
-                .chunks(MAX_BATCH)
-                .zip(data.chunks(MAX_BATCH * PAGE_SIZE))
-            {
-                self.write_pages(c, d)?;
-            }
-            return Ok(());
-        }
-        let region = self.region;
-        let tp = match self
-            .primary
-            .as_mut()
-            .map(|c| c.submit_write(region, pages, data))
-        {
-            Some(Ok(t)) => Some(t),
-            Some(Err(e)) => return self.write_failed_primary(e, pages, data),
-            None => None,
-        };
-        let tb = match self
-            .backup
-            .as_mut()
-            .map(|c| c.submit_write(region, pages, data))
-        {
-            Some(Ok(t)) => Some(t),
-            Some(Err(e)) if e.is_transport() => {
-                self.lose_backup(e);
-                None
-            }
-            Some(Err(e)) => return Err(e),
-            None => None,
-        };
-        if let (Some(t), Some(p)) = (tp, self.primary.as_mut()) {
-            match p.complete_write(t) {
-                Err(e) if e.is_transport() => self.lose_primary(e),
-                Err(e) => return Err(e),
-                Ok(()) => {}
-            }
-        }
-        if let (Some(t), Some(b)) = (tb, self.backup.as_mut()) {
-            match b.complete_write(t) {
-                Err(e) if e.is_transport() => self.lose_backup(e),
-                Err(e) => return Err(e),
-                Ok(()) => {}
-            }
-        }
-        if self.primary.is_none() && self.backup.is_none() {
-            return Err(self.both_failed());
-        }
-        Ok(())
-    }
-
-    fn write_failed_primary(
-        &mut self,
-        e: ClientError,
-        pages: &[u64],
-        data: &[u8],
-    ) -> Result<(), ClientError> {
-        if !e.is_transport() {
-            return Err(e);
-        }
-        self.lose_primary(e);
-        self.write_pages(pages, data)
-    }
-
-    fn on_both(
-        &mut self,
-        mut f: impl FnMut(&mut MemClient) -> Result<(), ClientError>,
-    ) -> Result<(), ClientError> {
-        if let Some(p) = self.primary.as_mut() {
-            match f(p) {
-                Err(e) if e.is_transport() => self.lose_primary(e),
-                Err(e) => return Err(e),
-                Ok(()) => {}
-            }
-        }
-        if let Some(b) = self.backup.as_mut() {
-            match f(b) {
-                Err(e) if e.is_transport() => self.lose_backup(e),
-                Err(e) => return Err(e),
-                Ok(()) => {}
-            }
-        }
-        if self.primary.is_none() && self.backup.is_none() {
-            return Err(self.both_failed());
-        }
-        Ok(())
-    }
-
-    fn lose_primary(&mut self, e: ClientError) {
-        tracing::error!(region = self.region, error = %e, "primary memory server failed; using the backup alone");
-        self.primary = None;
-        self.primary_err = Some(error_chain(&e));
-    }
-
-    fn lose_backup(&mut self, e: ClientError) {
-        tracing::error!(region = self.region, error = %e, "backup memory server failed; region has no replica");
-        self.backup = None;
-        self.backup_err = Some(error_chain(&e));
-    }
-
-    fn both_failed(&self) -> ClientError {
-        let describe = |e: &Option<String>| e.clone().unwrap_or_else(|| String::from("not used"));
-        ClientError::BothFailed {
-            region: self.region,
-            primary: describe(&self.primary_err),
-            backup: describe(&self.backup_err),
-        }
-    }
-}
-
-/// An error and its sources on one line, for keeping after the error itself is gone.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

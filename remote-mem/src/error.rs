@@ -61,6 +61,19 @@ impl ClientError {
         }
     }
 
+    /// Where the region went, when the server refused because it was migrated away.
+    pub fn moved_to(&self) -> Option<&str> {
+        match self {
+            // The server's message is "region N moved to ADDR" (StoreError::Moved).
+            ClientError::Refused {
+                code: ErrorCode::Moved,
+                msg,
+                ..
+            } => msg.rsplit_once(" moved to ").map(|(_, target)| target),
+            _ => None,
+        }
+    }
+
     /// True when the connection itself failed (as opposed to a refused request): the server
     /// is gone or not speaking the protocol, so a replica should be failed over.
     pub fn is_transport(&self) -> bool {
@@ -75,5 +88,28 @@ impl ClientError {
             ClientError::Refused { .. } | ClientError::BadArgument { .. } => false,
             ClientError::BothFailed { .. } => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::store::StoreError;
+
+    #[test]
+    fn moved_target_is_read_back_from_the_servers_message() {
+        let server_msg = StoreError::Moved {
+            region: 4,
+            target: "10.0.0.2:7000".into(),
+        }
+        .to_string();
+        let e = ClientError::Refused {
+            addr: "10.0.0.1:7000".into(),
+            code: ErrorCode::Moved,
+            msg: server_msg,
+        };
+        assert_eq!(e.moved_to(), Some("10.0.0.2:7000"));
+        assert!(e.to_string().contains("10.0.0.1:7000"));
+        assert!(!e.is_transport());
     }
 }

@@ -3,16 +3,19 @@
 //!
 //! - [`protocol`]: the versioned, length-prefixed wire protocol (with its state machine).
 //! - [`transport`]: byte streams the protocol runs over: TCP (default), RDMA (`rdma` feature).
-//! - [`client`]: [`MemClient`] (one authenticated connection, pipelined and batched) and
-//!   [`ReplicatedRegion`] (a region kept on a primary and a backup server).
+//! - [`client`]: [`MemClient`], one authenticated connection, pipelined and batched.
+//! - [`replica`]: [`ReplicatedRegion`], a region kept on a primary and a backup server, with
+//!   fail-over and migration.
 //! - [`server`]: the server: connection handling, the page store, the memory log.
 
 pub mod client;
 pub mod error;
 pub mod protocol;
+pub mod replica;
 pub mod server;
 pub mod transport;
 
-pub use client::{MemClient, ReadTicket, ReplicatedRegion, WriteTicket};
+pub use client::{MemClient, ReadTicket, WriteTicket};
 pub use error::ClientError;
 pub use protocol::{ErrorCode, PAGE_SIZE};
+pub use replica::{ReplicatedRegion, Role};

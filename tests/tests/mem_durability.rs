@@ -5,7 +5,7 @@
 mod mem_support;
 
 use mem_support::{pattern, temp_dir, Memd, SECRET};
-use remote_mem::{ClientError, ErrorCode, MemClient, ReplicatedRegion, PAGE_SIZE};
+use remote_mem::{ClientError, ErrorCode, MemClient, ReplicatedRegion, Role, PAGE_SIZE};
 
 #[test]
 fn mem_contents_survive_kill9_and_restart() {
@@ -171,4 +171,48 @@ fn mem_region_migrates_between_servers() {
     c.read_pages(4, &pages, &mut out)
         .expect("region still served");
     assert_eq!(out, data);
+}
+
+#[test]
+fn mem_replicated_region_migrates_and_other_handles_follow() {
+    let a = Memd::start(&[]);
+    let b = Memd::start(&[]);
+    let mut c = Memd::start(&[]);
+    let mut r1 = replicated(&a, &b, 12);
+    // Another fault thread's handle on the same region.
+    let mut r2 = replicated(&a, &b, 12);
+    r1.alloc(64).expect("alloc");
+    let pages: Vec<u64> = (0..64).collect();
+    let data = pattern(12, &pages);
+    r1.write_pages(&pages, &data).expect("write");
+
+    r1.migrate(Role::Primary, &c.addr)
+        .expect("migrate primary a -> c");
+    assert_eq!(r1.server(Role::Primary), Some(c.addr.as_str()));
+    let mut out = vec![0u8; data.len()];
+    r1.read_pages(&pages, &mut out)
+        .expect("read from the new primary");
+    assert_eq!(out, data);
+
+    // r2 still talks to a: it gets Moved and follows to c by itself.
+    out.fill(0);
+    r2.read_pages(&pages, &mut out).expect("r2 follows");
+    assert_eq!(out, data);
+    assert_eq!(r2.server(Role::Primary), Some(c.addr.as_str()));
+    assert!(!r2.degraded());
+    let new = pattern(13, &[1]);
+    r2.write_pages(&[1], &new)
+        .expect("write through r2 to c and b");
+
+    // The old server no longer holds the region.
+    let mut direct = MemClient::connect(&a.addr, 3, SECRET).expect("connect");
+    let mut one = vec![0u8; PAGE_SIZE];
+    let err = direct.read_pages(12, &[1], &mut one).expect_err("moved");
+    assert_eq!(err.moved_to(), Some(c.addr.as_str()));
+
+    // The new primary dies: the backup has every write, including r2's.
+    c.kill9();
+    r1.read_pages(&[1], &mut one).expect("fail over to b");
+    assert_eq!(one, new);
+    assert_eq!(r1.read_server(), Some(b.addr.as_str()));
 }

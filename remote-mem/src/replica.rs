@@ -1,0 +1,267 @@
+//! [`ReplicatedRegion`]: one region kept on two memory servers, a primary and a backup.
+//!
+//! Writes go to both (the two round trips overlap); reads go to the primary and fail over to
+//! the backup when the primary's connection fails (error, close, timeout). A failed replica is
+//! dropped for good, so a read never comes from a copy that missed writes; the handle runs
+//! degraded on the other (logged, visible through [`ReplicatedRegion::degraded`]), and once
+//! both are gone every call fails with [`ClientError::BothFailed`], naming both servers: the
+//! VMM stops, it never serves a zero page. A refused request (unknown region, page out of
+//! range) is returned as is: it is a bug, not a dead server.
+//!
+//! Migration: [`ReplicatedRegion::migrate`] moves one replica to another server and switches
+//! this handle over. Other handles (other fault threads) still connected to the old server get
+//! `Moved` on their next call and follow to the new server by themselves.
+
+use crate::client::MemClient;
+use crate::error::ClientError;
+use crate::protocol::{ErrorCode, MAX_BATCH, PAGE_SIZE};
+
+/// Which copy of a region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary = 0,
+    Backup = 1,
+}
+
+#[derive(Debug)]
+struct Replica {
+    client: Option<MemClient>,
+    /// Why it was dropped, with its causes, for `BothFailed`.
+    failure: Option<String>,
+}
+
+/// A region kept on a primary and a backup server.
+#[derive(Debug)]
+pub struct ReplicatedRegion {
+    region: u64,
+    replicas: [Replica; 2],
+}
+
+/// Most `Moved` redirections followed in one call (a region migrated twice meanwhile).
+const MAX_FOLLOW: usize = 3;
+
+impl ReplicatedRegion {
+    /// Wraps two connections (normally to two different servers) for `region`.
+    pub fn new(region: u64, primary: MemClient, backup: MemClient) -> Self {
+        let r = |c| Replica {
+            client: Some(c),
+            failure: None,
+        };
+        ReplicatedRegion {
+            region,
+            replicas: [r(primary), r(backup)],
+        }
+    }
+
+    pub fn region(&self) -> u64 {
+        self.region
+    }
+
+    /// True once one replica has failed.
+    pub fn degraded(&self) -> bool {
+        self.replicas.iter().any(|r| r.client.is_none())
+    }
+
+    /// Address of the server reads go to, if any is left.
+    pub fn read_server(&self) -> Option<&str> {
+        self.replicas
+            .iter()
+            .find_map(|r| r.client.as_ref())
+            .map(MemClient::addr)
+    }
+
+    /// Address of one replica's server, while it is alive.
+    pub fn server(&self, role: Role) -> Option<&str> {
+        self.replicas[role as usize]
+            .client
+            .as_ref()
+            .map(MemClient::addr)
+    }
+
+    /// Allocates the region on both servers.
+    pub fn alloc(&mut self, pages: u64) -> Result<(), ClientError> {
+        let region = self.region;
+        self.on_both(|c| c.alloc_region(region, pages))
+    }
+
+    /// Frees the region on both servers.
+    pub fn free(&mut self) -> Result<(), ClientError> {
+        let region = self.region;
+        self.on_both(|c| c.free_region(region))
+    }
+
+    /// Reads from the primary; if it has failed, from the backup.
+    pub fn read_pages(&mut self, pages: &[u64], out: &mut [u8]) -> Result<(), ClientError> {
+        let region = self.region;
+        for i in 0..2 {
+            if self.run(i, |c| c.read_pages(region, pages, out))?.is_some() {
+                return Ok(());
+            }
+        }
+        Err(self.both_failed())
+    }
+
+    /// Writes to both servers, overlapping the two round trips.
+    pub fn write_pages(&mut self, pages: &[u64], data: &[u8]) -> Result<(), ClientError> {
+        if data.len() != pages.len() * PAGE_SIZE {
+            // Let the client produce the error, naming a server.
+            let region = self.region;
+            return self.on_both(|c| c.write_pages(region, pages, data));
+        }
+        for (p, d) in pages
+            .chunks(MAX_BATCH)
+            .zip(data.chunks(MAX_BATCH * PAGE_SIZE))
+        {
+            self.write_batch(p, d)?;
+        }
+        Ok(())
+    }
+
+    fn write_batch(&mut self, pages: &[u64], data: &[u8]) -> Result<(), ClientError> {
+        let region = self.region;
+        let mut tickets = [None, None];
+        let mut first_err = None;
+        for (i, t) in tickets.iter_mut().enumerate() {
+            match self.run(i, |c| c.submit_write(region, pages, data)) {
+                Ok(ticket) => *t = ticket,
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        for (i, t) in tickets.into_iter().enumerate() {
+            let Some(t) = t else { continue };
+            let Some(c) = self.replicas[i].client.as_mut() else {
+                continue;
+            };
+            match c.complete_write(t) {
+                Ok(()) => {}
+                Err(e) if e.moved_to().is_some() => {
+                    // Landed on a server the region has left: follow it and write again.
+                    if let Err(e) = self.follow(i, &e) {
+                        first_err = first_err.or(Some(e));
+                    } else if let Err(e) = self.run(i, |c| c.write_pages(region, pages, data)) {
+                        first_err = first_err.or(Some(e));
+                    }
+                }
+                Err(e) if e.is_transport() => self.lose(i, &e),
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if self.replicas.iter().all(|r| r.client.is_none()) {
+            return Err(self.both_failed());
+        }
+        Ok(())
+    }
+
+    /// Moves one replica's copy of the region to the server at `target` (a server-to-server
+    /// copy; requests on the region wait meanwhile), then switches this handle over.
+    pub fn migrate(&mut self, role: Role, target: &str) -> Result<(), ClientError> {
+        let i = role as usize;
+        let region = self.region;
+        let Some(c) = self.replicas[i].client.as_mut() else {
+            return Err(self.both_failed());
+        };
+        c.migrate_region(region, target)?;
+        let next = c.connect_like(target)?;
+        tracing::info!(region, from = c.addr(), to = target, "region migrated");
+        self.replicas[i].client = Some(next);
+        Ok(())
+    }
+
+    /// Runs `f` on replica `i`, following `Moved` redirections. `Ok(None)`: the replica is
+    /// (now) gone; `Err`: the server refused the request.
+    fn run<T>(
+        &mut self,
+        i: usize,
+        mut f: impl FnMut(&mut MemClient) -> Result<T, ClientError>,
+    ) -> Result<Option<T>, ClientError> {
+        for _ in 0..=MAX_FOLLOW {
+            let Some(c) = self.replicas[i].client.as_mut() else {
+                return Ok(None);
+            };
+            match f(c) {
+                Ok(v) => return Ok(Some(v)),
+                Err(e) if e.moved_to().is_some() => self.follow(i, &e)?,
+                Err(e) if e.is_transport() => {
+                    self.lose(i, &e);
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Refused {
+            addr: self
+                .server(if i == 0 { Role::Primary } else { Role::Backup })
+                .unwrap_or("?")
+                .to_string(),
+            code: ErrorCode::Moved,
+            msg: format!("region {} kept moving", self.region),
+        })
+    }
+
+    /// Reconnects replica `i` to where its region moved; a target that cannot be reached
+    /// loses the replica.
+    fn follow(&mut self, i: usize, moved: &ClientError) -> Result<(), ClientError> {
+        let (Some(target), Some(c)) = (moved.moved_to(), self.replicas[i].client.as_ref()) else {
+            return Ok(());
+        };
+        tracing::info!(
+            region = self.region,
+            from = c.addr(),
+            to = target,
+            "following migrated region"
+        );
+        match c.connect_like(target) {
+            Ok(next) => self.replicas[i].client = Some(next),
+            Err(e) => self.lose(i, &e),
+        }
+        Ok(())
+    }
+
+    fn on_both(
+        &mut self,
+        mut f: impl FnMut(&mut MemClient) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        for i in 0..2 {
+            self.run(i, &mut f)?;
+        }
+        if self.replicas.iter().all(|r| r.client.is_none()) {
+            return Err(self.both_failed());
+        }
+        Ok(())
+    }
+
+    fn lose(&mut self, i: usize, e: &ClientError) {
+        let role = if i == 0 { "primary" } else { "backup" };
+        tracing::error!(region = self.region, role, error = %e, "memory server failed; replica dropped");
+        self.replicas[i].client = None;
+        self.replicas[i].failure = Some(error_chain(e));
+    }
+
+    fn both_failed(&self) -> ClientError {
+        let describe = |r: &Replica| {
+            r.failure
+                .clone()
+                .unwrap_or_else(|| String::from("not failed"))
+        };
+        ClientError::BothFailed {
+            region: self.region,
+            primary: describe(&self.replicas[0]),
+            backup: describe(&self.replicas[1]),
+        }
+    }
+}
+
+/// An error and its sources on one line, for keeping after the error itself is gone.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
