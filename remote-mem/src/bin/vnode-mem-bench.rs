@@ -2,8 +2,9 @@
 //! loopback, next to a raw TCP echo baseline (16 bytes out, the same reply size back) measured
 //! in the same run, so the protocol's overhead is the difference between the two.
 //!
-//! Usage: `vnode-mem-bench [ITERATIONS]` (default 20000). Run it under `taskset -c 0` to put
-//! both ends on one core, and without to let the scheduler spread them. With the
+//! Usage: `vnode-mem-bench [ITERATIONS] [--placement any|same|split]` (default 20000, any).
+//! `same` pins client and servers to CPU 0; `split` puts the servers' threads on CPU 1 and the
+//! client on CPU 0 (every message is a cross-core wake-up); `any` leaves it to the scheduler. With the
 //! `tokio-baseline` feature it also measures a tokio echo server, the alternative to the
 //! server's thread per connection.
 
@@ -252,15 +253,41 @@ fn bench_echo(label: &str, addr: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Pins the calling thread (and the threads it creates afterwards) to one CPU.
+fn pin_to(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set, filled with the CPU_* helpers.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked by the caller's choice of 0 or 1).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the size passed.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
-    let n: usize = match std::env::args().nth(1) {
-        Some(s) => s.parse().context("ITERATIONS must be a number")?,
-        None => 20_000,
-    };
-    let cpus = thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    println!("vnode-mem-bench: {n} round trips per latency line, {THROUGHPUT_TIME:?} per throughput line, {cpus} CPU(s) allowed");
+    let mut n = 20_000usize;
+    let mut placement = String::from("any");
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--placement" {
+            placement = args.next().context("--placement any|same|split")?;
+        } else {
+            n = a
+                .parse()
+                .context("usage: vnode-mem-bench [ITERATIONS] [--placement any|same|split]")?;
+        }
+    }
+    // Servers' threads inherit the affinity of the thread that creates them.
+    match placement.as_str() {
+        "any" => {}
+        "same" => pin_to(0)?,
+        "split" => pin_to(1)?,
+        other => anyhow::bail!("unknown placement {other:?}: any, same (all on CPU 0) or split (servers on CPU 1, client on CPU 0)"),
+    }
+    println!("vnode-mem-bench: {n} round trips per latency line, {THROUGHPUT_TIME:?} per throughput line, placement {placement}");
     let server = Server::bind(
         "127.0.0.1:0",
         ServerConfig {
@@ -272,11 +299,18 @@ fn main() -> Result<()> {
     )?
     .spawn()?;
     let echo = start_thread_echo()?;
+    #[cfg(feature = "tokio-baseline")]
+    let tokio_echo = [
+        ("raw TCP, tokio 1-thread", start_tokio_echo(false)?),
+        ("raw TCP, tokio multi-thread", start_tokio_echo(true)?),
+    ];
+    if placement == "split" {
+        pin_to(0)?;
+    }
     bench_echo("raw TCP, thread/conn", &echo, n)?;
     #[cfg(feature = "tokio-baseline")]
-    {
-        bench_echo("raw TCP, tokio 1-thread", &start_tokio_echo(false)?, n)?;
-        bench_echo("raw TCP, tokio multi-thread", &start_tokio_echo(true)?, n)?;
+    for (label, addr) in &tokio_echo {
+        bench_echo(label, addr, n)?;
     }
     bench_memd(&server.addr().to_string(), n)?;
     Ok(())
