@@ -5,6 +5,9 @@
 #
 #   guest-images/sandbox/qemu-ref.sh [--job JOB] [--machine q35|microvm] [--mem MiB] [--smp N]
 #                                    [--l1-mem SIZE] [--l1-smp N] [--append ARGS] [--direct] [-v]
+#                                    [--kernel vmlinuz|vmlinux] [--no-disk]
+# --kernel vmlinux boots the ELF through its PVH entry (QEMU's PVH loader), as a VMM would.
+# --no-disk: kernel + initramfs only (the initramfs reports the missing root disk and powers off).
 #
 # Needs guest-images/out/{vmlinuz,initrd.img,rootfs.ext4} (guest-images/build.sh linux).
 # The root disk is opened with snapshot=on: the guest's writes go to a temporary overlay.
@@ -13,7 +16,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=$(cd "$HERE/.." && pwd)/out
-JOB=boot MACHINE=q35 MEM=1024 SMP=1 L1MEM=4G L1SMP=1 APPEND= DIRECT=0 INSIDE=0 ALL=0
+JOB=boot MACHINE=q35 MEM=1024 SMP=1 L1MEM=4G L1SMP=1 APPEND= DIRECT=0 INSIDE=0 ALL=0 KERNEL=vmlinuz DISK=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --job) JOB=$2; shift 2 ;;
@@ -25,6 +28,8 @@ while [ $# -gt 0 ]; do
         --append) APPEND=$2; shift 2 ;;
         --direct) DIRECT=1; shift ;;
         -v) ALL=1; shift ;;
+        --kernel) KERNEL=$2; shift 2 ;;
+        --no-disk) DISK=0; shift ;;
         --inside) INSIDE=1; shift ;;
         *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
     esac
@@ -35,23 +40,25 @@ done
 
 if [ $DIRECT = 0 ] && [ $INSIDE = 0 ]; then
     exec "$HERE/run.sh" --mem "$L1MEM" --smp "$L1SMP" -- bash "$HERE/qemu-ref.sh" --inside \
-        --job "$JOB" --machine "$MACHINE" --mem "$MEM" --smp "$SMP" ${APPEND:+--append "$APPEND"} $([ $ALL = 1 ] && echo -v)
+        --job "$JOB" --machine "$MACHINE" --mem "$MEM" --smp "$SMP" ${APPEND:+--append "$APPEND"} $([ $ALL = 1 ] && echo -v) --kernel "$KERNEL" $([ $DISK = 0 ] && echo --no-disk)
 fi
 
 [ -c /dev/kvm ] || { echo "qemu-ref: no /dev/kvm" >&2; exit 1; }
 case "$MACHINE" in
-    microvm) M=(-M microvm,acpi=on,rtc=off -device virtio-blk-device,drive=root) ;;
-    q35) M=(-M q35 -device virtio-blk-pci,drive=root) ;;
+    microvm) M=(-M microvm,acpi=on,rtc=off); BLK=virtio-blk-device ;;
+    q35) M=(-M q35); BLK=virtio-blk-pci ;;
     *) echo "qemu-ref: --machine microvm|q35" >&2; exit 2 ;;
 esac
+[ $DISK = 1 ] && M+=(-device "$BLK,drive=root" -drive "id=root,file=$OUT/rootfs.ext4,format=raw,if=none,snapshot=on,cache=unsafe")
+case "$KERNEL" in vmlinuz|vmlinux) KERNEL=$OUT/$KERNEL ;; esac
+[ -f "$KERNEL" ] || { echo "qemu-ref: no kernel $KERNEL" >&2; exit 2; }
 export TMPDIR=${TMPDIR:-/tmp}
 START=$(date +%s%N)
 log=$TMPDIR/qemu-ref.$$.log
 set +e
 timeout 900 qemu-system-x86_64 -accel kvm -cpu host -m "$MEM" -smp "$SMP" -nodefaults -no-user-config \
     -display none -no-reboot -serial stdio "${M[@]}" \
-    -drive "id=root,file=$OUT/rootfs.ext4,format=raw,if=none,snapshot=on,cache=unsafe" \
-    -kernel "$OUT/vmlinuz" -initrd "$OUT/initrd.img" \
+    -kernel "$KERNEL" -initrd "$OUT/initrd.img" \
     -append "console=ttyS0 quiet panic=-1 root=/dev/vda rw vnode.job=$JOB $APPEND" </dev/null 2>&1 \
     | while IFS= read -r line; do
         line=${line%$'\r'}
@@ -65,6 +72,9 @@ timeout 900 qemu-system-x86_64 -accel kvm -cpu host -m "$MEM" -smp "$SMP" -nodef
 qrc=${PIPESTATUS[0]}
 set -e
 end=$(( ($(date +%s%N) - START) / 1000000 ))
-echo "qemu-ref: QEMU exit $qrc after $end ms (machine $MACHINE, ${MEM} MiB, $SMP vCPU, job $JOB)"
+echo "qemu-ref: QEMU exit $qrc after $end ms (machine $MACHINE, kernel $(basename "$KERNEL"), ${MEM} MiB, $SMP vCPU, disk $DISK, job $JOB)"
 if grep -q '^VNODE-EXIT rc=0' "$log"; then rm -f "$log"; exit 0; fi
+if [ $DISK = 0 ] && grep -q '"stage":"initramfs","error":"no root disk' "$log"; then
+    echo "qemu-ref: (no disk) the initramfs reported the missing root disk as expected"; rm -f "$log"; exit 0
+fi
 echo "qemu-ref: FAILED; last console lines:" >&2; tail -n 25 "$log" >&2; rm -f "$log"; exit 1
