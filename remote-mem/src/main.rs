@@ -45,6 +45,9 @@ struct Args {
     /// Transport: tcp, or rdma (needs the `rdma` build feature and an RDMA device).
     #[arg(long, default_value = "tcp", value_parser = ["tcp", "rdma"])]
     transport: String,
+    /// Most connections served at once (each is a thread); more are refused.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
     /// Log the server's counters every this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     stats_interval: u64,
@@ -129,6 +132,7 @@ fn main() -> Result<()> {
         data_dir: args.data_dir.clone(),
         secret,
         sync: args.sync,
+        max_connections: args.max_connections,
     };
     let server = Server::bind(&args.listen, cfg).context("cannot start the memory server")?;
     let addr = server

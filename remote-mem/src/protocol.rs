@@ -49,6 +49,9 @@
 //!               Error reply, close               Error reply, close
 //! ```
 //!
+//! A connection beyond the server's `--max-connections` gets an `Error` (`Busy`) reply to its
+//! first frame and is closed.
+//!
 //! In `Ready`, a well-formed request that cannot be done (unknown region, page out of range,
 //! capacity exhausted, region moved) gets an `Error` reply and the connection stays open.
 //! A frame the server cannot parse ends the connection after the `Error` reply, because the
@@ -153,6 +156,8 @@ pub enum ErrorCode {
     Moved = 9,
     /// Server-side failure (storage, migration target).
     Internal = 10,
+    /// Too many connections; try again later or elsewhere.
+    Busy = 11,
 }
 
 impl ErrorCode {
@@ -167,6 +172,7 @@ impl ErrorCode {
             7 => ErrorCode::Capacity,
             8 => ErrorCode::OutOfRange,
             9 => ErrorCode::Moved,
+            11 => ErrorCode::Busy,
             _ => ErrorCode::Internal,
         }
     }
@@ -185,6 +191,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::OutOfRange => "page out of range",
             ErrorCode::Moved => "region moved",
             ErrorCode::Internal => "internal error",
+            ErrorCode::Busy => "server busy",
         };
         f.write_str(s)
     }

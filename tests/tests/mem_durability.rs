@@ -216,3 +216,23 @@ fn mem_replicated_region_migrates_and_other_handles_follow() {
     assert_eq!(one, new);
     assert_eq!(r1.read_server(), Some(b.addr.as_str()));
 }
+
+#[test]
+fn mem_sync_mode_survives_restart_too() {
+    let dir = temp_dir("sync");
+    let d = dir.to_str().expect("utf-8 path");
+    let mut srv = Memd::start(&["--data-dir", d, "--sync"]);
+    let data = pattern(77, &[0, 5]);
+    {
+        let mut c = MemClient::connect(&srv.addr, 1, SECRET).expect("connect");
+        c.alloc_region(2, 8).expect("alloc");
+        c.write_pages(2, &[0, 5], &data).expect("write");
+    }
+    srv.kill9();
+    let srv = Memd::start(&["--data-dir", d, "--sync"]);
+    let mut c = MemClient::connect(&srv.addr, 1, SECRET).expect("connect");
+    let mut out = vec![0u8; data.len()];
+    c.read_pages(2, &[0, 5], &mut out).expect("read");
+    assert_eq!(out, data);
+    let _ = std::fs::remove_dir_all(&dir);
+}

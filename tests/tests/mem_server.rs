@@ -320,3 +320,58 @@ fn mem_cli_rdma_transport_fails_clearly_here() {
         "{err}"
     );
 }
+
+#[test]
+fn mem_concurrent_clients_on_one_region_see_their_own_writes() {
+    let srv = Memd::start(&[]);
+    let mut c = MemClient::connect(&srv.addr, 30, SECRET).expect("connect");
+    c.alloc_region(0, 4 * 256).expect("alloc");
+    let addr = srv.addr.clone();
+    // Four "fault threads", each on its own connection and its own quarter of the region.
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut c = MemClient::connect(&addr, 30, SECRET).expect("connect");
+                let mut out = vec![0u8; 8 * PAGE_SIZE];
+                for round in 0..50u64 {
+                    let pages: Vec<u64> = (0..8).map(|k| t * 256 + (round * 8 + k) % 256).collect();
+                    let data = pattern(round * 10 + t, &pages);
+                    c.write_pages(0, &pages, &data).expect("write");
+                    c.read_pages(0, &pages, &mut out).expect("read");
+                    assert_eq!(out, data, "thread {t} round {round}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+}
+
+#[test]
+fn mem_connections_beyond_the_limit_are_refused_busy() {
+    let srv = Memd::start(&["--max-connections", "2"]);
+    let _a = MemClient::connect(&srv.addr, 1, SECRET).expect("first");
+    let mut b = MemClient::connect(&srv.addr, 1, SECRET).expect("second");
+    let err = MemClient::connect(&srv.addr, 1, SECRET).expect_err("third is over the limit");
+    assert_eq!(err.code(), Some(ErrorCode::Busy), "{err}");
+    // The served ones go on.
+    b.alloc_region(1, 1).expect("alloc");
+    drop(b);
+    // A slot frees up when a client leaves (its thread notices the close).
+    let mut ok = None;
+    for _ in 0..100 {
+        match MemClient::connect(&srv.addr, 1, SECRET) {
+            Ok(c) => {
+                ok = Some(c);
+                break;
+            }
+            Err(e) if e.code() == Some(ErrorCode::Busy) => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(ok.is_some(), "a slot was freed");
+}

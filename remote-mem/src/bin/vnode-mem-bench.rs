@@ -295,6 +295,7 @@ fn main() -> Result<()> {
             data_dir: None,
             secret: Some(SECRET.to_vec()),
             sync: false,
+            max_connections: 64,
         },
     )?
     .spawn()?;

@@ -47,6 +47,28 @@ pub(super) fn serve<C: Conn>(conn: C, shared: &Shared) {
     }
 }
 
+/// Answers the first frame of a connection over the limit with an error, and closes it.
+pub(super) fn refuse_busy<C: Conn>(mut conn: C, shared: &Shared) {
+    let mut hb = [0u8; HEADER_LEN];
+    let tag = match conn.recv_exact(&mut hb) {
+        Ok(()) => u64::from_le_bytes(hb[8..16].try_into().expect("8 bytes")),
+        Err(_) => return,
+    };
+    Metrics::add(&shared.metrics.bad_frames, 1);
+    if let Some(suppressed) = shared.refusal_log.allow() {
+        tracing::warn!(
+            peer = conn.peer(),
+            limit = shared.cfg.max_connections,
+            suppressed,
+            "too many connections; refusing"
+        );
+    }
+    let mut out = Vec::new();
+    let msg = format!("server busy: {} connections", shared.cfg.max_connections);
+    protocol::encode_error(&mut out, tag, ErrorCode::Busy, &msg);
+    let _ = conn.send(&mut [IoSlice::new(&out)]);
+}
+
 impl<C: Conn> ConnState<'_, C> {
     fn run(&mut self) -> io::Result<()> {
         let mut hb = [0u8; HEADER_LEN];

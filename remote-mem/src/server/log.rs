@@ -60,11 +60,13 @@ pub struct LoggedRegion {
 #[derive(Debug)]
 pub struct MemLog {
     dir: PathBuf,
+    /// fsync region creation and removal (file and directory), for `--sync`.
+    sync: bool,
 }
 
 impl MemLog {
     /// Opens (creating if needed) `dir` and maps every region file in it.
-    pub fn open(dir: &Path) -> Result<(MemLog, Vec<LoggedRegion>), LogError> {
+    pub fn open(dir: &Path, sync: bool) -> Result<(MemLog, Vec<LoggedRegion>), LogError> {
         let open_err = |source| LogError::Open {
             path: dir.to_path_buf(),
             source,
@@ -115,6 +117,7 @@ impl MemLog {
         Ok((
             MemLog {
                 dir: dir.to_path_buf(),
+                sync,
             },
             found,
         ))
@@ -143,14 +146,31 @@ impl MemLog {
             .open(&tmp)
             .map_err(create_err)?;
         file.set_len(len).map_err(create_err)?;
+        if self.sync {
+            file.sync_all().map_err(create_err)?;
+        }
         fs::rename(&tmp, &path).map_err(create_err)?;
+        self.sync_dir().map_err(create_err)?;
         map(&file, &path, len)
     }
 
     /// Deletes a region's file.
     pub fn remove(&self, vnode: u64, region: u64) -> Result<(), LogError> {
         let path = self.path(vnode, region);
-        fs::remove_file(&path).map_err(|source| LogError::Remove { path, source })
+        fs::remove_file(&path).map_err(|source| LogError::Remove {
+            path: path.clone(),
+            source,
+        })?;
+        self.sync_dir()
+            .map_err(|source| LogError::Remove { path, source })
+    }
+
+    /// Makes a creation or removal durable (only with `--sync`).
+    fn sync_dir(&self) -> io::Result<()> {
+        if self.sync {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(())
     }
 }
 
@@ -192,12 +212,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("memlog-unit-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         {
-            let (log, found) = MemLog::open(&dir).expect("open");
+            let (log, found) = MemLog::open(&dir, true).expect("open");
             assert!(found.is_empty());
             let mut m = log.create(7, 1, 2).expect("create");
             m.as_mut_slice()[PAGE_SIZE..PAGE_SIZE + 3].copy_from_slice(b"abc");
         }
-        let (log, found) = MemLog::open(&dir).expect("reopen");
+        let (log, found) = MemLog::open(&dir, false).expect("reopen");
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].vnode, found[0].region, found[0].pages), (7, 1, 2));
         assert_eq!(&found[0].mem.as_slice()[PAGE_SIZE..PAGE_SIZE + 3], b"abc");

@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub secret: Option<Vec<u8>>,
     /// msync every write before acknowledging it.
     pub sync: bool,
+    /// Connections served at once; more are refused (each costs a thread).
+    pub max_connections: usize,
 }
 
 /// State every connection thread shares.
@@ -60,6 +62,8 @@ pub(crate) struct Shared {
     pub store: Store,
     pub cfg: ServerConfig,
     pub metrics: Metrics,
+    /// Connections being served now.
+    pub live: std::sync::atomic::AtomicUsize,
     /// Peers can make the server refuse them at will: their log lines are rate-limited.
     pub refusal_log: RateLimit,
 }
@@ -86,6 +90,7 @@ impl Server {
                 store,
                 cfg,
                 metrics: Metrics::default(),
+                live: std::sync::atomic::AtomicUsize::new(0),
                 refusal_log: RateLimit::new(10),
             }),
             stop: Arc::new(AtomicBool::new(false)),
@@ -160,10 +165,13 @@ fn serve_stream(stream: TcpStream, shared: &Shared) {
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| String::from("?"));
+    let live = shared.live.fetch_add(1, Ordering::AcqRel) + 1;
     match TcpConn::from_stream(stream, peer.clone()) {
+        Ok(c) if live > shared.cfg.max_connections => conn::refuse_busy(c, shared),
         Ok(c) => conn::serve(c, shared),
         Err(e) => tracing::warn!(%peer, error = %e, "cannot set up connection"),
     }
+    shared.live.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// An in-process server; stops accepting when dropped (open connections run until closed).

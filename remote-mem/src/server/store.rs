@@ -187,7 +187,7 @@ impl Store {
         let log = match data_dir {
             None => None,
             Some(dir) => {
-                let (log, found) = MemLog::open(dir)?;
+                let (log, found) = MemLog::open(dir, sync)?;
                 for r in found {
                     tracing::info!(
                         vnode = r.vnode,
