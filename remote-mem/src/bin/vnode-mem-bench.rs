@@ -2,7 +2,9 @@
 //! loopback, next to a raw TCP echo baseline (16 bytes out, the same reply size back) measured
 //! in the same run, so the protocol's overhead is the difference between the two.
 //!
-//! Usage: `vnode-mem-bench [ITERATIONS] [--placement any|same|split]` (default 20000, any).
+//! Usage: `vnode-mem-bench [ITERATIONS] [--placement any|same|split] [--spin-us N]`
+//! (default 20000, any, no spin). `--spin-us` makes the clients (raw and memd alike) busy-poll
+//! for each reply that long before sleeping.
 //! `same` pins client and servers to CPU 0; `split` puts the servers' threads on CPU 1 and the
 //! client on CPU 0 (every message is a cross-core wake-up); `any` leaves it to the scheduler. With the
 //! `tokio-baseline` feature it also measures a tokio echo server, the alternative to the
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use remote_mem::server::{Server, ServerConfig};
+use remote_mem::transport::tcp::spin_until_readable;
 use remote_mem::{MemClient, PAGE_SIZE};
 
 const SECRET: &[u8] = b"bench-secret";
@@ -93,15 +96,17 @@ fn start_tokio_echo(multi_thread: bool) -> Result<String> {
 struct Echo {
     s: TcpStream,
     buf: Vec<u8>,
+    spin: Option<Duration>,
 }
 
 impl Echo {
-    fn connect(addr: &str) -> Result<Echo> {
+    fn connect(addr: &str, spin: Option<Duration>) -> Result<Echo> {
         let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         Ok(Echo {
             s,
             buf: vec![0u8; 256 * PAGE_SIZE],
+            spin,
         })
     }
 
@@ -120,6 +125,9 @@ impl Echo {
         let mut req = [0u8; 16];
         req[..8].copy_from_slice(&(bytes as u64).to_le_bytes());
         self.s.write_all(&req)?;
+        if let Some(limit) = self.spin {
+            spin_until_readable(&self.s, limit);
+        }
         self.s.read_exact(&mut self.buf[..bytes])?;
         Ok(())
     }
@@ -171,8 +179,9 @@ fn page_at(i: usize) -> u64 {
     (i as u64).wrapping_mul(2_654_435_761) % REGION_PAGES
 }
 
-fn bench_memd(addr: &str, n: usize) -> Result<()> {
+fn bench_memd(addr: &str, n: usize, spin: Option<Duration>) -> Result<()> {
     let mut c = MemClient::connect(addr, 1, SECRET)?;
+    c.set_spin(spin);
     c.alloc_region(0, REGION_PAGES)?;
     let all: Vec<u64> = (0..REGION_PAGES).collect();
     let fill = vec![0xa5u8; 256 * PAGE_SIZE];
@@ -235,8 +244,8 @@ fn bench_memd(addr: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
-fn bench_echo(label: &str, addr: &str, n: usize) -> Result<()> {
-    let mut e = Echo::connect(addr)?;
+fn bench_echo(label: &str, addr: &str, n: usize, spin: Option<Duration>) -> Result<()> {
+    let mut e = Echo::connect(addr, spin)?;
     latency(&format!("{label} echo 16 B -> 4 KiB"), n, |_| {
         e.round_trip(PAGE_SIZE)
     })?;
@@ -270,14 +279,18 @@ fn pin_to(cpu: usize) -> Result<()> {
 fn main() -> Result<()> {
     let mut n = 20_000usize;
     let mut placement = String::from("any");
+    let mut spin = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--placement" {
             placement = args.next().context("--placement any|same|split")?;
+        } else if a == "--spin-us" {
+            let us: u64 = args.next().context("--spin-us N")?.parse()?;
+            spin = Some(Duration::from_micros(us));
         } else {
-            n = a
-                .parse()
-                .context("usage: vnode-mem-bench [ITERATIONS] [--placement any|same|split]")?;
+            n = a.parse().context(
+                "usage: vnode-mem-bench [ITERATIONS] [--placement any|same|split] [--spin-us N]",
+            )?;
         }
     }
     // Servers' threads inherit the affinity of the thread that creates them.
@@ -287,7 +300,7 @@ fn main() -> Result<()> {
         "split" => pin_to(1)?,
         other => anyhow::bail!("unknown placement {other:?}: any, same (all on CPU 0) or split (servers on CPU 1, client on CPU 0)"),
     }
-    println!("vnode-mem-bench: {n} round trips per latency line, {THROUGHPUT_TIME:?} per throughput line, placement {placement}");
+    println!("vnode-mem-bench: {n} round trips per latency line, {THROUGHPUT_TIME:?} per throughput line, placement {placement}, client spin {spin:?}");
     let server = Server::bind(
         "127.0.0.1:0",
         ServerConfig {
@@ -308,11 +321,11 @@ fn main() -> Result<()> {
     if placement == "split" {
         pin_to(0)?;
     }
-    bench_echo("raw TCP, thread/conn", &echo, n)?;
+    bench_echo("raw TCP, thread/conn", &echo, n, spin)?;
     #[cfg(feature = "tokio-baseline")]
     for (label, addr) in &tokio_echo {
-        bench_echo(label, addr, n)?;
+        bench_echo(label, addr, n, spin)?;
     }
-    bench_memd(&server.addr().to_string(), n)?;
+    bench_memd(&server.addr().to_string(), n, spin)?;
     Ok(())
 }

@@ -20,6 +20,9 @@ pub trait Conn: Send {
     /// Bounds how long a send or receive may block (`None`: forever). A timeout surfaces as
     /// an `io::Error` of kind `WouldBlock` or `TimedOut`.
     fn set_timeout(&mut self, timeout: Option<std::time::Duration>) -> io::Result<()>;
+    /// Busy-poll up to this long for a reply before sleeping in the kernel (`None`: never).
+    /// Transports without the notion ignore it.
+    fn set_spin(&mut self, _spin: Option<std::time::Duration>) {}
 }
 
 /// Which transport a server listens on or a client connects with.
