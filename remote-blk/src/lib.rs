@@ -5,6 +5,8 @@
 //! - [`nbd::server`]: the server: a thread per connection serving requests inline.
 //! - [`nbd::client`]: a pipelined client (`submit` + completion callback, or blocking calls).
 //! - [`backend`]: the raw file behind an export.
+//! - [`replica`]: client-side replication (write to N servers, ack when all have it).
 
 pub mod backend;
 pub mod nbd;
+pub mod replica;
