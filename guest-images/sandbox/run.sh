@@ -106,7 +106,11 @@ build_l1() {
     echo "$stamp" > "$SB/stamp"
     echo "sandbox: L1 kernel $kver, modules: $(tr '\n' ' ' < "$ir/etc/sandbox-modules")" >&2
 }
+mkdir -p "$SB"
+exec 9>"$SB/.lock"
+flock 9            # concurrent sandboxes: the first one prepares L1, the others wait for it
 build_l1
+exec 9>&-
 [ $BUILD_ONLY = 1 ] && { echo "sandbox: L1 ready: $SB/vmlinuz ($(cat "$SB/kernel.version")), $SB/initrd.img"; exit 0; }
 log "L1 ready ($(cat "$SB/kernel.version"))"
 

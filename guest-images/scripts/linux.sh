@@ -22,8 +22,10 @@ export LC_ALL=C
 T0=$(date +%s)
 step() { printf '==> [%4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*" >&2; }
 info() { printf '    %s\n' "$*" >&2; }
-die()  { printf 'linux.sh: error: %s\n' "$*" >&2; exit 1; }
-trap 'rc=$?; [ $rc -eq 0 ] || printf "linux.sh: FAILED (exit %s) at line %s: %s\n" "$rc" "$LINENO" "$BASH_COMMAND" >&2' EXIT
+REPORTED=0
+die()  { printf 'linux.sh: error: %s\n' "$*" >&2; REPORTED=1; exit 1; }
+# an unexpected failure (set -e) names the command that failed
+trap 'rc=$?; [ $rc -eq 0 ] || [ $REPORTED = 1 ] || printf "linux.sh: FAILED (exit %s): %s\n" "$rc" "$BASH_COMMAND" >&2' EXIT
 
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root (apt-get download/install)"; }
 
@@ -302,13 +304,16 @@ build_rootfs() {
 }
 
 build_linux() {
-    local adds=()
+    local adds=() a
     while [ $# -gt 0 ]; do
         case "$1" in
-            --add) [ $# -ge 2 ] || usage; adds+=("$(readlink -f "$2")"); shift 2 ;;
-            --add=*) adds+=("$(readlink -f "${1#--add=}")"); shift ;;
+            --add) [ $# -ge 2 ] || usage; adds+=("$(readlink -f "$2" || echo "$2")"); shift 2 ;;
+            --add=*) adds+=("$(readlink -f "${1#--add=}" || echo "${1#--add=}")"); shift ;;
             *) usage ;;
         esac
+    done
+    for a in ${adds[@]+"${adds[@]}"}; do
+        [ -f "$a" ] && [ -x "$a" ] || die "--add $a: not an executable file"
     done
     need_tool cpio cpio
     need_tool mkfs.ext4 e2fsprogs
@@ -319,8 +324,12 @@ build_linux() {
 }
 
 # ---------------------------------------------------------------------------------------------
-usage() { echo "usage: linux.sh kernel | linux [--add PATH]..." >&2; exit 2; }
+usage() { echo "usage: linux.sh kernel | linux [--add PATH]..." >&2; REPORTED=1; exit 2; }
 cmd=${1:-}; [ $# -gt 0 ] && shift
+# one build at a time (two builders would share cache/ and out/)
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock -n 9 || { echo "linux.sh: another build holds $CACHE/.lock, waiting" >&2; flock 9; }
 case "$cmd" in
     kernel) [ $# -eq 0 ] || usage; build_kernel ;;
     linux) build_kernel; build_linux "$@" ;;
