@@ -279,3 +279,102 @@ fn full_backing_disk_is_an_io_error_for_that_request_only() {
     big.read_at(&mut got, 0).expect("other export reads");
     assert!(got == chunk);
 }
+
+#[test]
+fn disconnect_answers_requests_sent_before_it() {
+    let dir = TempDir::new("blk-disc");
+    let srv = one_export(&dir, "1M");
+    let (mut c, _) = Raw::open(&srv, "disk");
+    // Three pipelined requests and DISC in one segment: all three are answered, then EOF.
+    let mut batch = Vec::new();
+    for cookie in 1..=3u64 {
+        let r = Request {
+            flags: 0,
+            kind: CMD_READ,
+            cookie,
+            offset: cookie * 4096,
+            len: 4096,
+        };
+        batch.extend_from_slice(&r.encode());
+    }
+    let disc = Request {
+        flags: 0,
+        kind: CMD_DISC,
+        cookie: 4,
+        offset: 0,
+        len: 0,
+    };
+    batch.extend_from_slice(&disc.encode());
+    c.s.write_all(&batch).expect("batch");
+    for cookie in 1..=3u64 {
+        assert_eq!(c.reply(), (0, cookie));
+        let mut d = vec![1u8; 4096];
+        c.s.read_exact(&mut d).expect("data");
+        assert!(d.iter().all(|&b| b == 0));
+    }
+    let mut b = [0u8; 1];
+    assert_eq!(c.s.read(&mut b).expect("clean close"), 0);
+}
+
+#[test]
+fn structured_replies_carry_data_and_errors() {
+    let dir = TempDir::new("blk-structured");
+    let srv = one_export(&dir, "1M");
+    let mut c = Raw::greet(&srv);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().0.kind, REP_ACK);
+    let go = InfoRequest {
+        name: b"disk".to_vec(),
+        requests: vec![],
+    };
+    c.option(OPT_GO, &go.encode());
+    while c.option_reply().0.kind != REP_ACK {}
+    let data = pattern(3, 512);
+    c.request(CMD_WRITE, 1, 512, 512, &data);
+    c.request(CMD_READ, 2, 512, 512, &[]);
+    c.request(CMD_READ, 3, 1 << 20, 512, &[]);
+    let mut chunk = |c: &mut Raw| {
+        let mut h = [0u8; STRUCTURED_REPLY_LEN];
+        c.s.read_exact(&mut h).expect("chunk header");
+        assert_eq!(h[..4], STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        let flags = u16::from_be_bytes([h[4], h[5]]);
+        let kind = u16::from_be_bytes([h[6], h[7]]);
+        let cookie = u64::from_be_bytes(h[8..16].try_into().expect("8 bytes"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4 bytes"));
+        let mut payload = vec![0u8; len as usize];
+        c.s.read_exact(&mut payload).expect("chunk payload");
+        assert_eq!(flags & REPLY_FLAG_DONE, REPLY_FLAG_DONE);
+        (kind, cookie, payload)
+    };
+    assert_eq!(chunk(&mut c), (REPLY_TYPE_NONE, 1, vec![]));
+    let (kind, cookie, payload) = chunk(&mut c);
+    assert_eq!((kind, cookie), (REPLY_TYPE_OFFSET_DATA, 2));
+    assert_eq!(payload[..8], 512u64.to_be_bytes());
+    assert!(payload[8..] == data[..]);
+    let (kind, cookie, payload) = chunk(&mut c);
+    assert_eq!((kind, cookie), (REPLY_TYPE_ERROR, 3));
+    assert_eq!(payload[..4], EINVAL.to_be_bytes());
+}
+
+#[test]
+fn read_only_export_refuses_writes() {
+    let dir = TempDir::new("blk-ro");
+    std::fs::write(dir.path("d.img"), pattern(9, 65536)).expect("image");
+    let srv = start_blkd(&[
+        "--read-only",
+        "--export",
+        &format!("disk={}", dir.path("d.img").display()),
+    ]);
+    let client = NbdClient::connect(&srv.uri("disk"), &ConnectOptions::default()).expect("connect");
+    assert!(client.info().read_only);
+    assert_eq!(client.write_at(b"x", 0, false), Err(ClientError::ReadOnly));
+    let mut got = vec![0u8; 65536];
+    client.read_at(&mut got, 0).expect("read");
+    assert!(got == pattern(9, 65536));
+    let (mut c, _) = Raw::open(&srv, "disk");
+    c.request(CMD_WRITE, 1, 0, 4, b"oops");
+    assert_eq!(c.reply(), (EPERM, 1));
+    c.request(CMD_TRIM, 2, 0, 4096, &[]);
+    assert_eq!(c.reply(), (EPERM, 2));
+    assert!(std::fs::read(dir.path("d.img")).expect("image") == pattern(9, 65536));
+}

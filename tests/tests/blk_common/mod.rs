@@ -118,6 +118,9 @@ pub fn start_blkd(args: &[&str]) -> Server {
     if !unix {
         cmd.args(["--listen", "127.0.0.1:0"]);
     }
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "warn");
+    }
     let mut child = cmd
         .args(args)
         .stdout(Stdio::piped())
