@@ -333,7 +333,7 @@ fn structured_replies_carry_data_and_errors() {
     c.request(CMD_WRITE, 1, 512, 512, &data);
     c.request(CMD_READ, 2, 512, 512, &[]);
     c.request(CMD_READ, 3, 1 << 20, 512, &[]);
-    let mut chunk = |c: &mut Raw| {
+    let chunk = |c: &mut Raw| {
         let mut h = [0u8; STRUCTURED_REPLY_LEN];
         c.s.read_exact(&mut h).expect("chunk header");
         assert_eq!(h[..4], STRUCTURED_REPLY_MAGIC.to_be_bytes());
