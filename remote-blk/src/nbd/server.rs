@@ -769,3 +769,150 @@ impl CpuFollower {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn export(tag: &str, secret: Option<&[u8]>, read_only: bool) -> Export {
+        let p = std::env::temp_dir().join(format!("vnode-blk-srv-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let backend = FileBackend::open(&p, Some(1 << 20), false).expect("backend");
+        std::fs::remove_file(&p).expect("unlink; the fd stays open");
+        Export {
+            name: tag.into(),
+            backend,
+            secret: secret.map(<[u8]>::to_vec),
+            read_only,
+        }
+    }
+
+    fn req(kind: u16, offset: u64, len: u32) -> Request {
+        Request {
+            flags: 0,
+            kind,
+            cookie: 1,
+            offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn validate_bounds_and_kinds() {
+        let e = export("v", None, false);
+        assert_eq!(validate(&e, &req(CMD_READ, 0, 4096)), Ok(()));
+        assert_eq!(validate(&e, &req(CMD_READ, (1 << 20) - 1, 2)), Err(EINVAL));
+        assert_eq!(validate(&e, &req(CMD_READ, u64::MAX, 2)), Err(EINVAL));
+        assert_eq!(validate(&e, &req(CMD_WRITE, 1 << 20, 1)), Err(ENOSPC));
+        assert_eq!(
+            validate(&e, &req(CMD_WRITE_ZEROES, 1 << 20, 1)),
+            Err(ENOSPC)
+        );
+        assert_eq!(validate(&e, &req(CMD_TRIM, 1 << 20, 1)), Err(EINVAL));
+        assert_eq!(
+            validate(&e, &req(CMD_READ, 0, MAX_PAYLOAD + 1)),
+            Err(EINVAL)
+        );
+        assert_eq!(validate(&e, &req(CMD_FLUSH, 0, 0)), Ok(()));
+        assert_eq!(validate(&e, &req(CMD_CACHE, 0, 1)), Err(EINVAL));
+        assert_eq!(validate(&e, &req(99, 0, 0)), Err(EINVAL));
+        let ro = export("ro", None, true);
+        assert_eq!(validate(&ro, &req(CMD_WRITE, 0, 1)), Err(EPERM));
+        assert_eq!(validate(&ro, &req(CMD_READ, 0, 1)), Ok(()));
+    }
+
+    /// Client bytes: flags, then the given options.
+    fn client(opts: &[(u32, Vec<u8>)]) -> Vec<u8> {
+        let mut b = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        for (o, d) in opts {
+            let h = OptionHeader {
+                option: *o,
+                len: d.len() as u32,
+            };
+            b.extend_from_slice(&h.encode());
+            b.extend_from_slice(d);
+        }
+        b
+    }
+
+    /// Option reply kinds in the server's output, after the 18-byte greeting.
+    fn reply_kinds(out: &[u8]) -> Vec<u32> {
+        let mut kinds = Vec::new();
+        let mut at = 18;
+        while let Ok(r) = OptionReply::decode(&out[at..]) {
+            kinds.push(r.kind);
+            at += OPTION_REPLY_HEADER_LEN + r.len as usize;
+        }
+        kinds
+    }
+
+    fn go(name: &str) -> (u32, Vec<u8>) {
+        let r = InfoRequest {
+            name: name.as_bytes().to_vec(),
+            requests: vec![],
+        };
+        (OPT_GO, r.encode())
+    }
+
+    #[test]
+    fn protected_export_needs_the_secret() {
+        let s = Server::new(
+            vec![export("locked", Some(b"k"), false)],
+            ServerOptions::default(),
+        );
+        let mut out = Vec::new();
+        let input = client(&[go("locked"), (OPT_ABORT, vec![])]);
+        let r = s.negotiate(&mut Cursor::new(input), &mut out).expect("ok");
+        assert_eq!(r, None);
+        assert_eq!(reply_kinds(&out), [REP_ERR_POLICY, REP_ACK]);
+
+        let mut out = Vec::new();
+        let input = client(&[(OPT_VNODE_SECRET, b"bad".to_vec()), go("locked")]);
+        let mut rd = Cursor::new(input);
+        assert!(
+            s.negotiate(&mut rd, &mut out).is_err(),
+            "input ends after POLICY"
+        );
+        assert_eq!(reply_kinds(&out), [REP_ACK, REP_ERR_POLICY]);
+
+        let mut out = Vec::new();
+        let input = client(&[(OPT_VNODE_SECRET, b"k".to_vec()), go("locked")]);
+        let r = s.negotiate(&mut Cursor::new(input), &mut out).expect("ok");
+        assert_eq!(r, Some("locked"));
+        assert_eq!(reply_kinds(&out), [REP_ACK, REP_INFO, REP_ACK]);
+    }
+
+    #[test]
+    fn list_and_unknown_options() {
+        let s = Server::new(
+            vec![export("a", None, false), export("b", None, false)],
+            ServerOptions::default(),
+        );
+        let mut out = Vec::new();
+        let input = client(&[
+            (OPT_LIST, vec![]),
+            (OPT_STARTTLS, vec![]),
+            (OPT_SET_META_CONTEXT, vec![0; 8]),
+            go("nope"),
+            go(""),
+        ]);
+        let r = s.negotiate(&mut Cursor::new(input), &mut out).expect("ok");
+        assert_eq!(r, Some("a"), "the empty name is the first export");
+        assert_eq!(
+            reply_kinds(&out),
+            [
+                REP_SERVER,
+                REP_SERVER,
+                REP_ACK,
+                REP_ERR_UNSUP,
+                REP_ERR_UNSUP,
+                REP_ERR_UNKNOWN,
+                REP_INFO,
+                REP_ACK
+            ]
+        );
+    }
+}
