@@ -13,6 +13,8 @@ use crate::transport::Conn;
 
 /// Pages copied per frame when migrating a region.
 const MIGRATE_CHUNK: usize = protocol::MAX_BATCH;
+/// A connection must authenticate within this long, so silent peers cannot pin threads.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct ConnState<'a, C: Conn> {
     conn: C,
@@ -38,6 +40,10 @@ pub(super) fn serve<C: Conn>(conn: C, shared: &Shared) {
         out: Vec::with_capacity(HEADER_LEN + 64 * 1024),
     };
     tracing::debug!(%peer, "connection opened");
+    if let Err(e) = st.conn.set_timeout(Some(HELLO_TIMEOUT)) {
+        tracing::warn!(%peer, error = %e, "cannot set the handshake timeout");
+        return;
+    }
     match st.run() {
         Ok(()) => tracing::debug!(%peer, "connection closed"),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -49,6 +55,9 @@ pub(super) fn serve<C: Conn>(conn: C, shared: &Shared) {
 
 /// Answers the first frame of a connection over the limit with an error, and closes it.
 pub(super) fn refuse_busy<C: Conn>(mut conn: C, shared: &Shared) {
+    if conn.set_timeout(Some(HELLO_TIMEOUT)).is_err() {
+        return;
+    }
     let mut hb = [0u8; HEADER_LEN];
     let tag = match conn.recv_exact(&mut hb) {
         Ok(()) => u64::from_le_bytes(hb[8..16].try_into().expect("8 bytes")),
@@ -183,6 +192,8 @@ impl<C: Conn> ConnState<'_, C> {
             return Ok(Next::Close);
         }
         self.vnode = Some(vnode_id);
+        // Authenticated clients may sit idle (a fault thread waits for faults).
+        self.conn.set_timeout(None)?;
         tracing::debug!(peer = self.conn.peer(), vnode_id, "authenticated");
         let store = &self.shared.store;
         self.out.clear();
