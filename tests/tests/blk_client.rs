@@ -4,6 +4,7 @@
 
 mod blk_common;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::mpsc;
 
 use blk_common::{have_tool, pattern, start_blkd, start_nbdkit, start_qemu_nbd, TempDir};
@@ -119,6 +120,16 @@ fn client_against_vnode_blkd_direct_io() {
         .expect("exe")
         .with_file_name(format!("blk-direct-{}.img", std::process::id()));
     let _ = std::fs::remove_file(&img);
+    let probe = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&img);
+    if let Err(e) = probe {
+        eprintln!("SKIPPED: O_DIRECT unsupported where {} lives: {e}", img.display());
+        return;
+    }
+    std::fs::remove_file(&img).expect("remove probe");
     let srv = start_blkd(&[
         "--direct",
         "--export",
