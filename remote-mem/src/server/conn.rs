@@ -95,6 +95,11 @@ impl<C: Conn> ConnState<'_, C> {
                 }
                 Err(e) => return self.refuse(tag, e.code(), &e.to_string()),
             };
+            if self.vnode.is_none() && h.op != Op::Hello {
+                // Refused before its body is read: no unauthenticated peer makes us buffer a
+                // megabyte.
+                return self.refuse(tag, ErrorCode::Auth, "hello required first");
+            }
             // Grow only: shrinking and regrowing would zero-fill a page batch every write.
             if self.body.len() < h.len {
                 self.body.resize(h.len, 0);

@@ -92,6 +92,19 @@ impl Memd {
         // SAFETY: sends a signal to our own child process; no memory is involved.
         let r = unsafe { libc::kill(pid, libc::SIGSTOP) };
         assert_eq!(r, 0, "kill(SIGSTOP)");
+        // Delivery is asynchronous: wait until the kernel reports the process stopped.
+        let stat = format!("/proc/{pid}/stat");
+        for _ in 0..1000 {
+            let s = std::fs::read_to_string(&stat).unwrap_or_default();
+            // Field 3, after "pid (comm) ", is the state.
+            if s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("vnode-memd {pid} did not stop");
     }
 
     pub fn stderr(&self) -> String {
