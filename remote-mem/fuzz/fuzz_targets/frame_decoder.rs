@@ -10,15 +10,23 @@ use remote_mem::protocol::{self, Header, Op, Request, HEADER_LEN};
 fn reencode(h: &Header, req: &Request<'_>) -> Vec<u8> {
     let mut b = Vec::new();
     match *req {
-        Request::Hello { vnode_id, secret } => protocol::encode_hello(&mut b, h.tag, vnode_id, secret),
+        Request::Hello { vnode_id, secret } => {
+            protocol::encode_hello(&mut b, h.tag, vnode_id, secret)
+        }
         Request::Alloc { region, pages } => protocol::encode_alloc(&mut b, h.tag, region, pages),
         Request::Free { region } => protocol::encode_free(&mut b, h.tag, region),
-        Request::Migrate { region, target } => protocol::encode_migrate(&mut b, h.tag, region, target),
+        Request::Migrate { region, target } => {
+            protocol::encode_migrate(&mut b, h.tag, region, target)
+        }
         Request::Read { region, pages } => {
             let idx: Vec<u64> = pages.iter().collect();
             protocol::encode_batch(&mut b, Op::Read, h.tag, region, &idx);
         }
-        Request::Write { region, pages, data } => {
+        Request::Write {
+            region,
+            pages,
+            data,
+        } => {
             let idx: Vec<u64> = pages.iter().collect();
             protocol::encode_batch(&mut b, Op::Write, h.tag, region, &idx);
             b.extend_from_slice(data);
