@@ -236,3 +236,55 @@ fn mem_sync_mode_survives_restart_too() {
     assert_eq!(out, data);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn mem_migration_under_concurrent_writes_loses_no_acknowledged_write() {
+    let src = Memd::start(&[]);
+    let dst = Memd::start(&[]);
+    let n = 2048u64;
+    let mut c = MemClient::connect(&src.addr, 40, SECRET).expect("connect");
+    c.alloc_region(1, n).expect("alloc");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let addr = src.addr.clone();
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            // Writes page i % n with generation i; remembers the last acknowledged generation.
+            let mut w = MemClient::connect(&addr, 40, SECRET).expect("connect");
+            let mut acked = vec![None; n as usize];
+            let mut followed = false;
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || !followed {
+                let page = i % n;
+                let data = pattern(i, &[page]);
+                match w.write_pages(1, &[page], &data) {
+                    Ok(()) => {
+                        acked[page as usize] = Some(i);
+                        i += 1;
+                    }
+                    Err(e) => {
+                        let target = e.moved_to().expect("only Moved is expected").to_string();
+                        w = w.connect_like(&target).expect("connect to target");
+                        followed = true;
+                    }
+                }
+            }
+            acked
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    c.migrate_region(1, &dst.addr)
+        .expect("migrate while writes go on");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.join().expect("writer");
+    let mut c = MemClient::connect(&dst.addr, 40, SECRET).expect("connect");
+    let mut out = vec![0u8; PAGE_SIZE];
+    for (page, gen) in acked.iter().enumerate() {
+        c.read_pages(1, &[page as u64], &mut out).expect("read");
+        match gen {
+            Some(g) => assert_eq!(out, pattern(*g, &[page as u64]), "page {page}"),
+            None => assert!(out.iter().all(|&b| b == 0), "page {page}"),
+        }
+    }
+}
