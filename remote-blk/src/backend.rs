@@ -102,6 +102,30 @@ impl FileBackend {
         Ok(())
     }
 
+    /// Sends `len` bytes at `offset` straight from the page cache to the socket `sock`
+    /// (sendfile): saves the copy through a user buffer for large buffered reads.
+    pub fn send_to(&self, sock: std::os::unix::io::RawFd, offset: u64, len: u64) -> io::Result<()> {
+        let mut off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut left = len as usize;
+        while left > 0 {
+            // SAFETY: both fds are open for the duration of the call (sock is owned by the
+            // caller's stream, the file by self); off is a valid off_t the kernel updates.
+            let n = unsafe { libc::sendfile(sock, self.file.as_raw_fd(), &mut off, left) };
+            match n {
+                n if n > 0 => left -= n as usize,
+                0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }

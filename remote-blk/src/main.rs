@@ -46,6 +46,9 @@ struct Args {
     /// Pin each connection's thread to the CPU its client's packets arrive on (`on`/`off`).
     #[arg(long, default_value = "on")]
     follow_client_cpu: String,
+    /// Send reads of at least this many bytes with sendfile (0 = never; slower on loopback).
+    #[arg(long, default_value = "0")]
+    sendfile_min: String,
     /// Write the bound address here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -139,6 +142,11 @@ fn main() -> Result<()> {
     let opts = ServerOptions {
         threading: parse_threads(&args.threads)?,
         follow_client_cpu: follow,
+        sendfile_min: match parse_size(&args.sendfile_min) {
+            Some(0) => None,
+            Some(n) => Some(u32::try_from(n).context("--sendfile-min too large")?),
+            None => bail!("--sendfile-min {:?}: expected a size", args.sendfile_min),
+        },
     };
     let server = Server::new(exports, opts);
     let (listener, addr) = match (&args.listen, &args.socket) {

@@ -88,7 +88,10 @@ fn exercise(c: &NbdClient) {
 #[test]
 fn client_against_vnode_blkd_tcp() {
     let dir = TempDir::new("blk-client-tcp");
+    // The 3 MiB reads in exercise() take the sendfile path (simple replies).
     let srv = start_blkd(&[
+        "--sendfile-min",
+        "1M",
         "--export",
         &format!("disk={}:16M", dir.path("d.img").display()),
     ]);
@@ -126,7 +129,10 @@ fn client_against_vnode_blkd_direct_io() {
         .custom_flags(libc::O_DIRECT)
         .open(&img);
     if let Err(e) = probe {
-        eprintln!("SKIPPED: O_DIRECT unsupported where {} lives: {e}", img.display());
+        eprintln!(
+            "SKIPPED: O_DIRECT unsupported where {} lives: {e}",
+            img.display()
+        );
         return;
     }
     std::fs::remove_file(&img).expect("remove probe");

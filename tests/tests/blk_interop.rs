@@ -131,7 +131,13 @@ fn nbdcopy_round_trips_a_file() {
     let data = pattern(42, 24 << 20);
     std::fs::write(&src, &data).expect("write source");
     let img = dir.path("d.img");
-    let srv = start_blkd(&["--export", &format!("disk={}:24M", img.display())]);
+    // Large reads take the sendfile path here (structured replies, as libnbd negotiates).
+    let srv = start_blkd(&[
+        "--sendfile-min",
+        "64K",
+        "--export",
+        &format!("disk={}:24M", img.display()),
+    ]);
     let uri = srv.uri("disk");
     run(Command::new("nbdcopy").args(["--flush", src.to_str().expect("utf-8"), &uri]));
     assert!(

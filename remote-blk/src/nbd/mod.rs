@@ -31,6 +31,14 @@ impl Stream {
         }
     }
 
+    pub fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        use std::os::unix::io::AsRawFd;
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
     /// Small requests and replies must not wait for Nagle.
     pub fn set_nodelay(&self) -> io::Result<()> {
         match self {
