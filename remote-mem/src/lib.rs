@@ -18,4 +18,4 @@ pub mod transport;
 pub use client::{MemClient, ReadTicket, WriteTicket};
 pub use error::ClientError;
 pub use protocol::{ErrorCode, PAGE_SIZE};
-pub use replica::{ReplicatedRegion, Role};
+pub use replica::{ReplicaReadTicket, ReplicatedRegion, Role};

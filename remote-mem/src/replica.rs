@@ -12,7 +12,7 @@
 //! this handle over. Other handles (other fault threads) still connected to the old server get
 //! `Moved` on their next call and follow to the new server by themselves.
 
-use crate::client::MemClient;
+use crate::client::{MemClient, ReadTicket};
 use crate::error::ClientError;
 use crate::protocol::{ErrorCode, MAX_BATCH, PAGE_SIZE};
 
@@ -28,6 +28,17 @@ struct Replica {
     client: Option<MemClient>,
     /// Why it was dropped, with its causes, for `BothFailed`.
     failure: Option<String>,
+    /// Bumped whenever `client` is replaced or dropped: tickets of an older connection are void.
+    generation: u64,
+}
+
+/// A read submitted with [`ReplicatedRegion::submit_read`].
+#[derive(Debug)]
+#[must_use = "a submitted read must be completed"]
+pub struct ReplicaReadTicket {
+    replica: usize,
+    generation: u64,
+    ticket: ReadTicket,
 }
 
 /// A region kept on a primary and a backup server.
@@ -46,6 +57,7 @@ impl ReplicatedRegion {
         let r = |c| Replica {
             client: Some(c),
             failure: None,
+            generation: 0,
         };
         ReplicatedRegion {
             region,
@@ -99,6 +111,44 @@ impl ReplicatedRegion {
             }
         }
         Err(self.both_failed())
+    }
+
+    /// Split phase: sends a read (up to 256 pages) to the first live replica and returns at
+    /// once, so a prefetch can overlap other work.
+    pub fn submit_read(&mut self, pages: &[u64]) -> Result<ReplicaReadTicket, ClientError> {
+        let region = self.region;
+        for i in 0..2 {
+            if let Some(ticket) = self.run(i, |c| c.submit_read(region, pages))? {
+                return Ok(ReplicaReadTicket {
+                    replica: i,
+                    generation: self.replicas[i].generation,
+                    ticket,
+                });
+            }
+        }
+        Err(self.both_failed())
+    }
+
+    /// Collects a submitted read. `pages` must be the list given to `submit_read`: if the
+    /// replica it went to failed (or moved) meanwhile, the read is done again elsewhere.
+    pub fn complete_read(
+        &mut self,
+        t: ReplicaReadTicket,
+        pages: &[u64],
+        out: &mut [u8],
+    ) -> Result<(), ClientError> {
+        let r = &mut self.replicas[t.replica];
+        if r.generation == t.generation {
+            if let Some(c) = r.client.as_mut() {
+                match c.complete_read(t.ticket, out) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.moved_to().is_some() => self.follow(t.replica, &e)?,
+                    Err(e) if e.is_transport() => self.lose(t.replica, &e),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.read_pages(pages, out)
     }
 
     /// Writes to both servers, overlapping the two round trips.
@@ -167,6 +217,7 @@ impl ReplicatedRegion {
         let next = c.connect_like(target)?;
         tracing::info!(region, from = c.addr(), to = target, "region migrated");
         self.replicas[i].client = Some(next);
+        self.replicas[i].generation += 1;
         Ok(())
     }
 
@@ -214,7 +265,10 @@ impl ReplicatedRegion {
             "following migrated region"
         );
         match c.connect_like(target) {
-            Ok(next) => self.replicas[i].client = Some(next),
+            Ok(next) => {
+                self.replicas[i].client = Some(next);
+                self.replicas[i].generation += 1;
+            }
             Err(e) => self.lose(i, &e),
         }
         Ok(())
@@ -237,6 +291,7 @@ impl ReplicatedRegion {
         let role = if i == 0 { "primary" } else { "backup" };
         tracing::error!(region = self.region, role, error = %e, "memory server failed; replica dropped");
         self.replicas[i].client = None;
+        self.replicas[i].generation += 1;
         self.replicas[i].failure = Some(error_chain(e));
     }
 

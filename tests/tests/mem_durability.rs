@@ -62,7 +62,13 @@ fn mem_replicated_reads_fail_over_when_the_primary_dies() {
     assert_eq!(out, data);
     assert_eq!(r.read_server(), Some(primary.addr.as_str()));
 
+    // A prefetch in flight when the primary dies completes from the backup.
+    let prefetch = r.submit_read(&pages[..16]).expect("submit");
     primary.kill9();
+    let mut pf = vec![0u8; 16 * PAGE_SIZE];
+    r.complete_read(prefetch, &pages[..16], &mut pf)
+        .expect("prefetch completes from the backup");
+    assert_eq!(pf, &data[..16 * PAGE_SIZE]);
     out.fill(0);
     r.read_pages(&pages, &mut out)
         .expect("read fails over to the backup");
@@ -117,6 +123,12 @@ fn mem_replicated_reads_fail_over_from_a_hung_primary_with_a_timeout() {
     primary.freeze();
     let mut out = vec![0u8; PAGE_SIZE];
     let t = std::time::Instant::now();
+    // A prefetch sent to the hung primary times out and is served by the backup.
+    let prefetch = r.submit_read(&[3]).expect("submit");
+    r.complete_read(prefetch, &[3], &mut out)
+        .expect("prefetch fails over after the timeout");
+    assert_eq!(out, data);
+    out.fill(0);
     r.read_pages(&[3], &mut out)
         .expect("fails over after the timeout");
     assert_eq!(out, data);
