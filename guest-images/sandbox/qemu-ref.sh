@@ -5,9 +5,10 @@
 #
 #   guest-images/sandbox/qemu-ref.sh [--job JOB] [--machine q35|microvm] [--mem MiB] [--smp N]
 #                                    [--l1-mem SIZE] [--l1-smp N] [--append ARGS] [--direct] [-v]
-#                                    [--kernel vmlinuz|vmlinux] [--no-disk]
+#                                    [--kernel vmlinuz|vmlinux] [--no-disk] [--disk2 SIZE]
 # --kernel vmlinux boots the ELF through its PVH entry (QEMU's PVH loader), as a VMM would.
 # --no-disk: kernel + initramfs only (the initramfs reports the missing root disk and powers off).
+# --disk2 SIZE: a second, empty virtio-blk disk (/dev/vdb), e.g. for vnode.fio_target=/dev/vdb.
 #
 # Needs guest-images/out/{vmlinuz,initrd.img,rootfs.ext4} (guest-images/build.sh linux).
 # The root disk is opened with snapshot=on: the guest's writes go to a temporary overlay.
@@ -16,7 +17,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=$(cd "$HERE/.." && pwd)/out
-JOB=boot MACHINE=q35 MEM=1024 SMP=1 L1MEM=4G L1SMP=1 APPEND= DIRECT=0 INSIDE=0 ALL=0 KERNEL=vmlinuz DISK=1
+JOB=boot MACHINE=q35 MEM=1024 SMP=1 L1MEM=4G L1SMP=1 APPEND= DIRECT=0 INSIDE=0 ALL=0 KERNEL=vmlinuz DISK=1 DISK2=
 while [ $# -gt 0 ]; do
     case "$1" in
         --job) JOB=$2; shift 2 ;;
@@ -30,6 +31,7 @@ while [ $# -gt 0 ]; do
         -v) ALL=1; shift ;;
         --kernel) KERNEL=$2; shift 2 ;;
         --no-disk) DISK=0; shift ;;
+        --disk2) DISK2=$2; shift 2 ;;
         --inside) INSIDE=1; shift ;;
         *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
     esac
@@ -40,19 +42,23 @@ done
 
 if [ $DIRECT = 0 ] && [ $INSIDE = 0 ]; then
     exec "$HERE/run.sh" --mem "$L1MEM" --smp "$L1SMP" -- bash "$HERE/qemu-ref.sh" --inside \
-        --job "$JOB" --machine "$MACHINE" --mem "$MEM" --smp "$SMP" ${APPEND:+--append "$APPEND"} $([ $ALL = 1 ] && echo -v) --kernel "$KERNEL" $([ $DISK = 0 ] && echo --no-disk)
+        --job "$JOB" --machine "$MACHINE" --mem "$MEM" --smp "$SMP" ${APPEND:+--append "$APPEND"} $([ $ALL = 1 ] && echo -v) --kernel "$KERNEL" $([ $DISK = 0 ] && echo --no-disk) ${DISK2:+--disk2 "$DISK2"}
 fi
 
 [ -c /dev/kvm ] || { echo "qemu-ref: no /dev/kvm" >&2; exit 1; }
+export TMPDIR=${TMPDIR:-/tmp}
 case "$MACHINE" in
     microvm) M=(-M microvm,acpi=on,rtc=off); BLK=virtio-blk-device ;;
     q35) M=(-M q35); BLK=virtio-blk-pci ;;
     *) echo "qemu-ref: --machine microvm|q35" >&2; exit 2 ;;
 esac
 [ $DISK = 1 ] && M+=(-device "$BLK,drive=root" -drive "id=root,file=$OUT/rootfs.ext4,format=raw,if=none,snapshot=on,cache=unsafe")
+if [ -n "$DISK2" ]; then
+    d2=$TMPDIR/qemu-ref-disk2.$$; truncate -s "$DISK2" "$d2"; trap 'rm -f "$d2"' EXIT
+    M+=(-device "$BLK,drive=d2" -drive "id=d2,file=$d2,format=raw,if=none,cache=unsafe")
+fi
 case "$KERNEL" in vmlinuz|vmlinux) KERNEL=$OUT/$KERNEL ;; esac
 [ -f "$KERNEL" ] || { echo "qemu-ref: no kernel $KERNEL" >&2; exit 2; }
-export TMPDIR=${TMPDIR:-/tmp}
 START=$(date +%s%N)
 log=$TMPDIR/qemu-ref.$$.log
 set +e
@@ -72,7 +78,7 @@ timeout 900 qemu-system-x86_64 -accel kvm -cpu host -m "$MEM" -smp "$SMP" -nodef
 qrc=${PIPESTATUS[0]}
 set -e
 end=$(( ($(date +%s%N) - START) / 1000000 ))
-echo "qemu-ref: QEMU exit $qrc after $end ms (machine $MACHINE, kernel $(basename "$KERNEL"), ${MEM} MiB, $SMP vCPU, disk $DISK, job $JOB)"
+echo "qemu-ref: QEMU exit $qrc after $end ms (machine $MACHINE, kernel $(basename "$KERNEL"), ${MEM} MiB, $SMP vCPU, disk $DISK${DISK2:+ + $DISK2}, job $JOB)"
 if grep -q '^VNODE-EXIT rc=0' "$log"; then rm -f "$log"; exit 0; fi
 if [ $DISK = 0 ] && grep -q '"stage":"initramfs","error":"no root disk' "$log"; then
     echo "qemu-ref: (no disk) the initramfs reported the missing root disk as expected"; rm -f "$log"; exit 0
