@@ -434,16 +434,7 @@ impl MemClient {
         if let Err(e) = self.conn.recv_exact(&mut hb) {
             return Err(self.io_failed(e));
         }
-        let h = match Header::decode(&hb) {
-            Ok(h) => h,
-            Err(source) => {
-                self.broken = true;
-                return Err(ClientError::Protocol {
-                    addr: self.addr.clone(),
-                    source,
-                });
-            }
-        };
+        let h = Header::decode(&hb).map_err(|e| self.protocol_failed(e))?;
         if h.tag != p.tag {
             self.broken = true;
             return Err(self.unexpected(format!("tag {} for request {}", h.tag, p.tag)));
@@ -456,43 +447,48 @@ impl MemClient {
                 Ok(())
             }
             (Op::Done, Expect::Done) if h.len == 0 => Ok(()),
-            (Op::HelloOk, Expect::HelloOk) | (Op::Error, _) => {
-                self.body.resize(h.len, 0);
-                let mut body = std::mem::take(&mut self.body);
-                let r = self.conn.recv_exact(&mut body);
-                let parsed = r.map(|()| {
-                    if h.op == Op::Error {
-                        protocol::decode_error(&body).map(Err)
-                    } else {
-                        protocol::decode_hello_ok(&body).map(Ok)
-                    }
-                });
-                self.body = body;
-                match parsed {
-                    Err(e) => Err(self.io_failed(e)),
-                    Ok(Err(source)) => {
-                        self.broken = true;
-                        Err(ClientError::Protocol {
-                            addr: self.addr.clone(),
-                            source,
-                        })
-                    }
-                    Ok(Ok(Ok((cap, free)))) => {
-                        self.capacity_pages = cap;
-                        self.free_pages = free;
-                        Ok(())
-                    }
-                    Ok(Ok(Err((code, msg)))) => Err(ClientError::Refused {
-                        addr: self.addr.clone(),
-                        code,
-                        msg,
-                    }),
-                }
-            }
+            (Op::HelloOk, Expect::HelloOk) | (Op::Error, _) => self.recv_small_reply(&h),
             (op, expect) => {
                 self.broken = true;
                 Err(self.unexpected(format!("{op:?} of {} bytes, expected {expect:?}", h.len)))
             }
+        }
+    }
+
+    /// Reads and acts on a `HelloOk` or `Error` body (bounded by the header check).
+    fn recv_small_reply(&mut self, h: &Header) -> Result<(), ClientError> {
+        self.body.resize(h.len, 0);
+        let mut body = std::mem::take(&mut self.body);
+        let r = self.conn.recv_exact(&mut body);
+        let parsed = r.map(|()| {
+            if h.op == Op::Error {
+                protocol::decode_error(&body).map(Err)
+            } else {
+                protocol::decode_hello_ok(&body).map(Ok)
+            }
+        });
+        self.body = body;
+        match parsed {
+            Err(e) => Err(self.io_failed(e)),
+            Ok(Err(source)) => Err(self.protocol_failed(source)),
+            Ok(Ok(Ok((cap, free)))) => {
+                self.capacity_pages = cap;
+                self.free_pages = free;
+                Ok(())
+            }
+            Ok(Ok(Err((code, msg)))) => Err(ClientError::Refused {
+                addr: self.addr.clone(),
+                code,
+                msg,
+            }),
+        }
+    }
+
+    fn protocol_failed(&mut self, source: protocol::ProtocolError) -> ClientError {
+        self.broken = true;
+        ClientError::Protocol {
+            addr: self.addr.clone(),
+            source,
         }
     }
 
