@@ -225,24 +225,33 @@ impl MemClient {
         if out.len() != pages.len() * PAGE_SIZE {
             return Err(self.bad("out.len() must be 4096 * pages.len()"));
         }
+        if pages.is_empty() {
+            return Ok(());
+        }
         if pages.len() <= MAX_BATCH {
             let t = self.submit_read(region, pages)?;
             return self.complete_read(t, out);
         }
-        // Longer than one frame: pipeline the chunks, then collect them in order.
+        // Longer than one frame: pipeline the chunks, then collect them in order (all of
+        // them, even after a refusal, so no reply is left behind).
         let first = self.next_tag;
         for chunk in pages.chunks(MAX_BATCH) {
             let t = self.submit_read(region, chunk)?;
             let _in_flight = t; // completed below by tag
         }
+        let mut result = Ok(());
         for (i, chunk) in out.chunks_mut(MAX_BATCH * PAGE_SIZE).enumerate() {
             let t = ReadTicket {
                 tag: first + i as u64,
                 pages: chunk.len() / PAGE_SIZE,
             };
-            self.complete_read(t, chunk)?;
+            match self.complete_read(t, chunk) {
+                Err(e) if e.is_transport() => return Err(e),
+                Err(e) if result.is_ok() => result = Err(e),
+                _ => {}
+            }
         }
-        Ok(())
+        result
     }
 
     /// Writes `data` (`4096 * pages.len()` bytes, in order) to `pages` of `region`.
@@ -265,10 +274,15 @@ impl MemClient {
             let _in_flight = t; // completed below by tag
             n += 1;
         }
+        let mut result = Ok(());
         for i in 0..n {
-            self.complete_write(WriteTicket { tag: first + i })?;
+            match self.complete_write(WriteTicket { tag: first + i }) {
+                Err(e) if e.is_transport() => return Err(e),
+                Err(e) if result.is_ok() => result = Err(e),
+                _ => {}
+            }
         }
-        Ok(())
+        result
     }
 
     /// Sends a read of up to [`MAX_BATCH`] pages and returns at once.
@@ -610,6 +624,26 @@ mod tests {
         let mut c = client(r).expect("hello");
         let e = c.read_pages(0, &[0], &mut out).expect_err("eof");
         assert!(matches!(e, ClientError::Closed { .. }), "{e}");
+    }
+
+    #[test]
+    fn empty_lists_are_no_ops_and_refused_chunks_leave_nothing_behind() {
+        let mut r = Vec::new();
+        protocol::encode_error(&mut r, 2, ErrorCode::OutOfRange, "page 300 beyond the end");
+        r.extend(data_reply(3, 44, 9));
+        r.extend(data_reply(4, 1, 5));
+        let mut c = client(r).expect("hello");
+        c.read_pages(0, &[], &mut []).expect("nothing to read");
+        let pages: Vec<u64> = (0..300).collect();
+        let mut out = vec![0u8; 300 * PAGE_SIZE];
+        let e = c
+            .read_pages(0, &pages, &mut out)
+            .expect_err("first chunk refused");
+        assert_eq!(e.code(), Some(ErrorCode::OutOfRange));
+        assert!(c.pending.is_empty() && c.stash.is_empty());
+        let mut one = vec![0u8; PAGE_SIZE];
+        c.read_pages(0, &[1], &mut one).expect("in step afterwards");
+        assert!(one.iter().all(|&b| b == 5));
     }
 
     #[test]
