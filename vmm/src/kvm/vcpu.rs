@@ -88,6 +88,14 @@ impl Vcpu {
             self.fd
                 .set_fpu(&boot.fpu)
                 .map_err(ioctl_err("KVM_SET_FPU"))?;
+            // With an in-kernel irqchip KVM parks every vCPU but the first in wait-for-SIPI;
+            // a guest that asked all vCPUs to start at its entry gets them runnable.
+            let runnable = kvm_bindings::kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            };
+            self.fd
+                .set_mp_state(runnable)
+                .map_err(ioctl_err("KVM_SET_MP_STATE"))?;
         }
         Ok(())
     }
