@@ -43,12 +43,16 @@ struct Args {
     /// Threading model: `inline` (a thread per connection does all its I/O) or `pool:N`.
     #[arg(long, default_value = "inline")]
     threads: String,
-    /// Pin each connection's thread to the CPU its client's packets arrive on (`on`/`off`).
+    /// Pin a loopback connection's thread to its client's CPU while the client waits for each
+    /// reply before sending more (`on`/`off`).
     #[arg(long, default_value = "on")]
     follow_client_cpu: String,
-    /// Send reads of at least this many bytes with sendfile (0 = never; slower on loopback).
-    #[arg(long, default_value = "0")]
+    /// Send reads of at least this many bytes with sendfile (0 = never).
+    #[arg(long, default_value = "256K")]
     sendfile_min: String,
+    /// Send gathered replies once they reach this size even if more requests are waiting.
+    #[arg(long, default_value = "1M")]
+    reply_batch: String,
     /// Write the bound address here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -147,6 +151,9 @@ fn main() -> Result<()> {
             Some(n) => Some(u32::try_from(n).context("--sendfile-min too large")?),
             None => bail!("--sendfile-min {:?}: expected a size", args.sendfile_min),
         },
+        reply_batch: parse_size(&args.reply_batch)
+            .and_then(|n| usize::try_from(n).ok())
+            .with_context(|| format!("--reply-batch {:?}: expected a size", args.reply_batch))?,
     };
     let server = Server::new(exports, opts);
     let (listener, addr) = match (&args.listen, &args.socket) {

@@ -569,6 +569,12 @@ impl NbdClient {
     pub fn in_flight(&self) -> usize {
         self.inner.pending().map.len()
     }
+
+    /// The bound on requests in flight; a device that must never block can submit only while
+    /// `in_flight() < max_in_flight()` (it is the only submitter, so the check holds).
+    pub fn max_in_flight(&self) -> usize {
+        self.inner.max_in_flight
+    }
 }
 
 impl Drop for NbdClient {

@@ -231,6 +231,7 @@ impl Server {
         let mut w = Worker::new();
         let mut payload = AlignedBuf::new(64 << 10);
         let mut follow = (self.follow_client && is_loopback(&wr)).then(|| CpuFollower::new(&wr));
+        let mut batch = 0u32;
         loop {
             // Answer everything handled so far once no request is waiting in our buffer.
             if rd.buffer().is_empty() {
@@ -239,13 +240,15 @@ impl Server {
                     w.out.clear();
                 }
                 if let Some(f) = follow.as_mut() {
-                    f.follow();
+                    f.on_batch(batch);
                 }
+                batch = 0;
             }
             let r = match read_request(&mut rd)? {
                 Incoming::Request(r) => r,
                 Incoming::Disconnect => break,
             };
+            batch += 1;
             let plen = payload_len(&r);
             if payload.len() < plen {
                 payload = AlignedBuf::new(plen);
@@ -258,7 +261,7 @@ impl Server {
                 continue;
             }
             self.execute(s, &r, &payload.as_slice()[..plen], &mut w);
-            if w.out.len() >= 1 << 20 {
+            if w.out.len() >= self.reply_batch {
                 wr.write_all(&w.out)?;
                 w.out.clear();
             }
