@@ -19,7 +19,7 @@ use crate::arch::x86_64::layout::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -27,7 +27,7 @@ pub enum BootError {
     },
     #[error("{0} is not an ELF or bzImage kernel")]
     NotAKernel(PathBuf),
-    #[error("cannot load kernel {path}: {source}")]
+    #[error("cannot load kernel {path}")]
     Load {
         path: PathBuf,
         #[source]

@@ -32,7 +32,7 @@ pub enum BuildError {
     Memory(#[from] MemoryError),
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
-    #[error("cannot open serial output {path}: {source}")]
+    #[error("cannot open serial output {path}")]
     SerialOut {
         path: std::path::PathBuf,
         #[source]

@@ -23,7 +23,7 @@ pub enum Outcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot start thread {name}: {source}")]
+    #[error("cannot start thread {name}")]
     Spawn {
         name: String,
         #[source]

@@ -12,13 +12,13 @@ use std::path::PathBuf;
 /// What failed while talking to KVM.
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
-    #[error("cannot open {path}: {source} (is KVM available and is the device writable?)")]
+    #[error("cannot open KVM device {path}")]
     Open {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a usable KVM device: {source}")]
+    #[error("{path} is not a usable KVM device")]
     NotKvm {
         path: PathBuf,
         #[source]
@@ -26,7 +26,7 @@ pub enum KvmError {
     },
     #[error("KVM API version {0} is not the expected 12")]
     ApiVersion(i32),
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Ioctl {
         op: &'static str,
         #[source]

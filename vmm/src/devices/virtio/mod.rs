@@ -1,0 +1,103 @@
+//! Virtio devices for the guest: the virtio-mmio transport (`mmio`) and the devices behind it
+//! (`block`). A device implements [`VirtioDevice`]; the transport owns the registers, the
+//! feature negotiation and the queue configuration, and hands the device its queues when the
+//! driver sets DRIVER_OK. Devices signal completions through an [`Interrupt`] (an irqfd).
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+/// VIRTIO_F_VERSION_1: every modern device offers it and the transport requires it.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// InterruptStatus bits.
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// The interrupt line of one device: InterruptStatus plus the irqfd that raises the GSI.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+    /// The transport's DeviceStatus, so a device can report DEVICE_NEEDS_RESET.
+    device_status: Arc<AtomicU32>,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd, device_status: Arc<AtomicU32>) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irqfd,
+            device_status,
+        }
+    }
+
+    /// Sets `bits` in InterruptStatus and raises the line.
+    pub fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::AcqRel);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("cannot signal the virtio irqfd: {e}");
+        }
+    }
+
+    /// The device is in a state only a reset can fix (virtio 1.2, 2.1.2).
+    pub fn needs_reset(&self) {
+        self.device_status
+            .fetch_or(STATUS_DEVICE_NEEDS_RESET, Ordering::AcqRel);
+        self.signal(INT_CONFIG);
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// InterruptACK: clears `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("cannot start the device thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// What the transport needs from a device.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (2 = block).
+    fn device_type(&self) -> u32;
+    /// The largest size of each queue.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Offered features (bit n of the 64-bit set = feature n).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Starts the device with the negotiated `features` and the driver's queues. `notify` is
+    /// written whenever the driver notifies a queue (by ioeventfd or by the transport).
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<Queue>,
+        notify: EventFd,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError>;
+    /// Stops the device (the driver wrote 0 to Status); it may be activated again.
+    fn reset(&mut self);
+}
