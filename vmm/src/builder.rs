@@ -13,11 +13,15 @@ use crate::arch::x86_64::regs::{
     boot_gdt_bytes, boot_page_tables, entry_regs, long_mode_sregs, reset_fpu,
 };
 use crate::boot::{load_guest, BootError, BootInfo};
-use crate::config::{SerialOut, VmConfig};
+use crate::config::{DiskSource, DiskSpec, SerialOut, VmConfig};
 use crate::devices::bus::{BusError, IoBuses};
 use crate::devices::debug_exit::{DebugExit, PhaseMarker, DEBUG_EXIT_PORT, PHASE_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialDevice, SerialWriter, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::virtio::block::{BackendError, Block, BlockBackend, FileBackend, NbdBackend};
+use crate::devices::virtio::mmio::{
+    MmioTransport, FIRST_GSI, MAX_DEVICES, MMIO_BASE, MMIO_LEN, QUEUE_NOTIFY,
+};
 use crate::devices::StopSignal;
 use crate::kvm::{KvmError, Vcpu, VcpuBoot, Vm};
 use crate::memory::guest::{local_memory, MemoryError};
@@ -44,6 +48,14 @@ pub enum BuildError {
     GuestWrite(#[from] vm_memory::GuestMemoryError),
     #[error("--vcpus {0} is more than KVM allows here ({1})")]
     TooManyVcpus(u32, usize),
+    #[error("disk {index}")]
+    Disk {
+        index: usize,
+        #[source]
+        source: BackendError,
+    },
+    #[error("{0} disks, more than the {MAX_DEVICES} virtio-mmio slots")]
+    TooManyDisks(usize),
 }
 
 /// A VM ready to run.
@@ -73,6 +85,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let serial = attach_serial(&vm, &mut buses, &config.serial)?;
     attach_i8042(&mut buses, &stop)?;
     attach_debug_ports(&mut buses, &mem, &stop, config)?;
+    attach_disks(&vm, &mut buses, &mem, &config.disks)?;
     write_boot_tables(&mem)?;
     let boot = load_guest(
         &mem,
@@ -141,6 +154,43 @@ fn attach_debug_ports(
         .pio
         .insert(PHASE_PORT, 1, Arc::new(Mutex::new(marker)))?;
     Ok(())
+}
+
+/// One virtio-mmio slot per `--disk`, in order: the backend is opened (or connected) now, so a
+/// bad path or an unreachable server fails the build with a one-line reason.
+fn attach_disks(
+    vm: &Vm,
+    buses: &mut IoBuses,
+    mem: &GuestMemoryMmap,
+    disks: &[DiskSpec],
+) -> Result<(), BuildError> {
+    if disks.len() > MAX_DEVICES {
+        return Err(BuildError::TooManyDisks(disks.len()));
+    }
+    for (index, spec) in disks.iter().enumerate() {
+        let backend = open_disk(spec).map_err(|source| BuildError::Disk { index, source })?;
+        let base = MMIO_BASE + index as u64 * MMIO_LEN;
+        let gsi = FIRST_GSI + index as u32;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irqfd(&irq, gsi)?;
+        // Blocking: the device thread sleeps on it.
+        let notify = EventFd::new(0).map_err(BuildError::EventFd)?;
+        vm.register_ioevent(&notify, base + QUEUE_NOTIFY)?;
+        let block = Block::new(index, backend, spec.read_only);
+        let transport = MmioTransport::new(Box::new(block), mem.clone(), irq, notify);
+        buses
+            .mmio
+            .insert(base, MMIO_LEN, Arc::new(Mutex::new(transport)))?;
+        tracing::info!(index, base, gsi, source = ?spec.source, "virtio-blk attached");
+    }
+    Ok(())
+}
+
+fn open_disk(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>, BackendError> {
+    Ok(match &spec.source {
+        DiskSource::File(path) => Arc::new(FileBackend::open(path, spec.read_only)?),
+        DiskSource::Nbd(uri) => Arc::new(NbdBackend::connect(uri, spec.read_only)?),
+    })
 }
 
 fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), BuildError> {

@@ -22,6 +22,23 @@ pub struct VmConfig {
     pub serial: SerialOut,
     pub kvm_device: PathBuf,
     pub corrupt: Option<CorruptHook>,
+    /// virtio-blk disks, in slot order (docs/guest-abi.md).
+    pub disks: Vec<DiskSpec>,
+}
+
+/// Where a `--disk` lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSource {
+    File(PathBuf),
+    /// An NBD URI, already checked to parse.
+    Nbd(String),
+}
+
+/// One `--disk PATH|nbd://HOST:PORT/EXPORT|nbd+unix:///EXPORT?socket=PATH[,readonly]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub source: DiskSource,
+    pub read_only: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -40,6 +57,8 @@ pub enum ConfigError {
     TooManyVcpus(u32),
     #[error("invalid --debug-corrupt {0:?}: expected GPA@PHASE, e.g. 0x20000000@1")]
     Corrupt(String),
+    #[error("invalid --disk {0:?}: expected PATH, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, then optionally ,readonly")]
+    Disk(String),
 }
 
 /// Parses "4096", "64K", "512M", "1G", "1T" (binary units) into bytes.
@@ -81,6 +100,24 @@ pub fn parse_corrupt(s: &str) -> Result<CorruptHook, ConfigError> {
             .and_then(|p| u32::try_from(p).ok())
             .ok_or_else(err)?,
     })
+}
+
+/// Parses one `--disk` value.
+pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
+    let err = || ConfigError::Disk(s.to_owned());
+    let (target, read_only) = match s.rsplit_once(',') {
+        Some((t, "readonly" | "ro")) => (t, true),
+        _ => (s, false),
+    };
+    let source = if target.starts_with("nbd://") || target.starts_with("nbd+unix://") {
+        remote_blk::nbd::client::parse_uri(target).map_err(|_| err())?;
+        DiskSource::Nbd(target.to_owned())
+    } else if target.is_empty() || target.contains("://") {
+        return Err(err());
+    } else {
+        DiskSource::File(PathBuf::from(target))
+    };
+    Ok(DiskSpec { source, read_only })
 }
 
 /// Total RAM of this host, from /proc/meminfo.
@@ -143,6 +180,41 @@ mod tests {
         );
         assert!(parse_corrupt("0x1000").is_err());
         assert!(parse_corrupt("zz@1").is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let file = |p: &str, ro| DiskSpec {
+            source: DiskSource::File(PathBuf::from(p)),
+            read_only: ro,
+        };
+        assert_eq!(parse_disk("/tmp/d.img"), Ok(file("/tmp/d.img", false)));
+        assert_eq!(parse_disk("d.img,readonly"), Ok(file("d.img", true)));
+        assert_eq!(parse_disk("a,b.img"), Ok(file("a,b.img", false)));
+        let nbd = parse_disk("nbd://127.0.0.1:10809/disk0,readonly").unwrap();
+        assert_eq!(
+            nbd.source,
+            DiskSource::Nbd("nbd://127.0.0.1:10809/disk0".into())
+        );
+        assert!(nbd.read_only);
+        let unix = parse_disk("nbd+unix:///exp?socket=/run/nbd.sock").unwrap();
+        assert_eq!(
+            unix,
+            DiskSpec {
+                source: DiskSource::Nbd("nbd+unix:///exp?socket=/run/nbd.sock".into()),
+                read_only: false
+            }
+        );
+        for bad in [
+            "",
+            ",readonly",
+            "http://x/y",
+            "nbd://",
+            "nbd+unix:///exp",
+            "nbd://h:notaport/e",
+        ] {
+            assert_eq!(parse_disk(bad), Err(ConfigError::Disk(bad.into())), "{bad}");
+        }
     }
 
     #[test]

@@ -60,6 +60,10 @@ struct RunArgs {
     /// Test hook: flip one byte of guest RAM at GPA when the guest reports PHASE on port 0xf5.
     #[arg(long, value_name = "GPA@PHASE", hide_short_help = true)]
     debug_corrupt: Option<String>,
+    /// A virtio-blk disk (repeatable; the first is slot 0):
+    /// PATH | nbd://HOST:PORT/EXPORT | nbd+unix:///EXPORT?socket=PATH, then optionally ,readonly.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
 }
 
 fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
@@ -70,6 +74,11 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
         .as_deref()
         .map(config::parse_corrupt)
         .transpose()?;
+    let disks = args
+        .disk
+        .iter()
+        .map(|d| config::parse_disk(d))
+        .collect::<Result<Vec<_>, _>>()?;
     let cfg = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -79,6 +88,7 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
         serial: args.serial.map_or(SerialOut::Stdout, SerialOut::File),
         kvm_device: args.kvm_device,
         corrupt,
+        disks,
     };
     Ok((cfg, args.stats))
 }

@@ -3,6 +3,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::{Arc, Condvar, Mutex};
 

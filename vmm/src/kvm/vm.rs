@@ -101,6 +101,18 @@ impl Vm {
             .map_err(ioctl_err("KVM_IRQFD"))
     }
 
+    /// Writes `evt` whenever the guest writes to MMIO address `addr` (any value), without an
+    /// exit to userspace.
+    pub fn register_ioevent(&self, evt: &EventFd, addr: u64) -> Result<(), KvmError> {
+        self.fd
+            .register_ioevent(
+                evt,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(ioctl_err("KVM_IOEVENTFD"))
+    }
+
     /// The CPUID entries KVM can give a guest.
     pub fn supported_cpuid(&self) -> Result<Vec<kvm_cpuid_entry2>, KvmError> {
         let cpuid = self

@@ -8,8 +8,8 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -18,7 +18,12 @@ use super::{
 };
 use crate::devices::bus::BusDevice;
 
+/// Device i is at `MMIO_BASE + i * MMIO_LEN`, on GSI `FIRST_GSI + i` (docs/guest-abi.md).
+pub const MMIO_BASE: u64 = 0xd000_0000;
 pub const MMIO_LEN: u64 = 0x1000;
+pub const FIRST_GSI: u32 = 5;
+/// GSIs 5..=23 of the IOAPIC.
+pub const MAX_DEVICES: usize = 19;
 /// Offset of QueueNotify, where the ioeventfd goes.
 pub const QUEUE_NOTIFY: u64 = 0x50;
 
@@ -150,11 +155,21 @@ impl MmioTransport {
                 }
             }
             reg::QUEUE_DESC_LOW => self.set_addr(|q, v| q.set_desc_table_address(Some(v), None), v),
-            reg::QUEUE_DESC_HIGH => self.set_addr(|q, v| q.set_desc_table_address(None, Some(v)), v),
-            reg::QUEUE_DRIVER_LOW => self.set_addr(|q, v| q.set_avail_ring_address(Some(v), None), v),
-            reg::QUEUE_DRIVER_HIGH => self.set_addr(|q, v| q.set_avail_ring_address(None, Some(v)), v),
-            reg::QUEUE_DEVICE_LOW => self.set_addr(|q, v| q.set_used_ring_address(Some(v), None), v),
-            reg::QUEUE_DEVICE_HIGH => self.set_addr(|q, v| q.set_used_ring_address(None, Some(v)), v),
+            reg::QUEUE_DESC_HIGH => {
+                self.set_addr(|q, v| q.set_desc_table_address(None, Some(v)), v)
+            }
+            reg::QUEUE_DRIVER_LOW => {
+                self.set_addr(|q, v| q.set_avail_ring_address(Some(v), None), v)
+            }
+            reg::QUEUE_DRIVER_HIGH => {
+                self.set_addr(|q, v| q.set_avail_ring_address(None, Some(v)), v)
+            }
+            reg::QUEUE_DEVICE_LOW => {
+                self.set_addr(|q, v| q.set_used_ring_address(Some(v), None), v)
+            }
+            reg::QUEUE_DEVICE_HIGH => {
+                self.set_addr(|q, v| q.set_used_ring_address(None, Some(v)), v)
+            }
             QUEUE_NOTIFY => {
                 if let Err(e) = self.notify.write(1) {
                     tracing::warn!("cannot signal a queue notification: {e}");
@@ -162,7 +177,11 @@ impl MmioTransport {
             }
             reg::INTERRUPT_ACK => self.interrupt.ack(v),
             reg::STATUS => self.write_status(v),
-            _ => tracing::debug!(offset, v, "virtio-mmio: write to a read-only or unknown register"),
+            _ => tracing::debug!(
+                offset,
+                v,
+                "virtio-mmio: write to a read-only or unknown register"
+            ),
         }
     }
 
@@ -229,10 +248,16 @@ impl MmioTransport {
                 return status | STATUS_DEVICE_NEEDS_RESET;
             }
         };
+        // The device gets its own copies; ours stay for QueueReady reads.
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()).expect("a valid queue's state is valid"))
+            .collect();
         let res = self.device.activate(
             self.mem.clone(),
             self.driver_features,
-            self.queues.clone(),
+            queues,
             notify,
             self.interrupt.clone(),
         );

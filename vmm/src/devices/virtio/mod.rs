@@ -9,8 +9,8 @@ pub mod mmio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
 use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// VIRTIO_F_VERSION_1: every modern device offers it and the transport requires it.

@@ -16,27 +16,38 @@ use remote_blk::nbd::client::{ClientError, Command, ConnectOptions, NbdClient};
 /// One backend operation. Offsets and lengths are in bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlockOp {
-    Read { offset: u64, len: u32 },
+    Read {
+        offset: u64,
+        len: u32,
+    },
     /// With `fua`, the data is durable when the operation completes.
-    Write { offset: u64, data: Vec<u8>, fua: bool },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
     /// Makes every completed write durable.
     Flush,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("cannot open {path}: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    // The io::Error is part of the message, not a `#[source]`: these errors are logged per
+    // request, where a one-line message is what helps.
+    #[error("cannot open {path}: {err}")]
+    Open { path: PathBuf, err: io::Error },
     #[error("{path} is not a regular file or block device of a whole number of 512-byte sectors")]
     BadSize { path: PathBuf },
     #[error("i/o error: {0}")]
-    Io(#[source] io::Error),
+    Io(io::Error),
     #[error("nbd: {0}")]
-    Nbd(#[from] ClientError),
+    Nbd(ClientError),
+}
+
+impl From<ClientError> for BackendError {
+    fn from(e: ClientError) -> Self {
+        BackendError::Nbd(e)
+    }
 }
 
 /// Completion of a [`BlockOp`]: the data of a read, empty for the others.
@@ -59,9 +70,9 @@ pub struct FileBackend {
 
 impl FileBackend {
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BackendError> {
-        let open_err = |source| BackendError::Open {
+        let open_err = |err| BackendError::Open {
             path: path.to_owned(),
-            source,
+            err,
         };
         let file = OpenOptions::new()
             .read(true)
@@ -198,7 +209,7 @@ mod tests {
                 data: vec![7; 512],
                 fua: true,
             },
-            Box::new(move |r| t.send(r.map(|_| Vec::new()).is_ok()).unwrap()),
+            Box::new(move |r| t.send(r.is_ok()).unwrap()),
         );
         assert!(rx.recv().unwrap());
         let (dtx, drx) = std::sync::mpsc::channel();

@@ -1,0 +1,193 @@
+//! A virtio-blk device (virtio 1.2, 5.2): its features, its configuration space, and starting
+//! and stopping its queue thread (`handler`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::BlockBackend;
+use super::handler::{DiskParams, Handler};
+use super::request::{ID_BYTES, SECTOR_SIZE};
+use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice};
+
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
+pub const VIRTIO_BLK_F_RO: u32 = 5;
+pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
+pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
+
+const QUEUE_SIZE: u16 = 256;
+/// Data buffers per request: the queue size less the header and status descriptors.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+
+struct Running {
+    thread: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+}
+
+pub struct Block {
+    name: String,
+    backend: Arc<dyn BlockBackend>,
+    read_only: bool,
+    running: Option<Running>,
+}
+
+impl Block {
+    /// Disk `index` (its thread is `blk<index>`); read-only if asked or if the backend is.
+    pub fn new(index: usize, backend: Arc<dyn BlockBackend>, read_only: bool) -> Self {
+        let read_only = read_only || backend.read_only();
+        Self {
+            name: format!("blk{index}"),
+            backend,
+            read_only,
+            running: None,
+        }
+    }
+
+    fn capacity_sectors(&self) -> u64 {
+        self.backend.size() / SECTOR_SIZE
+    }
+
+    /// virtio_blk_config up to blk_size: capacity, size_max, seg_max, geometry, blk_size.
+    fn config_bytes(&self) -> [u8; 24] {
+        let mut c = [0u8; 24];
+        c[0..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c
+    }
+
+    fn id(&self) -> [u8; ID_BYTES as usize] {
+        let mut id = [0u8; ID_BYTES as usize];
+        let s = format!("vnode-{}", self.name);
+        let n = s.len().min(id.len());
+        id[..n].copy_from_slice(&s.as_bytes()[..n]);
+        id
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f =
+            (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH);
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| c.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        mut queues: Vec<Queue>,
+        notify: EventFd,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        self.reset();
+        let queue = queues
+            .pop()
+            .expect("the transport gives one queue per max size");
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(notify);
+        let handler = Handler {
+            mem,
+            queue,
+            wake: wake.clone(),
+            stop: stop.clone(),
+            interrupt,
+            backend: self.backend.clone(),
+            disk: DiskParams {
+                capacity: self.capacity_sectors() * SECTOR_SIZE,
+                read_only: self.read_only,
+                id: self.id(),
+                seg_max: SEG_MAX,
+                writeback: features & (1 << VIRTIO_BLK_F_FLUSH) != 0,
+            },
+            name: self.name.clone(),
+        };
+        let thread = thread::Builder::new()
+            .name(self.name.clone())
+            .spawn(move || handler.run())
+            .map_err(ActivateError::Spawn)?;
+        // Requests the driver queued before DRIVER_OK.
+        let _ = wake.write(1);
+        self.running = Some(Running { thread, stop, wake });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        let Some(r) = self.running.take() else {
+            return;
+        };
+        r.stop.store(true, Ordering::Release);
+        if let Err(e) = r.wake.write(1) {
+            tracing::error!(dev = %self.name, "cannot wake the device thread to stop it: {e}");
+            return;
+        }
+        if r.thread.join().is_err() {
+            tracing::error!(dev = %self.name, "device thread panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::backend::{BlockOp, Done};
+
+    struct Fixed(u64, bool);
+    impl BlockBackend for Fixed {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        fn read_only(&self) -> bool {
+            self.1
+        }
+        fn submit(&self, _op: BlockOp, done: Done) {
+            done(Ok(Vec::new()));
+        }
+    }
+
+    #[test]
+    fn config_space_and_features() {
+        let b = Block::new(0, Arc::new(Fixed(1 << 20, false)), false);
+        let mut cap = [0u8; 8];
+        b.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 2048);
+        let mut bs = [0u8; 4];
+        b.read_config(20, &mut bs);
+        assert_eq!(u32::from_le_bytes(bs), 512);
+        b.read_config(200, &mut bs);
+        assert_eq!(bs, [0; 4]);
+        assert_eq!(b.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(b.features() & (1 << VIRTIO_BLK_F_FLUSH), 0);
+        let ro = Block::new(1, Arc::new(Fixed(4096, true)), false);
+        assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(&ro.id()[..11], b"vnode-blk1\0");
+    }
+}
