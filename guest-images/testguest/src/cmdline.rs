@@ -1,5 +1,5 @@
 //! The guest's command line: `test=mem bytes=SIZE pattern=seq|random|zipf seed=N writes=PCT
-//! passes=N` or `test=cpu iters=N`. Unknown keys (e.g. Linux's `console=...`) are ignored;
+//! passes=N`, `test=cpu iters=N` or `test=blk sectors=N pattern=seq|random seed=N mode=rw|verify`. Unknown keys (e.g. Linux's `console=...`) are ignored;
 //! a known key with a bad value is an error naming it.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -8,6 +8,8 @@ pub enum Test {
     Cpu,
     /// Touches an unmapped address: tests the exception report (exit status 3).
     Fault,
+    /// Writes, flushes, reads back and verifies sectors of the first virtio-blk disk.
+    Blk,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +41,10 @@ pub struct Config {
     /// Number of passes (0..=255: the last-written pass is kept in one byte per page).
     pub passes: u32,
     pub iters: u64,
+    /// `test=blk`: sectors to test from sector 0 (`None`: the whole disk).
+    pub sectors: Option<u64>,
+    /// `test=blk mode=verify`: only read and verify what an earlier `mode=rw` run wrote.
+    pub verify_only: bool,
 }
 
 impl Default for Config {
@@ -51,6 +57,8 @@ impl Default for Config {
             writes: 50,
             passes: 1,
             iters: 100_000_000,
+            sectors: None,
+            verify_only: false,
         }
     }
 }
@@ -124,6 +132,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadValue<'_>> {
                     b"mem" => Test::Mem,
                     b"cpu" => Test::Cpu,
                     b"fault" => Test::Fault,
+                    b"blk" => Test::Blk,
                     _ => return Err(bad),
                 }
             }
@@ -144,6 +153,14 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadValue<'_>> {
                     .ok_or(bad)? as u32
             }
             b"iters" => cfg.iters = parse_u64(value).ok_or(bad)?,
+            b"sectors" => cfg.sectors = Some(parse_u64(value).filter(|&n| n > 0).ok_or(bad)?),
+            b"mode" => {
+                cfg.verify_only = match value {
+                    b"rw" => false,
+                    b"verify" => true,
+                    _ => return Err(bad),
+                }
+            }
             _ => {}
         }
     }
@@ -169,6 +186,12 @@ mod tests {
         assert_eq!((c.seed, c.writes, c.passes), (7, 30, 3));
         let c = parse(b"test=cpu iters=0x10").unwrap();
         assert_eq!((c.test, c.iters), (Test::Cpu, 16));
+        let c = parse(b"test=blk sectors=4096 pattern=random seed=3 mode=verify").unwrap();
+        assert_eq!(
+            (c.test, c.sectors, c.verify_only),
+            (Test::Blk, Some(4096), true)
+        );
+        assert_eq!((c.pattern, c.seed), (Pattern::Random, 3));
     }
 
     #[test]
@@ -193,6 +216,8 @@ mod tests {
             b"passes=256",
             b"seed=",
             b"test=disk",
+            b"sectors=0",
+            b"mode=write",
         ] {
             let e = parse(line).unwrap_err();
             let eq = line.iter().position(|&c| c == b'=').unwrap();

@@ -6,6 +6,7 @@
 //! loops natively as a baseline.
 #![cfg_attr(not(test), no_std)]
 
+pub mod blk;
 pub mod cmdline;
 pub mod content;
 pub mod json;

@@ -10,12 +10,14 @@
 #![no_std]
 #![no_main]
 
+mod blktest;
 mod boot;
 mod cputest;
 mod machine;
 mod memfuncs;
 mod memtest;
 mod port;
+mod virtio;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -55,6 +57,7 @@ pub extern "C" fn user_main(vcpu: u64, nvcpus: u64, boot_params: u64) -> ! {
         Test::Cpu => cputest::run(vcpu, n, &cfg),
         Test::Fault if vcpu == 0 => fault(),
         Test::Fault => park(),
+        Test::Blk => blktest::run(vcpu, &info, &cfg),
     }
 }
 

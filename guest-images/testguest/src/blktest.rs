@@ -1,0 +1,158 @@
+//! `test=blk`: on vCPU 0, writes `sectors` sectors of the first virtio-blk disk in pattern order
+//! (batches of requests in flight), flushes, then reads them all back and verifies them
+//! (`mode=verify`: only the read-back, for a disk an earlier run wrote).
+//!
+//! Output: `{"test":"blk",...}` then `{"done":true,"ok":..,"errors":..}`; exit 0 if every request
+//! succeeded and every word matched, 1 otherwise, 2 if there is no usable disk.
+
+use testguest::blk::{fill_sectors, verify_sectors, ChunkOrder, SECTOR};
+use testguest::cmdline::Config;
+use testguest::content::Mismatches;
+use testguest::json::JsonLine;
+use testguest::region::Region;
+
+use crate::machine::BootInfo;
+use crate::virtio::{Blk, Req, BATCH, MEM_BYTES, SLOT0, T_FLUSH, T_GET_ID, T_IN, T_OUT};
+use crate::{boot, finish, park, port};
+
+#[derive(Default)]
+struct Tally {
+    mism: Mismatches,
+    io_errors: u64,
+    first_io_error_sector: Option<u64>,
+}
+
+impl Tally {
+    fn status(&mut self, s: u8, sector: u64) {
+        if s != 0 {
+            self.io_errors += 1;
+            self.first_io_error_sector.get_or_insert(sector);
+        }
+    }
+}
+
+fn fail(what: &str, status: u8) -> ! {
+    let mut line = JsonLine::<256>::new().str("error", what);
+    port::serial_write(line.finish());
+    port::exit(status)
+}
+
+pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
+    if vcpu != 0 {
+        park()
+    }
+    let base = boot::page_tables_end().next_multiple_of(2 << 20);
+    let region = Region::above(info.ram(), base);
+    if region.bytes() < MEM_BYTES {
+        fail("not enough RAM for the driver", 2);
+    }
+    // SAFETY: the first MEM_BYTES of R are RAM above the page tables that nothing else uses
+    // (R starts at base, at a 2 MiB boundary, and is contiguous for this small size).
+    let mut blk = match unsafe { Blk::init(SLOT0, region.gpa(0)) } {
+        Ok(b) => b,
+        Err(e) => fail(e.what(), 2),
+    };
+    let sectors = cfg.sectors.unwrap_or(blk.capacity);
+    if sectors > blk.capacity {
+        fail("sectors exceeds the disk's capacity", 2);
+    }
+    let id = get_id(&mut blk);
+    let order = ChunkOrder::new(sectors, cfg.pattern, cfg.seed);
+    let mut t = Tally::default();
+    let t0 = port::rdtsc();
+    if !cfg.verify_only {
+        pass(&mut blk, &order, cfg.seed, T_OUT, &mut t);
+    }
+    let t1 = port::rdtsc();
+    if !cfg.verify_only && blk.flush {
+        let mut st = [0u8; 1];
+        let flush = Req {
+            kind: T_FLUSH,
+            sector: 0,
+            len: 0,
+        };
+        if let Err(e) = blk.run(&[flush], &mut st) {
+            fail(e.what(), 1);
+        }
+        t.status(st[0], u64::MAX);
+    }
+    let t2 = port::rdtsc();
+    pass(&mut blk, &order, cfg.seed, T_IN, &mut t);
+    let t3 = port::rdtsc();
+    let mut line = JsonLine::<1024>::new()
+        .str("test", "blk")
+        .str("mode", if cfg.verify_only { "verify" } else { "rw" })
+        .str("pattern", cfg.pattern.name())
+        .u64("seed", cfg.seed)
+        .u64("sectors", sectors)
+        .u64("capacity", blk.capacity)
+        .bytes_str(
+            "id",
+            &id[..id.iter().position(|&b| b == 0).unwrap_or(id.len())],
+        )
+        .bool("flush", blk.flush)
+        .u64("io_errors", t.io_errors)
+        .opt_u64("first_io_error_sector", t.first_io_error_sector)
+        .u64("errors", t.mism.errors)
+        .opt_u64(
+            "first_error_sector",
+            t.mism.first_error_gpa.map(|b| b / SECTOR),
+        )
+        .u64("write_cycles", t1 - t0)
+        .u64("flush_cycles", t2 - t1)
+        .u64("read_cycles", t3 - t2);
+    port::serial_write(line.finish());
+    let errors = t.mism.errors + t.io_errors;
+    finish(errors == 0, errors)
+}
+
+fn get_id(blk: &mut Blk) -> [u8; 20] {
+    let mut st = [0u8; 1];
+    let req = Req {
+        kind: T_GET_ID,
+        sector: 0,
+        len: 20,
+    };
+    let mut id = [0u8; 20];
+    if blk.run(&[req], &mut st).is_ok() && st[0] == 0 {
+        id.copy_from_slice(&blk.buf(0)[..20]);
+    }
+    id
+}
+
+/// Writes (filling buffers first) or reads (verifying after) every chunk in `order`.
+fn pass(blk: &mut Blk, order: &ChunkOrder, seed: u64, kind: u32, t: &mut Tally) {
+    let mut reqs = [Req {
+        kind,
+        sector: 0,
+        len: 0,
+    }; BATCH];
+    let mut st = [0u8; BATCH];
+    let mut i = 0;
+    while i < order.len() {
+        let n = (order.len() - i).min(BATCH as u64) as usize;
+        for (k, r) in reqs.iter_mut().enumerate().take(n) {
+            let (first, count) = order.chunk(i + k as u64);
+            *r = Req {
+                kind,
+                sector: first,
+                len: (count * SECTOR) as u32,
+            };
+            if kind == T_OUT {
+                fill_sectors(&mut blk.buf(k)[..r.len as usize], first, seed);
+            }
+        }
+        if let Err(e) = blk.run(&reqs[..n], &mut st) {
+            fail(e.what(), 1);
+        }
+        for k in 0..n {
+            t.status(st[k], reqs[k].sector);
+            if kind == T_IN && st[k] == 0 {
+                let len = reqs[k].len as usize;
+                t.mism
+                    .merge(verify_sectors(&blk.buf(k)[..len], reqs[k].sector, seed));
+            }
+        }
+        i += n as u64;
+    }
+}
