@@ -1,0 +1,477 @@
+//! `vnode-bench excache` (issue 4).
+//!
+//! Runs the test guest's seq / random / zipf(0.99) workloads with guest RAM behind the ExCache
+//! (`--mem-server ADDR --local-mem SIZE`) at 100%, 50%, 25% and 12.5% of the working set, and
+//! with all-local memory (no `--mem-server`) as the baseline; and the same userfaultfd path over
+//! the in-process page store (`--mem-server local`) as the platform's fault floor. A fresh
+//! `vnode-memd` serves each remote run. Runs are interleaved (run r of every cell, then run r+1)
+//! so that load drifts hit every cell alike. Reported: medians of the guest's pass+verify cycles
+//! (the fill phase is the same first touch everywhere), wall time, the ExCache's counters, and
+//! PASS/MISS against the issue's targets, computed from the medians shown.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde_json::{json, Value};
+
+use super::guestrun::{binary, vnode_has_flag, GuestRun, GuestSpec};
+use super::memd::MemServer;
+use super::stats::{median, Summary};
+use super::table::{num, ratio, Table};
+use super::{fmt_size, parse_size, plot, write_out, Common, Env};
+
+#[derive(Args)]
+pub struct ExcacheArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Working set (the guest's `bytes=`; 64M with --quick).
+    #[arg(long, value_parser = parse_size, default_value = "512M")]
+    bytes: u64,
+    /// Share of the passes' accesses that write, in percent.
+    #[arg(long, default_value_t = 50)]
+    writes: u32,
+    /// Passes over the working set (1 with --quick).
+    #[arg(long, default_value_t = 2)]
+    passes: u32,
+    /// Workloads.
+    #[arg(long, value_delimiter = ',', default_value = "seq,random,zipf")]
+    patterns: Vec<String>,
+    /// ExCache sizes as fractions of the working set.
+    #[arg(long, value_delimiter = ',', default_value = "1,0.5,0.25,0.125")]
+    fractions: Vec<f64>,
+    /// Eviction policy (`--excache-policy`).
+    #[arg(long, default_value = "clock")]
+    policy: String,
+    /// The fault-floor comparison runs this workload at this fraction, remote and `local`.
+    #[arg(long, default_value = "random")]
+    floor_pattern: String,
+    #[arg(long, default_value_t = 0.25)]
+    floor_fraction: f64,
+    /// Use this memory server for every remote run instead of starting a fresh vnode-memd.
+    #[arg(long, value_name = "ADDR")]
+    mem_server: Option<String>,
+}
+
+/// Where guest RAM lives in one cell.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backing {
+    AllLocal,
+    Remote(f64),
+    /// `--mem-server local`: the in-process page store behind the same userfaultfd path.
+    LocalStore(f64),
+}
+
+impl Backing {
+    fn label(&self) -> String {
+        match self {
+            Backing::AllLocal => "all-local".into(),
+            Backing::Remote(f) => format!("remote {}%", f * 100.0),
+            Backing::LocalStore(f) => format!("local store {}%", f * 100.0),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Cell {
+    pattern: String,
+    backing: Backing,
+}
+
+/// The samples of one cell.
+#[derive(Default)]
+struct Samples {
+    runs: Vec<GuestRun>,
+    failures: Vec<String>,
+}
+
+impl Samples {
+    fn values(&self, f: impl Fn(&GuestRun) -> Option<f64>) -> Vec<f64> {
+        self.runs.iter().filter_map(f).collect()
+    }
+
+    fn median(&self, f: impl Fn(&GuestRun) -> Option<f64>) -> Option<f64> {
+        median(&self.values(f))
+    }
+}
+
+/// Guest cycles of the passes and verify phases.
+fn work_cycles(g: &GuestRun) -> Option<f64> {
+    Some((g.field("pass_cycles").ok()? + g.field("verify_cycles").ok()?) as f64)
+}
+
+fn wall_s(g: &GuestRun) -> Option<f64> {
+    Some(g.wall.as_secs_f64())
+}
+
+struct Plan<'a> {
+    env: &'a Env,
+    args: &'a ExcacheArgs,
+    bytes: u64,
+    passes: u32,
+    memd: Option<std::path::PathBuf>,
+    secret: String,
+}
+
+pub fn run(env: &Env, a: &ExcacheArgs) -> Result<()> {
+    if !vnode_has_flag(&env.vnode, "--mem-server")? {
+        bail!(
+            "{} has no --mem-server flag: the ExCache is not in this build. Rebuild it \
+             (cargo build --release -p vmm -p remote-mem) once the ExCache has landed, or pass \
+             --bin-dir to a vnode that has it",
+            env.vnode.display()
+        );
+    }
+    let plan = Plan {
+        env,
+        args: a,
+        bytes: if env.quick { 64 << 20 } else { a.bytes },
+        passes: if env.quick { 1 } else { a.passes.max(1) },
+        memd: match a.mem_server {
+            Some(_) => None,
+            None => Some(binary(&env.bin_dir, "vnode-memd")?),
+        },
+        secret: format!("vnode-bench-{}", std::process::id()),
+    };
+    let cells = plan.cells();
+    println!(
+        "  workload: test=mem bytes={} writes={} passes={} seed={}, 1 vCPU, policy {}",
+        fmt_size(plan.bytes),
+        a.writes,
+        plan.passes,
+        env.seed,
+        a.policy
+    );
+    println!(
+        "  e.g.: {}",
+        plan.spec(&cells[cells.len() - 1], "ADDR").shell_line()
+    );
+    let results = plan.run_all(&cells)?;
+    let failed = report(&plan, &cells, &results)?;
+    if failed > 0 {
+        bail!("{failed} runs failed (listed above)");
+    }
+    Ok(())
+}
+
+impl Plan<'_> {
+    fn cells(&self) -> Vec<Cell> {
+        let mut cells = Vec::new();
+        for p in &self.args.patterns {
+            let mut add = |backing| {
+                cells.push(Cell {
+                    pattern: p.clone(),
+                    backing,
+                })
+            };
+            add(Backing::AllLocal);
+            for &f in &self.args.fractions {
+                add(Backing::Remote(f));
+            }
+            if *p == self.args.floor_pattern {
+                add(Backing::LocalStore(self.args.floor_fraction));
+            }
+        }
+        cells
+    }
+
+    fn guest_mem(&self) -> String {
+        // The working set plus room for the guest's image, page tables and metadata.
+        fmt_size(self.bytes + (32 << 20))
+    }
+
+    fn spec(&self, c: &Cell, addr: &str) -> GuestSpec<'_> {
+        let cache = |f: f64| fmt_size(((self.bytes as f64 * f) as u64) / 4096 * 4096);
+        let mut extra: Vec<String> = Vec::new();
+        let mut ex = |server: &str, f: f64| {
+            extra.extend(
+                [
+                    "--mem-server",
+                    server,
+                    "--local-mem",
+                    &cache(f),
+                    "--excache-policy",
+                    &self.args.policy,
+                ]
+                .map(String::from),
+            )
+        };
+        match c.backing {
+            Backing::AllLocal => {}
+            Backing::Remote(f) => ex(addr, f),
+            Backing::LocalStore(f) => ex("local", f),
+        }
+        GuestSpec {
+            vnode: &self.env.vnode,
+            kernel: &self.env.kernel,
+            mem: self.guest_mem(),
+            cmdline: format!(
+                "test=mem bytes={} pattern={} seed={} writes={} passes={}",
+                fmt_size(self.bytes),
+                c.pattern,
+                self.env.seed,
+                self.args.writes,
+                self.passes
+            ),
+            extra,
+            env: vec![("VNODE_SECRET".into(), self.secret.clone())],
+        }
+    }
+
+    fn run_one(&self, c: &Cell) -> Result<GuestRun> {
+        let server = match (&c.backing, &self.memd, &self.args.mem_server) {
+            (Backing::Remote(_), Some(bin), _) => Some(MemServer::start(
+                bin,
+                "4G",
+                &self.secret,
+                &self.env.out.join("vnode-memd.log"),
+            )?),
+            _ => None,
+        };
+        let addr = match (&server, &self.args.mem_server) {
+            (Some(s), _) => s.addr.clone(),
+            (None, Some(a)) => a.clone(),
+            (None, None) => String::new(),
+        };
+        self.spec(c, &addr).run()
+    }
+
+    fn run_all(&self, cells: &[Cell]) -> Result<Vec<Samples>> {
+        let mut out: Vec<Samples> = cells.iter().map(|_| Samples::default()).collect();
+        let total = self.env.runs * cells.len();
+        let mut done = 0;
+        for _ in 0..self.env.runs {
+            for (c, s) in cells.iter().zip(out.iter_mut()) {
+                done += 1;
+                eprint!(
+                    "\r  run {done}/{total}: {} {}        ",
+                    c.pattern,
+                    c.backing.label()
+                );
+                match self.run_one(c) {
+                    Ok(g) => s.runs.push(g),
+                    Err(e) => {
+                        eprintln!("\n  FAILED: {e:#}");
+                        s.failures.push(format!("{e:#}"));
+                    }
+                }
+            }
+        }
+        eprintln!();
+        Ok(out)
+    }
+}
+
+/// The cells and their samples, side by side.
+struct Results<'a> {
+    cells: &'a [Cell],
+    res: &'a [Samples],
+}
+
+impl Results<'_> {
+    fn get(&self, p: &str, b: Backing) -> Option<&Samples> {
+        self.cells
+            .iter()
+            .position(|c| c.pattern == p && c.backing == b)
+            .map(|i| &self.res[i])
+    }
+}
+
+/// Prints the tables and targets, writes the plot and raw results; returns the failed runs.
+fn report(plan: &Plan, cells: &[Cell], res: &[Samples]) -> Result<usize> {
+    let find = Results { cells, res };
+    let mut targets = Vec::new();
+    println!();
+    print!("{}", fault_table(plan, &find, &mut targets));
+    println!();
+    print!("{}", workload_table(plan, &find));
+    workload_targets(&find, &mut targets);
+    println!("\ntargets (from the medians above; MISS is reported as measured):");
+    for t in &targets {
+        println!("  {t}");
+    }
+    let curves = plan
+        .args
+        .patterns
+        .iter()
+        .map(|p| {
+            let pts = plan
+                .args
+                .fractions
+                .iter()
+                .filter_map(|&f| slowdown(&find, p, Backing::Remote(f)).map(|s| (f * 100.0, s)))
+                .collect();
+            (p.clone(), pts)
+        })
+        .collect::<Vec<_>>();
+    let svg = plan.env.out.join("excache.svg");
+    plot::slowdown_svg(&svg, &curves, &plot_title(plan))?;
+    let raw = write_out(&plan.env.out, "excache.json", &raw_json(cells, res))?;
+    let failed: usize = res.iter().map(|s| s.failures.len()).sum();
+    check_residency(cells, res);
+    println!(
+        "\n  plot: {}\n  raw samples: {}",
+        svg.display(),
+        raw.display()
+    );
+    Ok(failed)
+}
+
+fn plot_title(plan: &Plan) -> String {
+    format!(
+        "ExCache: pass+verify time vs all-local, {} working set, writes={}%, {}",
+        fmt_size(plan.bytes),
+        plan.args.writes,
+        plan.args.policy
+    )
+}
+
+/// Median pass+verify cycles of a cell relative to the pattern's all-local median.
+fn slowdown(find: &Results, p: &str, b: Backing) -> Option<f64> {
+    let base = find.get(p, Backing::AllLocal)?.median(work_cycles)?;
+    Some(find.get(p, b)?.median(work_cycles)? / base)
+}
+
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "PASS",
+        Some(false) => "MISS",
+        None => "NO DATA",
+    }
+}
+
+fn fault_table(plan: &Plan, find: &Results, targets: &mut Vec<String>) -> String {
+    let (p, f) = (&plan.args.floor_pattern, plan.args.floor_fraction);
+    let remote = find.get(p, Backing::Remote(f));
+    let floor = find.get(p, Backing::LocalStore(f));
+    let get = |s: Option<&Samples>, k: &str| s.and_then(|s| s.median(|g| g.excache(k)));
+    let mut t = Table::new(&[
+        "fault path",
+        "faults",
+        "p50 us",
+        "p99 us",
+        "p50 vs floor",
+        "p99 vs floor",
+    ]);
+    let div = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    for (name, s) in [
+        ("remote: vnode-memd, loopback TCP", remote),
+        ("floor: --mem-server local", floor),
+    ] {
+        t.row(vec![
+            name.into(),
+            num(get(s, "faults"), 0),
+            num(get(s, "fault_p50_us"), 1),
+            num(get(s, "fault_p99_us"), 1),
+            ratio(div(get(s, "fault_p50_us"), get(floor, "fault_p50_us"))),
+            ratio(div(get(s, "fault_p99_us"), get(floor, "fault_p99_us"))),
+        ]);
+    }
+    let r = div(get(remote, "fault_p50_us"), get(floor, "fault_p50_us"));
+    targets.push(format!(
+        "{}  remote fault p50 <= 1.3x local floor: {}",
+        verdict(r.map(|r| r <= 1.3)),
+        ratio(r)
+    ));
+    format!(
+        "per-fault latency (ExCache's own p50/p99 per run, medians over runs), \
+         {p} at {}% cache\n{}",
+        f * 100.0,
+        t.render()
+    )
+}
+
+fn workload_targets(find: &Results, targets: &mut Vec<String>) {
+    let z = slowdown(find, "zipf", Backing::Remote(0.5));
+    targets.push(format!(
+        "{}  zipf at 50% within 1.5x of all-local: {}",
+        verdict(z.map(|z| z <= 1.5)),
+        ratio(z)
+    ));
+    let s = slowdown(find, "seq", Backing::Remote(0.25)).map(|s| 1.0 / s);
+    targets.push(format!(
+        "{}  seq at 25% >= 50% of all-local speed: {}",
+        verdict(s.map(|s| s >= 0.5)),
+        num(s.map(|s| s * 100.0), 0) + "%"
+    ));
+}
+
+fn workload_table(plan: &Plan, find: &Results) -> String {
+    let (cells, res) = (find.cells, find.res);
+    let mut t = Table::new(&[
+        "workload",
+        "memory",
+        "ok runs",
+        "pass+verify Mcyc",
+        "p90",
+        "vs all-local",
+        "wall s",
+        "vs all-local",
+        "faults",
+        "evictions",
+        "writebacks",
+        "fault p50 us",
+    ]);
+    for (c, s) in cells.iter().zip(res) {
+        let base = find.get(&c.pattern, Backing::AllLocal);
+        let cyc = Summary::of(&s.values(work_cycles));
+        let rel = |f: fn(&GuestRun) -> Option<f64>| Some(s.median(f)? / base?.median(f)?);
+        let ex = |k: &str| num(s.median(|g| g.excache(k)), 0);
+        t.row(vec![
+            c.pattern.clone(),
+            c.backing.label(),
+            format!("{}/{}", s.runs.len(), s.runs.len() + s.failures.len()),
+            num(cyc.map(|c| c.median / 1e6), 0),
+            num(cyc.map(|c| c.p90 / 1e6), 0),
+            ratio(rel(work_cycles)),
+            num(s.median(wall_s), 2),
+            ratio(rel(wall_s)),
+            ex("faults"),
+            ex("evictions"),
+            ex("writebacks"),
+            num(s.median(|g| g.excache("fault_p50_us")), 1),
+        ]);
+    }
+    format!(
+        "workloads: medians of {} runs; Mcyc = 10^6 guest TSC cycles ({:.3} GHz) of the passes \
+         and verify phases; memory = ExCache size as % of the {} working set\n{}",
+        plan.env.runs,
+        plan.env.tsc_hz / 1e9,
+        fmt_size(plan.bytes),
+        t.render()
+    )
+}
+
+/// Says so when a run's resident set went over the ExCache's limit (it would flatter the cache).
+fn check_residency(cells: &[Cell], res: &[Samples]) {
+    for (c, s) in cells.iter().zip(res) {
+        for g in &s.runs {
+            if let (Some(r), Some(l)) = (g.excache("max_resident_pages"), g.excache("limit_pages"))
+            {
+                if r > l {
+                    println!(
+                        "  WARNING: {} {}: max_resident_pages {r} > limit_pages {l}",
+                        c.pattern,
+                        c.backing.label()
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn raw_json(cells: &[Cell], res: &[Samples]) -> String {
+    let mut m = BTreeMap::new();
+    for (c, s) in cells.iter().zip(res) {
+        let runs: Vec<Value> = s
+            .runs
+            .iter()
+            .map(|g| json!({"wall_s": g.wall.as_secs_f64(), "guest": g.summary, "stats": g.stats}))
+            .collect();
+        m.insert(
+            format!("{} {}", c.pattern, c.backing.label()),
+            json!({"runs": runs, "failures": s.failures}),
+        );
+    }
+    format!("{:#}\n", json!(m))
+}
