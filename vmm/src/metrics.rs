@@ -41,6 +41,15 @@ pub struct Metrics {
     pub mmio_unowned: Counter,
     pub int3_injected: Counter,
     pub serial_errors: Counter,
+    /// virtio-blk requests completed (all disks), by outcome.
+    pub blk_requests: Counter,
+    pub blk_bad_requests: Counter,
+    pub blk_io_errors: Counter,
+    pub blk_bytes_read: Counter,
+    pub blk_bytes_written: Counter,
+    pub blk_flushes: Counter,
+    /// Devices put in DEVICE_NEEDS_RESET by a chain they cannot answer.
+    pub blk_broken: Counter,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -52,6 +61,13 @@ pub static METRICS: Metrics = Metrics {
     mmio_unowned: Counter::new(),
     int3_injected: Counter::new(),
     serial_errors: Counter::new(),
+    blk_requests: Counter::new(),
+    blk_bad_requests: Counter::new(),
+    blk_io_errors: Counter::new(),
+    blk_bytes_read: Counter::new(),
+    blk_bytes_written: Counter::new(),
+    blk_flushes: Counter::new(),
+    blk_broken: Counter::new(),
 };
 
 /// Logs at most `burst` events per key before going quiet, so a guest cannot flood the log.

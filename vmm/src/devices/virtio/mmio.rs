@@ -314,3 +314,148 @@ impl BusDevice for MmioTransport {
         self.write_reg(offset, u32::from_le_bytes(bytes));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::ActivateError;
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+
+    /// Records its activations.
+    struct Dummy(Arc<Mutex<Vec<u64>>>);
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[64]
+        }
+        fn features(&self) -> u64 {
+            1 << 9
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            features: u64,
+            queues: Vec<Queue>,
+            _notify: EventFd,
+            _interrupt: Arc<Interrupt>,
+        ) -> Result<(), ActivateError> {
+            assert_eq!(queues[0].size(), 16);
+            self.0.lock().unwrap().push(features);
+            Ok(())
+        }
+        fn reset(&mut self) {}
+    }
+
+    fn transport() -> (MmioTransport, Arc<Mutex<Vec<u64>>>, EventFd) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let t = MmioTransport::new(
+            Box::new(Dummy(log.clone())),
+            mem,
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            notify.try_clone().unwrap(),
+        );
+        (t, log, notify)
+    }
+
+    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, hi: u32) -> u32 {
+        w(t, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(t, reg::DRIVER_FEATURES_SEL, 0);
+        w(t, reg::DRIVER_FEATURES, 1 << 9);
+        w(t, reg::DRIVER_FEATURES_SEL, 1);
+        w(t, reg::DRIVER_FEATURES, hi);
+        w(
+            t,
+            reg::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        r(t, reg::STATUS)
+    }
+
+    #[test]
+    fn identity_features_and_config() {
+        let (mut t, _, _) = transport();
+        assert_eq!(r(&mut t, reg::MAGIC), MAGIC);
+        assert_eq!(r(&mut t, reg::VERSION), 2);
+        assert_eq!(r(&mut t, reg::DEVICE_ID), 2);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 1); // VERSION_1
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r(&mut t, reg::DEVICE_FEATURES), 1 << 9);
+        let mut b = [0u8; 2];
+        t.read(CONFIG_SPACE + 3, &mut b);
+        assert_eq!(b, [3, 3]);
+    }
+
+    #[test]
+    fn version_1_is_required() {
+        let (mut t, _, _) = transport();
+        assert_eq!(negotiate(&mut t, 0) & STATUS_FEATURES_OK, 0);
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        assert_ne!(negotiate(&mut t, 1) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn queue_setup_activation_notify_and_reset() {
+        let (mut t, log, notify) = transport();
+        negotiate(&mut t, 1);
+        w(&mut t, reg::QUEUE_SEL, 0);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 64);
+        w(&mut t, reg::QUEUE_NUM, 16);
+        for (reg, addr) in [
+            (reg::QUEUE_DESC_LOW, 0x1000),
+            (reg::QUEUE_DRIVER_LOW, 0x2000),
+            (reg::QUEUE_DEVICE_LOW, 0x3000),
+        ] {
+            w(&mut t, reg, addr);
+        }
+        w(&mut t, reg::QUEUE_READY, 1);
+        let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        w(&mut t, reg::STATUS, ok);
+        assert_eq!(r(&mut t, reg::STATUS), ok);
+        assert_eq!(*log.lock().unwrap(), vec![(1 << 32) | (1 << 9)]);
+        // Queue registers are frozen while running.
+        w(&mut t, reg::QUEUE_NUM, 32);
+        assert_eq!(t.queues[0].size(), 16);
+        w(&mut t, QUEUE_NOTIFY, 0);
+        assert_eq!(notify.read().unwrap(), 1);
+        t.interrupt.signal(INT_USED);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), INT_USED);
+        w(&mut t, reg::INTERRUPT_ACK, INT_USED);
+        assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn driver_ok_without_a_ready_queue_needs_reset() {
+        let (mut t, log, _) = transport();
+        negotiate(&mut t, 1);
+        let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        w(&mut t, reg::STATUS, ok);
+        assert_ne!(r(&mut t, reg::STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert!(log.lock().unwrap().is_empty());
+    }
+
+    const INT_USED: u32 = crate::devices::virtio::INT_USED_RING;
+}

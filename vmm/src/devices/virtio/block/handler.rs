@@ -19,12 +19,14 @@ use vmm_sys_util::eventfd::EventFd;
 use super::backend::{BackendError, BlockBackend, BlockOp};
 use super::request::{parse, Request, RequestType, ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::{Interrupt, INT_USED_RING};
+use crate::metrics::{RateLimit, METRICS};
 
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
-/// Guest-triggered problems logged per device before going quiet.
-const LOG_LIMIT: u32 = 16;
+/// Guest-triggered problems logged before going quiet (all disks).
+static BAD_REQUEST_LOG: RateLimit = RateLimit::new(16);
+static BACKEND_ERROR_LOG: RateLimit = RateLimit::new(16);
 
 /// What the device thread knows about its disk.
 #[derive(Clone, Debug)]
@@ -62,7 +64,6 @@ struct State {
     pending: HashMap<u64, Pending>,
     next_token: u64,
     broken: bool,
-    logged: u32,
     used: bool,
 }
 
@@ -76,7 +77,6 @@ impl Handler {
             pending: HashMap::new(),
             next_token: 0,
             broken: false,
-            logged: 0,
             used: false,
         };
         loop {
@@ -107,8 +107,8 @@ impl Handler {
             match parse(&self.mem, chain, self.disk.seg_max) {
                 Ok(req) => self.start(st, Pending { head, req }),
                 Err(f) => {
-                    if st.logged < LOG_LIMIT {
-                        st.logged += 1;
+                    METRICS.blk_bad_requests.inc();
+                    if BAD_REQUEST_LOG.allow() {
                         tracing::warn!(dev = %self.name, "bad request from the guest: {}", f.error);
                     }
                     match f.status {
@@ -117,6 +117,7 @@ impl Handler {
                             // Nothing to report the error through: stop using the queue
                             // until the driver resets the device.
                             st.broken = true;
+                            METRICS.blk_broken.inc();
                             self.interrupt.needs_reset();
                             return;
                         }
@@ -210,12 +211,18 @@ impl Handler {
             Ok(data) if r.kind == RequestType::In => {
                 let ok = data.len() == r.data_len as usize && self.scatter(r, &data);
                 let (status, len) = if ok { (S_OK, r.data_len) } else { (S_IOERR, 0) };
+                METRICS.blk_bytes_read.add(u64::from(len));
                 self.finish(st, p.head, r.status, status, len);
             }
-            Ok(_) => self.finish(st, p.head, r.status, S_OK, 0),
+            Ok(_) => {
+                match r.kind {
+                    RequestType::Out => METRICS.blk_bytes_written.add(u64::from(r.data_len)),
+                    _ => METRICS.blk_flushes.inc(),
+                }
+                self.finish(st, p.head, r.status, S_OK, 0);
+            }
             Err(e) => {
-                if st.logged < LOG_LIMIT {
-                    st.logged += 1;
+                if BACKEND_ERROR_LOG.allow() {
                     tracing::warn!(dev = %self.name, kind = ?r.kind, sector = r.sector, "backend: {e}");
                 }
                 self.finish(st, p.head, r.status, S_IOERR, 0);
@@ -238,6 +245,10 @@ impl Handler {
     /// Writes the status byte and puts the chain in the used ring; `len` counts the data bytes
     /// written to the guest, plus the status byte.
     fn finish(&mut self, st: &mut State, head: u16, status: GuestAddress, s: u8, len: u32) {
+        METRICS.blk_requests.inc();
+        if s == S_IOERR {
+            METRICS.blk_io_errors.inc();
+        }
         if let Err(e) = self.mem.write_obj(s, status) {
             tracing::warn!(dev = %self.name, "cannot write a status byte: {e}");
         }
@@ -249,5 +260,219 @@ impl Handler {
                 self.interrupt.needs_reset();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::backend::Done;
+    use crate::devices::virtio::STATUS_DEVICE_NEEDS_RESET;
+    use std::sync::atomic::AtomicU32;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const N: u16 = VRING_DESC_F_NEXT as u16;
+
+    /// A RAM disk; `full` makes every write fail as ENOSPC would.
+    struct MemDisk {
+        data: Mutex<Vec<u8>>,
+        full: bool,
+    }
+
+    impl BlockBackend for MemDisk {
+        fn size(&self) -> u64 {
+            self.data.lock().unwrap().len() as u64
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn submit(&self, op: BlockOp, done: Done) {
+            let mut d = self.data.lock().unwrap();
+            let r = match op {
+                BlockOp::Read { offset, len } => {
+                    Ok(d[offset as usize..offset as usize + len as usize].to_vec())
+                }
+                BlockOp::Write { .. } if self.full => Err(BackendError::Io(
+                    std::io::Error::from_raw_os_error(libc::ENOSPC),
+                )),
+                BlockOp::Write { offset, data, .. } => {
+                    d[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                    Ok(Vec::new())
+                }
+                BlockOp::Flush => Ok(Vec::new()),
+            };
+            drop(d);
+            // Complete from another thread, as the NBD client does.
+            std::thread::spawn(move || done(r));
+        }
+    }
+
+    fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
+
+    fn header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
+        mem.write_obj(kind, GuestAddress(at)).unwrap();
+        mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(at + 0x100)).unwrap(); // its status byte
+    }
+
+    /// Runs a handler over `descs` (already in the mock queue) until `used` chains are used or
+    /// the device needs a reset; returns the device status.
+    fn run(mem: &GuestMemoryMmap, descs: &[RawDescriptor], disk: Arc<MemDisk>, used: u16) -> u32 {
+        run_at(mem, GuestAddress(0x8000), descs, disk, used)
+    }
+
+    fn run_at(
+        mem: &GuestMemoryMmap,
+        qbase: GuestAddress,
+        descs: &[RawDescriptor],
+        disk: Arc<MemDisk>,
+        used: u16,
+    ) -> u32 {
+        let q = MockSplitQueue::create(mem, qbase, 16);
+        q.add_desc_chains(descs, 0).unwrap();
+        let status = Arc::new(AtomicU32::new(0));
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap(), status.clone()));
+        let wake = Arc::new(EventFd::new(0).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut id = [0u8; 20];
+        id[..5].copy_from_slice(b"disk0");
+        let h = Handler {
+            mem: mem.clone(),
+            queue: q.create_queue().unwrap(),
+            wake: wake.clone(),
+            stop: stop.clone(),
+            interrupt,
+            backend: disk,
+            disk: DiskParams {
+                capacity: 64 * 512,
+                read_only: false,
+                id,
+                seg_max: 8,
+                writeback: true,
+            },
+            name: "blk-test".into(),
+        };
+        let t = std::thread::spawn(move || h.run());
+        wake.write(1).unwrap();
+        let t0 = Instant::now();
+        while q.used().idx().load() != used
+            && status.load(Ordering::Acquire) & STATUS_DEVICE_NEEDS_RESET == 0
+        {
+            assert!(t0.elapsed() < Duration::from_secs(10), "device stalled");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        stop.store(true, Ordering::Release);
+        wake.write(1).unwrap();
+        t.join().unwrap();
+        assert!(irq.read().unwrap() > 0, "no interrupt");
+        status.load(Ordering::Acquire)
+    }
+
+    fn status_at(mem: &GuestMemoryMmap, hdr: u64) -> u8 {
+        mem.read_obj(GuestAddress(hdr + 0x100)).unwrap()
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn disk(full: bool) -> Arc<MemDisk> {
+        Arc::new(MemDisk {
+            data: Mutex::new(vec![0; 64 * 512]),
+            full,
+        })
+    }
+
+    #[test]
+    fn a_write_then_a_read_back() {
+        let m = mem();
+        let (h0, h1, b0, b1) = (0x1_0000, 0x1_1000, 0x2_0000, 0x3_0000);
+        header(&m, h0, 1, 3);
+        header(&m, h1, 0, 3);
+        m.write_slice(&[0xab; 1024], GuestAddress(b0)).unwrap();
+        let d = disk(false);
+        let descs = [
+            raw(h0, 16, N, 1),
+            raw(b0, 1024, N, 2),
+            raw(h0 + 0x100, 1, W, 0),
+            raw(h1, 16, N, 1),
+            raw(b1, 1024, W | N, 2),
+            raw(h1 + 0x100, 1, W, 0),
+        ];
+        // Requests in flight together may complete in any order: the read goes in a second
+        // run (on a fresh queue).
+        assert_eq!(run(&m, &descs[..3], d.clone(), 1), 0);
+        assert_eq!(status_at(&m, h0), 0);
+        assert_eq!(&d.data.lock().unwrap()[3 * 512..5 * 512], &[0xab; 1024][..]);
+        assert_eq!(run_at(&m, GuestAddress(0xc000), &descs[3..], d, 1), 0);
+        assert_eq!(status_at(&m, h1), 0);
+        let mut back = [0u8; 1024];
+        m.read_slice(&mut back, GuestAddress(b1)).unwrap();
+        assert_eq!(back, [0xab; 1024]);
+    }
+
+    #[test]
+    fn full_disk_is_an_io_error_and_the_queue_goes_on() {
+        let m = mem();
+        let (h0, h1, b0) = (0x1_0000, 0x1_1000, 0x2_0000);
+        header(&m, h0, 1, 0);
+        header(&m, h1, 8, 0); // GET_ID
+        let descs = [
+            raw(h0, 16, N, 1),
+            raw(b0, 512, N, 2),
+            raw(h0 + 0x100, 1, W, 0),
+            raw(h1, 16, N, 4),
+            raw(b0, 20, W | N, 5),
+            raw(h1 + 0x100, 1, W, 0),
+        ];
+        assert_eq!(run(&m, &descs, disk(true), 2), 0);
+        assert_eq!(status_at(&m, h0), S_IOERR);
+        assert_eq!(status_at(&m, h1), S_OK);
+        let mut id = [0u8; 5];
+        m.read_slice(&mut id, GuestAddress(b0)).unwrap();
+        assert_eq!(&id, b"disk0");
+    }
+
+    #[test]
+    fn out_of_range_unsupported_and_outside_ram_get_a_status() {
+        let m = mem();
+        let (h0, h1, h2) = (0x1_0000, 0x1_1000, 0x1_2000);
+        header(&m, h0, 0, 63); // reads sectors 63..65 of a 64-sector disk
+        header(&m, h1, 42, 0);
+        header(&m, h2, 0, 0);
+        let descs = [
+            raw(h0, 16, N, 1),
+            raw(0x2_0000, 1024, W | N, 2),
+            raw(h0 + 0x100, 1, W, 0),
+            raw(h1, 16, N, 4),
+            raw(h1 + 0x100, 1, W, 0),
+            raw(h2, 16, N, 6),
+            raw(1 << 40, 512, W | N, 7),
+            raw(h2 + 0x100, 1, W, 0),
+        ];
+        assert_eq!(run(&m, &descs, disk(false), 3), 0);
+        assert_eq!(status_at(&m, h0), S_IOERR);
+        assert_eq!(status_at(&m, h1), S_UNSUPP);
+        assert_eq!(status_at(&m, h2), S_IOERR);
+    }
+
+    #[test]
+    fn a_looping_chain_marks_the_device_broken() {
+        let m = mem();
+        let h0 = 0x1_0000;
+        header(&m, h0, 0, 0);
+        let descs = [raw(h0, 16, N, 1), raw(0x2_0000, 512, W | N, 0)];
+        let status = run(&m, &descs, disk(false), 1);
+        assert_ne!(status & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_eq!(status_at(&m, h0), 0xff, "nothing was written");
     }
 }
