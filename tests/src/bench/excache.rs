@@ -240,6 +240,7 @@ impl Plan<'_> {
         let mut out: Vec<Samples> = cells.iter().map(|_| Samples::default()).collect();
         let total = self.env.runs * cells.len();
         let mut done = 0;
+        let started = std::time::Instant::now();
         for _ in 0..self.env.runs {
             for (c, s) in cells.iter().zip(out.iter_mut()) {
                 done += 1;
@@ -258,6 +259,7 @@ impl Plan<'_> {
             }
         }
         eprintln!();
+        println!("  {total} runs in {:.0} s", started.elapsed().as_secs_f64());
         Ok(out)
     }
 }
@@ -404,6 +406,7 @@ fn workload_table(plan: &Plan, find: &Results) -> String {
         "ok runs",
         "pass+verify Mcyc",
         "p90",
+        "min",
         "vs all-local",
         "wall s",
         "vs all-local",
@@ -423,6 +426,7 @@ fn workload_table(plan: &Plan, find: &Results) -> String {
             format!("{}/{}", s.runs.len(), s.runs.len() + s.failures.len()),
             num(cyc.map(|c| c.median / 1e6), 0),
             num(cyc.map(|c| c.p90 / 1e6), 0),
+            num(cyc.map(|c| c.min / 1e6), 0),
             ratio(rel(work_cycles)),
             num(s.median(wall_s), 2),
             ratio(rel(wall_s)),
