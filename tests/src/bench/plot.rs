@@ -49,8 +49,15 @@ pub fn slowdown_svg(path: &Path, curves: &[Curve], title: &str) -> Result<()> {
             .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
             .map_err(|e| err(&e))?;
     }
+    // The targets: zipf at 50% <= 1.5x, seq at 25% <= 2x (>= 50% of all-local speed).
+    chart
+        .draw_series([(50.0, 1.5), (25.0, 2.0)].map(|p| Cross::new(p, 7, BLACK.stroke_width(2))))
+        .map_err(|e| err(&e))?
+        .label("targets: zipf@50% <= 1.5x, seq@25% <= 2x")
+        .legend(|(x, y)| Cross::new((x + 10, y), 5, BLACK.stroke_width(2)));
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperMiddle)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
