@@ -242,3 +242,18 @@ fn bad_disks_fail_with_one_line() {
         assert!(lines[0].contains(expect), "{disk}: {}", f.stderr);
     }
 }
+
+#[test]
+fn hostile_chains_are_refused_and_the_vmm_lives() {
+    let dir = TempDir::new("vmm-blk-hostile");
+    let file = dir.path("disk.img");
+    sparse_file(&file, 1 << 20);
+    // A read into a buffer at 1 TiB (outside RAM) must get IOERR; a looping chain must set
+    // DEVICE_NEEDS_RESET; after a reset the same device must work normally.
+    let (report, _) = blk_ok(
+        &file.display().to_string(),
+        "test=blk sectors=256 mode=hostile",
+    );
+    assert_eq!(report["outside_ram_status"], 1, "{report}");
+    assert_eq!(report["loop_needs_reset"], true, "{report}");
+}

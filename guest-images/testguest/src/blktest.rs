@@ -1,18 +1,22 @@
 //! `test=blk`: on vCPU 0, writes `sectors` sectors of the first virtio-blk disk in pattern order
 //! (batches of requests in flight), flushes, then reads them all back and verifies them
-//! (`mode=verify`: only the read-back, for a disk an earlier run wrote).
+//! (`mode=verify`: only the read-back, for a disk an earlier run wrote). `mode=hostile` first
+//! sends a read into a buffer outside RAM (must get IOERR) and a looping chain (must set
+//! DEVICE_NEEDS_RESET), resets the device, and then does the normal run.
 //!
 //! Output: `{"test":"blk",...}` then `{"done":true,"ok":..,"errors":..}`; exit 0 if every request
 //! succeeded and every word matched, 1 otherwise, 2 if there is no usable disk.
 
 use testguest::blk::{fill_sectors, verify_sectors, ChunkOrder, SECTOR};
-use testguest::cmdline::Config;
+use testguest::cmdline::{BlkMode, Config};
 use testguest::content::Mismatches;
 use testguest::json::JsonLine;
 use testguest::region::Region;
 
 use crate::machine::BootInfo;
-use crate::virtio::{Blk, Req, BATCH, MEM_BYTES, SLOT0, T_FLUSH, T_GET_ID, T_IN, T_OUT};
+use crate::virtio::{
+    Blk, Error, Req, BATCH, D_NEXT, D_WRITE, MEM_BYTES, SLOT0, T_FLUSH, T_GET_ID, T_IN, T_OUT,
+};
 use crate::{boot, finish, park, port};
 
 #[derive(Default)]
@@ -46,12 +50,13 @@ pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
     if region.bytes() < MEM_BYTES {
         fail("not enough RAM for the driver", 2);
     }
-    // SAFETY: the first MEM_BYTES of R are RAM above the page tables that nothing else uses
-    // (R starts at base, at a 2 MiB boundary, and is contiguous for this small size).
-    let mut blk = match unsafe { Blk::init(SLOT0, region.gpa(0)) } {
-        Ok(b) => b,
-        Err(e) => fail(e.what(), 2),
-    };
+    let mut blk = start(region.gpa(0));
+    let hostile = (cfg.blk_mode == BlkMode::Hostile).then(|| {
+        let h = hostile_chains(&mut blk);
+        blk = start(region.gpa(0)); // the reset the looping chain made necessary
+        h
+    });
+    let verify_only = cfg.blk_mode == BlkMode::Verify;
     let sectors = cfg.sectors.unwrap_or(blk.capacity);
     if sectors > blk.capacity {
         fail("sectors exceeds the disk's capacity", 2);
@@ -60,11 +65,11 @@ pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
     let order = ChunkOrder::new(sectors, cfg.pattern, cfg.seed);
     let mut t = Tally::default();
     let t0 = port::rdtsc();
-    if !cfg.verify_only {
+    if !verify_only {
         pass(&mut blk, &order, cfg.seed, T_OUT, &mut t);
     }
     let t1 = port::rdtsc();
-    if !cfg.verify_only && blk.flush {
+    if !verify_only && blk.flush {
         let mut st = [0u8; 1];
         let flush = Req {
             kind: T_FLUSH,
@@ -81,7 +86,7 @@ pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
     let t3 = port::rdtsc();
     let mut line = JsonLine::<1024>::new()
         .str("test", "blk")
-        .str("mode", if cfg.verify_only { "verify" } else { "rw" })
+        .str("mode", cfg.blk_mode.name())
         .str("pattern", cfg.pattern.name())
         .u64("seed", cfg.seed)
         .u64("sectors", sectors)
@@ -101,9 +106,47 @@ pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
         .u64("write_cycles", t1 - t0)
         .u64("flush_cycles", t2 - t1)
         .u64("read_cycles", t3 - t2);
+    if let Some((outside_ram, loop_reset)) = hostile {
+        line = line
+            .u64("outside_ram_status", u64::from(outside_ram))
+            .bool("loop_needs_reset", loop_reset);
+        // The device must have refused both.
+        if outside_ram != 1 || !loop_reset {
+            t.io_errors += 1;
+        }
+    }
     port::serial_write(line.finish());
     let errors = t.mism.errors + t.io_errors;
     finish(errors == 0, errors)
+}
+
+/// (Re)starts the device at slot 0 with its memory at `mem`.
+fn start(mem: u64) -> Blk {
+    // SAFETY: `mem` is the start of R: MEM_BYTES of RAM above the page tables that nothing else
+    // uses (R starts at a 2 MiB boundary and is contiguous for this small size; `run` checked
+    // it is large enough).
+    match unsafe { Blk::init(SLOT0, mem) } {
+        Ok(b) => b,
+        Err(e) => fail(e.what(), 2),
+    }
+}
+
+/// Sends the two hostile chains: (status of the outside-RAM read, whether the loop made the
+/// device need a reset).
+fn hostile_chains(blk: &mut Blk) -> (u8, bool) {
+    let (hdr, st, buf) = (blk.header_addr(), blk.status_addr(), blk.buf_addr(0));
+    let outside = [
+        (hdr, 16, D_NEXT, 1),
+        (1 << 40, 512, D_WRITE | D_NEXT, 2),
+        (st, 1, D_WRITE, 0),
+    ];
+    let outside_ram = match blk.raw_chain(T_IN, &outside) {
+        Ok(s) => s,
+        Err(e) => fail(e.what(), 1),
+    };
+    let looping = [(hdr, 16, D_NEXT, 1), (buf, 512, D_WRITE | D_NEXT, 0)];
+    let loop_reset = blk.raw_chain(T_IN, &looping) == Err(Error::NeedsReset);
+    (outside_ram, loop_reset)
 }
 
 fn get_id(blk: &mut Blk) -> [u8; 20] {

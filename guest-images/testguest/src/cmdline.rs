@@ -1,6 +1,7 @@
 //! The guest's command line: `test=mem bytes=SIZE pattern=seq|random|zipf seed=N writes=PCT
-//! passes=N`, `test=cpu iters=N` or `test=blk sectors=N pattern=seq|random seed=N mode=rw|verify`. Unknown keys (e.g. Linux's `console=...`) are ignored;
-//! a known key with a bad value is an error naming it.
+//! passes=N`, `test=cpu iters=N` or `test=blk sectors=N pattern=seq|random seed=N
+//! mode=rw|verify|hostile`. Unknown keys (e.g. Linux's `console=...`) are ignored; a known key
+//! with a bad value is an error naming it.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Test {
@@ -29,6 +30,27 @@ impl Pattern {
     }
 }
 
+/// What `test=blk` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlkMode {
+    /// Write, flush, read back and verify.
+    Rw,
+    /// Only read back and verify what an earlier `rw` run wrote.
+    Verify,
+    /// Send the device hostile descriptor chains, reset it, then a short `rw` run.
+    Hostile,
+}
+
+impl BlkMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            BlkMode::Rw => "rw",
+            BlkMode::Verify => "verify",
+            BlkMode::Hostile => "hostile",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     pub test: Test,
@@ -43,8 +65,7 @@ pub struct Config {
     pub iters: u64,
     /// `test=blk`: sectors to test from sector 0 (`None`: the whole disk).
     pub sectors: Option<u64>,
-    /// `test=blk mode=verify`: only read and verify what an earlier `mode=rw` run wrote.
-    pub verify_only: bool,
+    pub blk_mode: BlkMode,
 }
 
 impl Default for Config {
@@ -58,7 +79,7 @@ impl Default for Config {
             passes: 1,
             iters: 100_000_000,
             sectors: None,
-            verify_only: false,
+            blk_mode: BlkMode::Rw,
         }
     }
 }
@@ -155,9 +176,10 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadValue<'_>> {
             b"iters" => cfg.iters = parse_u64(value).ok_or(bad)?,
             b"sectors" => cfg.sectors = Some(parse_u64(value).filter(|&n| n > 0).ok_or(bad)?),
             b"mode" => {
-                cfg.verify_only = match value {
-                    b"rw" => false,
-                    b"verify" => true,
+                cfg.blk_mode = match value {
+                    b"rw" => BlkMode::Rw,
+                    b"verify" => BlkMode::Verify,
+                    b"hostile" => BlkMode::Hostile,
                     _ => return Err(bad),
                 }
             }
@@ -187,10 +209,8 @@ mod tests {
         let c = parse(b"test=cpu iters=0x10").unwrap();
         assert_eq!((c.test, c.iters), (Test::Cpu, 16));
         let c = parse(b"test=blk sectors=4096 pattern=random seed=3 mode=verify").unwrap();
-        assert_eq!(
-            (c.test, c.sectors, c.verify_only),
-            (Test::Blk, Some(4096), true)
-        );
+        assert_eq!((c.test, c.sectors), (Test::Blk, Some(4096)));
+        assert_eq!(c.blk_mode, BlkMode::Verify);
         assert_eq!((c.pattern, c.seed), (Pattern::Random, 3));
     }
 

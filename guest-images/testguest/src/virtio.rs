@@ -46,8 +46,8 @@ const S_NEEDS_RESET: u32 = 0x40;
 const F_FLUSH: u32 = 1 << 9;
 const F_VERSION_1_HI: u32 = 1; // bit 32
 
-const D_NEXT: u16 = 1;
-const D_WRITE: u16 = 2;
+pub const D_NEXT: u16 = 1;
+pub const D_WRITE: u16 = 2;
 
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
@@ -87,7 +87,6 @@ pub struct Blk {
     base: u64,
     mem: u64,
     avail_idx: u16,
-    used_seen: u16,
     pub capacity: u64,
     pub flush: bool,
 }
@@ -154,7 +153,6 @@ impl Blk {
             base,
             mem,
             avail_idx: 0,
-            used_seen: 0,
             capacity,
             flush: lo & F_FLUSH != 0,
         })
@@ -179,10 +177,66 @@ impl Blk {
         unsafe { core::ptr::read_volatile(addr as *const T) }
     }
 
+    /// Makes `avail_idx` visible, notifies, and waits until the device has used everything.
+    fn publish_and_wait(&mut self) -> Result<(), Error> {
+        let (avail, used) = (self.mem + 4096, self.mem + 8192);
+        fence(Ordering::SeqCst);
+        self.put(avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+        wr(self.base + QUEUE_NOTIFY, 0);
+        let t0 = port::rdtsc();
+        while self.get::<u16>(used + 2) != self.avail_idx {
+            if rd(self.base + STATUS) & S_NEEDS_RESET != 0 {
+                return Err(Error::NeedsReset);
+            }
+            if port::rdtsc().wrapping_sub(t0) > TIMEOUT_CYCLES {
+                return Err(Error::Timeout);
+            }
+            core::hint::spin_loop();
+        }
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Sends one chain made of `descs` (address, length, flags, next) at table index 0, exactly
+    /// as given (hostile chains included), with a request header of `kind` for sector 0 at
+    /// [`Blk::header_addr`] and a status byte at [`Blk::status_addr`]; returns that byte.
+    pub fn raw_chain(&mut self, kind: u32, descs: &[(u64, u32, u16, u16)]) -> Result<u8, Error> {
+        let (desc, avail) = (self.mem, self.mem + 4096);
+        self.put(self.header_addr(), kind);
+        self.put(self.header_addr() + 4, 0u32);
+        self.put(self.header_addr() + 8, 0u64);
+        self.put(self.status_addr(), 0xffu8);
+        for (k, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let e = desc + 16 * k as u64;
+            self.put(e, addr);
+            self.put(e + 8, len);
+            self.put(e + 12, flags);
+            self.put(e + 14, next);
+        }
+        self.put(avail + 4 + 2 * u64::from(self.avail_idx % QSIZE), 0u16);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.publish_and_wait()?;
+        Ok(self.get(self.status_addr()))
+    }
+
+    /// Where request 0's header and status byte live (for [`Blk::raw_chain`]).
+    pub fn header_addr(&self) -> u64 {
+        self.mem + 12288
+    }
+
+    pub fn status_addr(&self) -> u64 {
+        self.mem + 12288 + 16 * BATCH as u64
+    }
+
+    /// Data buffer `i`'s address.
+    pub fn buf_addr(&self, i: usize) -> u64 {
+        self.mem + 4 * 4096 + (i * BUF_BYTES) as u64
+    }
+
     /// Runs a batch (request i uses buffer i) and waits for all of it; returns each status.
     pub fn run(&mut self, reqs: &[Req], status: &mut [u8]) -> Result<(), Error> {
-        let (desc, avail, used, hdrs) =
-            (self.mem, self.mem + 4096, self.mem + 8192, self.mem + 12288);
+        let (desc, avail, hdrs) = (self.mem, self.mem + 4096, self.mem + 12288);
         for (i, r) in reqs.iter().enumerate() {
             let hdr = hdrs + 16 * i as u64;
             let st = hdrs + 16 * BATCH as u64 + i as u64;
@@ -212,22 +266,7 @@ impl Blk {
             self.put(avail + 4 + 2 * slot, d);
         }
         self.avail_idx = self.avail_idx.wrapping_add(reqs.len() as u16);
-        fence(Ordering::SeqCst);
-        self.put(avail + 2, self.avail_idx);
-        fence(Ordering::SeqCst);
-        wr(self.base + QUEUE_NOTIFY, 0);
-        let t0 = port::rdtsc();
-        while self.get::<u16>(used + 2) != self.avail_idx {
-            if rd(self.base + STATUS) & S_NEEDS_RESET != 0 {
-                return Err(Error::NeedsReset);
-            }
-            if port::rdtsc().wrapping_sub(t0) > TIMEOUT_CYCLES {
-                return Err(Error::Timeout);
-            }
-            core::hint::spin_loop();
-        }
-        fence(Ordering::SeqCst);
-        self.used_seen = self.avail_idx;
+        self.publish_and_wait()?;
         for (i, s) in status.iter_mut().enumerate().take(reqs.len()) {
             *s = self.get(hdrs + 16 * BATCH as u64 + i as u64);
         }
