@@ -25,6 +25,7 @@ use crate::devices::virtio::mmio::{
 use crate::devices::StopSignal;
 use crate::kvm::{KvmError, Vcpu, VcpuBoot, Vm};
 use crate::memory::guest::{local_memory, MemoryError};
+use crate::memory::{remote_memory, RemoteMemError, RemoteMemory};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -34,6 +35,8 @@ pub enum BuildError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error(transparent)]
+    RemoteMemory(#[from] RemoteMemError),
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
     #[error("cannot open serial output {path}")]
@@ -67,20 +70,22 @@ pub struct Vmm {
     pub stop: StopSignal,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub boot: BootInfo,
+    /// The ExCache, when guest RAM is remote.
+    pub remote: Option<RemoteMemory>,
 }
 
 /// Builds the VM: memory, KVM platform, devices, guest image, vCPUs.
 pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let (kernel, _) = crate::boot::open_kernel(&config.kernel)?; // fail fast on a bad kernel
     drop(kernel);
-    let mem = local_memory(config.mem_size)?;
+    let stop = StopSignal::new();
+    let (mem, remote) = attach_memory(config, &stop)?;
     let mut vm = Vm::new(&config.kvm_device)?;
     if config.vcpus as usize > vm.max_vcpus() {
         return Err(BuildError::TooManyVcpus(config.vcpus, vm.max_vcpus()));
     }
     vm.setup_platform()?;
     vm.map_memory(&mem)?;
-    let stop = StopSignal::new();
     let mut buses = IoBuses::default();
     let serial = attach_serial(&vm, &mut buses, &config.serial)?;
     attach_i8042(&mut buses, &stop)?;
@@ -103,7 +108,23 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         stop,
         serial,
         boot,
+        remote,
     })
+}
+
+/// Guest RAM: local, or remote behind the ExCache (its fault server starts now, so loading the
+/// guest below already goes through it).
+fn attach_memory(
+    config: &VmConfig,
+    stop: &StopSignal,
+) -> Result<(GuestMemoryMmap, Option<RemoteMemory>), BuildError> {
+    match &config.remote_mem {
+        None => Ok((local_memory(config.mem_size)?, None)),
+        Some(rm) => {
+            let remote = remote_memory(config.mem_size, rm, stop)?;
+            Ok((remote.mem.clone(), Some(remote)))
+        }
+    }
 }
 
 fn attach_serial(

@@ -24,6 +24,8 @@ pub struct VmConfig {
     pub corrupt: Option<CorruptHook>,
     /// virtio-blk disks, in slot order (docs/guest-abi.md).
     pub disks: Vec<DiskSpec>,
+    /// Guest RAM on memory servers behind the ExCache; local RAM if None.
+    pub remote_mem: Option<crate::memory::RemoteMemConfig>,
 }
 
 /// Where a `--disk` lives.

@@ -64,6 +64,73 @@ struct RunArgs {
     /// PATH | nbd://HOST:PORT/EXPORT | nbd+unix:///EXPORT?socket=PATH, then optionally ,readonly.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
+    /// Put guest RAM on memory servers: ADDR (vnode-memd), or PRIMARY,BACKUP for a replicated
+    /// region; `local` keeps pages in this process (the fault path without a network).
+    #[arg(long, value_name = "ADDR[,ADDR]", value_delimiter = ',')]
+    mem_server: Vec<String>,
+    /// ExCache capacity: how much guest RAM may be resident here (default: all of --mem).
+    #[arg(long, value_name = "SIZE", requires = "mem_server")]
+    local_mem: Option<String>,
+    /// ExCache eviction policy: fifo, or clock (an LRU approximation).
+    #[arg(
+        long,
+        value_name = "POLICY",
+        default_value = "clock",
+        requires = "mem_server"
+    )]
+    excache_policy: String,
+    /// Largest prefetch window in pages for sequential/strided faults (0: no prefetching).
+    #[arg(long, value_name = "PAGES", default_value_t = 64)]
+    prefetch: u32,
+    /// The vNode id presented to memory servers (default: this process id).
+    #[arg(long, value_name = "ID")]
+    vnode_id: Option<u64>,
+    /// File holding the memory servers' shared secret (else $VNODE_SECRET, else none).
+    #[arg(long, value_name = "FILE")]
+    mem_secret_file: Option<PathBuf>,
+}
+
+fn remote_mem_config(
+    args: &RunArgs,
+    mem_size: u64,
+) -> anyhow::Result<Option<vmm::memory::RemoteMemConfig>> {
+    if args.mem_server.is_empty() {
+        return Ok(None);
+    }
+    if args.mem_server.len() > 2 {
+        anyhow::bail!(
+            "--mem-server takes one server or a primary and a backup, not {}",
+            args.mem_server.len()
+        );
+    }
+    let local_mem = args
+        .local_mem
+        .as_deref()
+        .map(config::parse_size)
+        .transpose()?
+        .unwrap_or(mem_size);
+    let secret = match &args.mem_secret_file {
+        Some(f) => std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?,
+        None => std::env::var("VNODE_SECRET")
+            .unwrap_or_default()
+            .into_bytes(),
+    };
+    let secret = secret
+        .strip_suffix(b"\n")
+        .map(<[u8]>::to_vec)
+        .unwrap_or(secret);
+    let local = args.mem_server == ["local"];
+    if secret.is_empty() && !local {
+        anyhow::bail!("no memory-server secret: set VNODE_SECRET or --mem-secret-file");
+    }
+    Ok(Some(vmm::memory::RemoteMemConfig {
+        servers: args.mem_server.clone(),
+        local_mem,
+        policy: args.excache_policy.parse().map_err(anyhow::Error::msg)?,
+        prefetch_max: args.prefetch,
+        vnode_id: args.vnode_id.unwrap_or(u64::from(std::process::id())),
+        secret,
+    }))
 }
 
 fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
@@ -74,6 +141,7 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
         .as_deref()
         .map(config::parse_corrupt)
         .transpose()?;
+    let remote_mem = remote_mem_config(&args, mem_size)?;
     let disks = args
         .disk
         .iter()
@@ -89,6 +157,7 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
         kvm_device: args.kvm_device,
         corrupt,
         disks,
+        remote_mem,
     };
     Ok((cfg, args.stats))
 }

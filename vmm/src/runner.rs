@@ -1,6 +1,7 @@
 //! Runs a built VM: one named thread per vCPU, an event loop for serial input, and the wait for
 //! the VM to stop. Returns the process exit status.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -43,6 +44,7 @@ pub fn run(vmm: Vmm) -> Result<Outcome, RunError> {
         stop,
         serial,
         boot: _,
+        remote,
     } = vmm;
     for mut vcpu in vcpus {
         let name = format!("vcpu{}", vcpu.index());
@@ -53,11 +55,18 @@ pub fn run(vmm: Vmm) -> Result<Outcome, RunError> {
             .map_err(|source| RunError::Spawn { name, source })?;
     }
     start_event_loop(serial.clone(), stop.clone())?;
+    install_stats_signal();
     let reason = loop {
-        if let Some(r) = stop.wait_timeout(Duration::from_secs(3600)) {
+        if let Some(r) = stop.wait_timeout(Duration::from_millis(200)) {
             break r;
         }
+        if STATS_REQUESTED.swap(false, Ordering::Relaxed) {
+            eprintln!("{}", stats_json());
+        }
     };
+    if let Some(remote) = &remote {
+        remote.stop();
+    }
     if let Err(e) = serial.lock().expect("serial lock poisoned").flush() {
         tracing::warn!("cannot flush serial output: {e}");
     }
@@ -91,7 +100,23 @@ fn start_event_loop(
     Ok(())
 }
 
-/// The VM's counters as one JSON object.
+static STATS_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigusr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STATS_REQUESTED.store(true, Ordering::Relaxed);
+}
+
+/// SIGUSR1 asks for the counters on stderr while the VM runs.
+fn install_stats_signal() {
+    if let Err(e) = vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_sigusr1) {
+        tracing::warn!("cannot handle SIGUSR1: {e}");
+    }
+}
+
+/// The VM's counters as one JSON object: `vmm`, and `excache` when guest RAM is remote.
 pub fn stats_json() -> String {
-    serde_json::json!({ "vmm": &METRICS }).to_string()
+    let excache = crate::memory::fault::EXCACHE_STATS
+        .get()
+        .map(|s| s.to_json());
+    serde_json::json!({ "vmm": &METRICS, "excache": excache }).to_string()
 }

@@ -1,2 +1,153 @@
 //! Guest RAM: plain local memory, or remote memory behind the ExCache.
+pub mod excache;
+pub mod fault;
 pub mod guest;
+pub mod source;
+pub mod uffd;
+
+use std::sync::Arc;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::ram_ranges;
+use crate::devices::StopSignal;
+use excache::{ExCache, Policy, Prefetcher};
+use fault::{ExCacheStats, FaultError, FaultServer, EXCACHE_STATS};
+use source::{LocalSource, PageSource, RemoteSource, SourceError};
+use uffd::{GuestUffd, UffdError, PAGE};
+
+/// Where remote guest RAM lives and how much of it may be resident here.
+#[derive(Clone, Debug)]
+pub struct RemoteMemConfig {
+    /// `vnode-memd` addresses (one, or primary and backup), or `["local"]` for the in-process
+    /// page store (the fault path without a network).
+    pub servers: Vec<String>,
+    /// The ExCache's capacity in bytes.
+    pub local_mem: u64,
+    pub policy: Policy,
+    /// Largest prefetch window in pages (0 turns prefetching off).
+    pub prefetch_max: u32,
+    pub vnode_id: u64,
+    pub secret: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteMemError {
+    #[error("cannot map {0} bytes of guest RAM")]
+    Map(u64, #[source] std::io::Error),
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error("cannot reach guest memory servers")]
+    Connect(#[source] SourceError),
+    #[error("--local-mem {0} must be at least 1 MiB and at most --mem")]
+    LocalMem(u64),
+    #[error("cannot start the fault server thread")]
+    Spawn(#[source] std::io::Error),
+    #[error(transparent)]
+    Fault(#[from] FaultError),
+}
+
+/// Guest RAM served through the ExCache, and the handle that stops its fault server.
+pub struct RemoteMemory {
+    pub mem: GuestMemoryMmap,
+    pub stats: Arc<ExCacheStats>,
+    stop_evt: EventFd,
+}
+
+impl RemoteMemory {
+    /// Stops the fault server thread.
+    pub fn stop(&self) {
+        let _ = self.stop_evt.write(1);
+    }
+}
+
+/// Maps `mem_size` bytes of guest RAM registered with userfaultfd and starts the fault server.
+/// The mapping lives as long as the process (the VM owns it until exit).
+pub fn remote_memory(
+    mem_size: u64,
+    cfg: &RemoteMemConfig,
+    vm_stop: &StopSignal,
+) -> Result<RemoteMemory, RemoteMemError> {
+    if cfg.local_mem < (1 << 20) || cfg.local_mem > mem_size {
+        return Err(RemoteMemError::LocalMem(cfg.local_mem));
+    }
+    let pages = (mem_size as usize) / PAGE;
+    let source: Box<dyn PageSource> = if cfg.servers.len() == 1 && cfg.servers[0] == "local" {
+        Box::new(LocalSource::new(pages))
+    } else {
+        Box::new(
+            RemoteSource::connect(&cfg.servers, cfg.vnode_id, &cfg.secret, pages as u64)
+                .map_err(RemoteMemError::Connect)?,
+        )
+    };
+    // SAFETY: a fresh anonymous private mapping; nothing else refers to the address range.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            mem_size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(RemoteMemError::Map(
+            mem_size,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let base = base.cast::<u8>();
+    // No transparent huge pages: the ExCache works in 4 KiB pages.
+    // SAFETY: the range is the mapping just created.
+    unsafe { libc::madvise(base.cast(), mem_size as usize, libc::MADV_NOHUGEPAGE) };
+    let uffd = GuestUffd::register(base, mem_size as usize)?;
+
+    let mut regions = Vec::new();
+    let mut offset = 0usize;
+    for (start, len) in ram_ranges(mem_size) {
+        // SAFETY: [base+offset, base+offset+len) lies inside the mapping above, which is never
+        // unmapped while the process runs; the region does not own (unmap) it.
+        let mapping = unsafe {
+            MmapRegion::build_raw(
+                base.add(offset),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            )
+        }
+        .map_err(|e| RemoteMemError::Map(mem_size, std::io::Error::other(e.to_string())))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or_else(|| {
+            RemoteMemError::Map(mem_size, std::io::Error::other("region overflows"))
+        })?;
+        regions.push(region);
+        offset += len as usize;
+    }
+    let mem = GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| RemoteMemError::Map(mem_size, std::io::Error::other(e.to_string())))?;
+
+    let limit = (cfg.local_mem as usize) / PAGE;
+    let stats = Arc::new(ExCacheStats::default());
+    let _ = EXCACHE_STATS.set(stats.clone());
+    let server = FaultServer::new(
+        uffd,
+        base,
+        ExCache::new(pages, limit, cfg.policy),
+        Prefetcher::new(4.min(cfg.prefetch_max), cfg.prefetch_max),
+        source,
+        stats.clone(),
+    );
+    let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(RemoteMemError::Spawn)?;
+    let thread_stop = stop_evt.try_clone().map_err(RemoteMemError::Spawn)?;
+    let vm_stop = vm_stop.clone();
+    std::thread::Builder::new()
+        .name("excache-fault".into())
+        .spawn(move || server.run(thread_stop, vm_stop))
+        .map_err(RemoteMemError::Spawn)?;
+    Ok(RemoteMemory {
+        mem,
+        stats,
+        stop_evt,
+    })
+}

@@ -1,0 +1,311 @@
+//! The fault server: one named thread that serves every userfaultfd fault on guest RAM, from any
+//! thread (vCPUs, device threads, the loader). Missing pages are fetched from the `PageSource`
+//! (with a prefetch window on streams) or zero-filled locally when never written; installs are
+//! write-protected so the first write is seen and the page marked dirty; when the ExCache is full,
+//! victims are evicted (dirty ones write-protected, written back, then dropped). This thread never
+//! touches a page that is not resident, so it never faults itself.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use serde_json::json;
+use userfaultfd::EventBuffer;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::excache::{ExCache, Prefetcher};
+use super::source::{PageSource, SourceError, MAX_BATCH};
+use super::uffd::{Fault, GuestUffd, UffdError, PAGE};
+use crate::devices::{StopReason, StopSignal};
+use crate::metrics::Counter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FaultError {
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("fault at {0:#x} is outside guest RAM")]
+    Outside(usize),
+}
+
+/// The ExCache's counters. `hits` counts faults avoided by prefetching (reads of resident pages
+/// do not reach userspace, so they cannot be counted).
+#[derive(Default)]
+pub struct ExCacheStats {
+    pub faults: Counter,
+    pub wp_faults: Counter,
+    pub zero_fills: Counter,
+    pub fetched: Counter,
+    pub evictions: Counter,
+    pub writebacks: Counter,
+    pub prefetched: Counter,
+    pub prefetch_used: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub max_resident_pages: Counter,
+    pub limit_pages: Counter,
+    latency_us: Mutex<Vec<u64>>,
+}
+
+const LATENCY_BUCKETS: usize = 20_001;
+
+impl ExCacheStats {
+    fn record_latency(&self, us: u64) {
+        let mut h = self.latency_us.lock().expect("latency lock poisoned");
+        if h.is_empty() {
+            h.resize(LATENCY_BUCKETS, 0);
+        }
+        h[(us as usize).min(LATENCY_BUCKETS - 1)] += 1;
+    }
+
+    fn percentile(&self, q: f64) -> Option<u64> {
+        let h = self.latency_us.lock().expect("latency lock poisoned");
+        let total: u64 = h.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        h.iter()
+            .position(|n| {
+                seen += n;
+                seen >= want
+            })
+            .map(|i| i as u64)
+    }
+
+    /// All counters as JSON, with fault service latency p50/p99 in microseconds.
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "faults": self.faults.get(),
+            "wp_faults": self.wp_faults.get(),
+            "hits": self.prefetch_used.get(),
+            "zero_fills": self.zero_fills.get(),
+            "fetched": self.fetched.get(),
+            "evictions": self.evictions.get(),
+            "writebacks": self.writebacks.get(),
+            "prefetched": self.prefetched.get(),
+            "prefetch_used": self.prefetch_used.get(),
+            "bytes_in": self.bytes_in.get(),
+            "bytes_out": self.bytes_out.get(),
+            "fault_p50_us": self.percentile(0.5),
+            "fault_p99_us": self.percentile(0.99),
+            "max_resident_pages": self.max_resident_pages.get(),
+            "limit_pages": self.limit_pages.get(),
+        })
+    }
+}
+
+/// The running VM's ExCache counters, if it has an ExCache.
+pub static EXCACHE_STATS: OnceLock<Arc<ExCacheStats>> = OnceLock::new();
+
+pub struct FaultServer {
+    uffd: GuestUffd,
+    base: usize,
+    cache: ExCache,
+    prefetcher: Prefetcher,
+    source: Box<dyn PageSource>,
+    stats: Arc<ExCacheStats>,
+    zero: Vec<u8>,
+    buf: Vec<u8>,
+    wb_buf: Vec<u8>,
+}
+
+impl FaultServer {
+    pub fn new(
+        uffd: GuestUffd,
+        base: *mut u8,
+        cache: ExCache,
+        prefetcher: Prefetcher,
+        source: Box<dyn PageSource>,
+        stats: Arc<ExCacheStats>,
+    ) -> Self {
+        stats.limit_pages.add(cache.limit() as u64);
+        Self {
+            uffd,
+            base: base as usize,
+            cache,
+            prefetcher,
+            source,
+            stats,
+            zero: vec![0; PAGE],
+            buf: vec![0; MAX_BATCH * PAGE],
+            wb_buf: vec![0; MAX_BATCH * PAGE],
+        }
+    }
+
+    /// Serves faults until `stop_evt` is written or an error ends the VM.
+    pub fn run(mut self, stop_evt: EventFd, vm_stop: StopSignal) {
+        let mut events = EventBuffer::new(64);
+        let mut faults = Vec::with_capacity(64);
+        let mut fds = [
+            libc::pollfd {
+                fd: self.uffd.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: std::os::unix::io::AsRawFd::as_raw_fd(&stop_evt),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                continue; // EINTR
+            }
+            if fds[1].revents != 0 {
+                return;
+            }
+            let result = self
+                .uffd
+                .read_faults(&mut events, &mut faults)
+                .map_err(FaultError::from)
+                .and_then(|_| faults.iter().try_for_each(|f| self.serve(*f)));
+            if let Err(e) = result {
+                let msg = format!("guest memory from {}: {e}", self.source.describe());
+                tracing::error!("{msg}");
+                vm_stop.stop(StopReason::Fatal(msg));
+                return;
+            }
+        }
+    }
+
+    fn page_of(&self, addr: usize) -> Result<u32, FaultError> {
+        let off = addr
+            .checked_sub(self.base)
+            .ok_or(FaultError::Outside(addr))?;
+        let page = off / PAGE;
+        if page >= self.cache.pages() {
+            return Err(FaultError::Outside(addr));
+        }
+        Ok(page as u32)
+    }
+
+    fn addr_of(&self, page: u32) -> usize {
+        self.base + page as usize * PAGE
+    }
+
+    fn serve(&mut self, fault: Fault) -> Result<(), FaultError> {
+        let start = Instant::now();
+        match fault {
+            Fault::WriteProtect { addr } => {
+                let page = self.page_of(addr)?;
+                self.stats.wp_faults.inc();
+                if self.cache.is_resident(page) {
+                    self.cache.mark_dirty(page);
+                    self.uffd.unprotect(addr, PAGE)?;
+                } else {
+                    // Evicted since the fault was raised: the writer retries and faults as missing.
+                    self.uffd.wake(addr, PAGE)?;
+                }
+            }
+            Fault::Missing { addr, write } => {
+                let page = self.page_of(addr)?;
+                if self.cache.is_resident(page) {
+                    self.uffd.wake(addr, PAGE)?; // installed by a prefetch or an earlier event
+                    return Ok(());
+                }
+                self.stats.faults.inc();
+                self.fill(page, write)?;
+            }
+        }
+        self.stats
+            .record_latency(start.elapsed().as_micros() as u64);
+        Ok(())
+    }
+
+    /// Installs `page` (and a prefetch window on a stream), evicting first if the cache is full.
+    fn fill(&mut self, page: u32, write: bool) -> Result<(), FaultError> {
+        let plan = self.prefetcher.on_fault(i64::from(page));
+        self.stats.prefetch_used.add(u64::from(plan.used));
+        let max_extra = (self.cache.limit() / 4).min(MAX_BATCH - 1);
+        let mut extra: Vec<u32> = (0..i64::from(plan.count))
+            .map(|k| plan.first + k * plan.stride)
+            .take_while(|p| *p >= 0 && (*p as usize) < self.cache.pages())
+            .map(|p| p as u32)
+            .filter(|p| !self.cache.is_resident(*p))
+            .take(max_extra)
+            .collect();
+        extra.dedup();
+        self.make_room(1 + extra.len())?;
+
+        // Fetch what the server holds, in one batch: the faulting page first.
+        let fetch: Vec<u64> = std::iter::once(page)
+            .chain(extra.iter().copied())
+            .filter(|p| self.cache.on_server(*p))
+            .map(u64::from)
+            .collect();
+        if !fetch.is_empty() {
+            self.source
+                .read_pages(&fetch, &mut self.buf[..fetch.len() * PAGE])?;
+            self.stats.fetched.add(fetch.len() as u64);
+            self.stats.bytes_in.add((fetch.len() * PAGE) as u64);
+        }
+        // Prefetched pages inherit the fault's intent: a write stream gets them writable.
+        let mut next = 0;
+        for (i, p) in std::iter::once(page)
+            .chain(extra.iter().copied())
+            .enumerate()
+        {
+            let src = if self.cache.on_server(p) {
+                next += 1;
+                self.buf[(next - 1) * PAGE..].as_ptr()
+            } else {
+                self.stats.zero_fills.inc();
+                self.zero.as_ptr()
+            };
+            // SAFETY: `src` points at a full page inside `buf` or `zero`; the destination is a
+            // page of the registered guest RAM.
+            let installed = unsafe { self.uffd.copy_page(self.addr_of(p), src, !write, i == 0)? };
+            if installed {
+                self.cache.insert(p, write);
+            } else if i == 0 {
+                self.uffd.wake(self.addr_of(p), PAGE)?;
+            }
+            if i > 0 {
+                self.stats.prefetched.inc();
+            }
+        }
+        self.stats.max_resident_pages.add(
+            (self.cache.max_resident() as u64).saturating_sub(self.stats.max_resident_pages.get()),
+        );
+        Ok(())
+    }
+
+    /// Evicts until `incoming` pages fit: dirty victims are write-protected, written back in
+    /// batches, and only then dropped, so a page's latest content is always somewhere.
+    fn make_room(&mut self, incoming: usize) -> Result<(), FaultError> {
+        let n = self.cache.room_needed(incoming);
+        if n == 0 {
+            return Ok(());
+        }
+        let victims = self.cache.evict(n);
+        self.stats.evictions.add(victims.len() as u64);
+        let dirty: Vec<u64> = victims
+            .iter()
+            .filter(|v| v.dirty)
+            .map(|v| u64::from(v.page))
+            .collect();
+        for chunk in dirty.chunks(MAX_BATCH) {
+            for (i, p) in chunk.iter().enumerate() {
+                let addr = self.addr_of(*p as u32);
+                self.uffd.protect(addr, PAGE)?;
+                // SAFETY: the page is resident (it was until this eviction, and only this thread
+                // drops pages) and write-protected, so reading it neither faults nor races a writer.
+                let page = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE) };
+                self.wb_buf[i * PAGE..(i + 1) * PAGE].copy_from_slice(page);
+            }
+            self.source
+                .write_pages(chunk, &self.wb_buf[..chunk.len() * PAGE])?;
+            self.stats.writebacks.add(chunk.len() as u64);
+            self.stats.bytes_out.add((chunk.len() * PAGE) as u64);
+        }
+        for v in &victims {
+            self.uffd.drop_pages(self.addr_of(v.page), PAGE)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,161 @@
+//! Where the ExCache's missing pages come from and where evicted dirty pages go: a `PageSource`.
+//! `RemoteSource` speaks to `vnode-memd` servers (one, or a primary and a backup); `LocalSource`
+//! keeps pages in this process, so the fault path can be measured without a network (the
+//! platform's userfaultfd floor) and tested without servers.
+
+use remote_mem::{ClientError, MemClient, ReplicatedRegion};
+
+use super::uffd::PAGE;
+
+/// The largest batch one request may carry (the memory protocol's limit).
+pub const MAX_BATCH: usize = remote_mem::protocol::MAX_BATCH;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Remote(#[from] ClientError),
+    #[error("page {0} is outside guest RAM")]
+    OutOfRange(u64),
+}
+
+pub trait PageSource: Send {
+    /// Reads `pages` (at most MAX_BATCH) into `out` (PAGE bytes each, in order).
+    fn read_pages(&mut self, pages: &[u64], out: &mut [u8]) -> Result<(), SourceError>;
+    /// Stores `data` (PAGE bytes per page) as the content of `pages` (at most MAX_BATCH).
+    fn write_pages(&mut self, pages: &[u64], data: &[u8]) -> Result<(), SourceError>;
+    /// Where the pages live, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Pages kept in this process: the no-network baseline.
+pub struct LocalSource {
+    store: Vec<u8>,
+}
+
+impl LocalSource {
+    pub fn new(pages: usize) -> Self {
+        Self {
+            store: vec![0; pages * PAGE],
+        }
+    }
+
+    fn range(&self, page: u64) -> Result<std::ops::Range<usize>, SourceError> {
+        let start = usize::try_from(page).ok().and_then(|p| p.checked_mul(PAGE));
+        match start {
+            Some(s) if s + PAGE <= self.store.len() => Ok(s..s + PAGE),
+            _ => Err(SourceError::OutOfRange(page)),
+        }
+    }
+}
+
+impl PageSource for LocalSource {
+    fn read_pages(&mut self, pages: &[u64], out: &mut [u8]) -> Result<(), SourceError> {
+        for (i, p) in pages.iter().enumerate() {
+            let r = self.range(*p)?;
+            out[i * PAGE..(i + 1) * PAGE].copy_from_slice(&self.store[r]);
+        }
+        Ok(())
+    }
+
+    fn write_pages(&mut self, pages: &[u64], data: &[u8]) -> Result<(), SourceError> {
+        for (i, p) in pages.iter().enumerate() {
+            let r = self.range(*p)?;
+            self.store[r].copy_from_slice(&data[i * PAGE..(i + 1) * PAGE]);
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "local page store".into()
+    }
+}
+
+/// The guest's RAM as region 0 of its vNode on one memory server, or replicated on two.
+pub enum RemoteSource {
+    Single(Box<MemClient>),
+    Replicated(Box<ReplicatedRegion>),
+}
+
+/// The region id guest RAM uses on the memory servers.
+pub const GUEST_RAM_REGION: u64 = 0;
+
+impl RemoteSource {
+    /// Connects to `servers` (one, or primary then backup) and allocates `pages` pages.
+    pub fn connect(
+        servers: &[String],
+        vnode_id: u64,
+        secret: &[u8],
+        pages: u64,
+    ) -> Result<Self, SourceError> {
+        let mut clients = Vec::with_capacity(servers.len());
+        for s in servers {
+            clients.push(MemClient::connect(s, vnode_id, secret)?);
+        }
+        let mut src = match clients.len() {
+            1 => RemoteSource::Single(Box::new(clients.pop().expect("one client"))),
+            _ => {
+                let backup = clients.pop().expect("two clients");
+                let primary = clients.pop().expect("two clients");
+                RemoteSource::Replicated(Box::new(ReplicatedRegion::new(
+                    GUEST_RAM_REGION,
+                    primary,
+                    backup,
+                )))
+            }
+        };
+        match &mut src {
+            RemoteSource::Single(c) => c.alloc_region(GUEST_RAM_REGION, pages)?,
+            RemoteSource::Replicated(r) => r.alloc(pages)?,
+        }
+        Ok(src)
+    }
+}
+
+impl PageSource for RemoteSource {
+    fn read_pages(&mut self, pages: &[u64], out: &mut [u8]) -> Result<(), SourceError> {
+        match self {
+            RemoteSource::Single(c) => c.read_pages(GUEST_RAM_REGION, pages, out)?,
+            RemoteSource::Replicated(r) => r.read_pages(pages, out)?,
+        }
+        Ok(())
+    }
+
+    fn write_pages(&mut self, pages: &[u64], data: &[u8]) -> Result<(), SourceError> {
+        match self {
+            RemoteSource::Single(c) => c.write_pages(GUEST_RAM_REGION, pages, data)?,
+            RemoteSource::Replicated(r) => r.write_pages(pages, data)?,
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            RemoteSource::Single(c) => format!("memory server {}", c.addr()),
+            RemoteSource::Replicated(r) => format!(
+                "memory servers {} (primary) and {} (backup)",
+                r.server(remote_mem::Role::Primary).unwrap_or("(failed)"),
+                r.server(remote_mem::Role::Backup).unwrap_or("(failed)")
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_source_round_trips_and_bounds() {
+        let mut s = LocalSource::new(4);
+        let data: Vec<u8> = (0..2 * PAGE).map(|i| i as u8).collect();
+        s.write_pages(&[3, 1], &data).unwrap();
+        let mut out = vec![0u8; 2 * PAGE];
+        s.read_pages(&[1, 3], &mut out).unwrap();
+        assert_eq!(&out[..PAGE], &data[PAGE..]);
+        assert_eq!(&out[PAGE..], &data[..PAGE]);
+        assert!(matches!(
+            s.read_pages(&[4], &mut out[..PAGE]),
+            Err(SourceError::OutOfRange(4))
+        ));
+    }
+}

@@ -1,0 +1,196 @@
+//! The only module that issues userfaultfd ioctls: registering guest RAM for missing-page and
+//! write-protect faults, reading fault events, installing pages (UFFDIO_COPY, optionally
+//! write-protected), changing write protection, waking waiters, and dropping pages.
+
+use std::os::unix::io::{AsRawFd, RawFd};
+
+use userfaultfd::{Event, EventBuffer, FaultKind, ReadWrite, RegisterMode, Uffd, UffdBuilder};
+
+pub const PAGE: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("cannot create a userfaultfd (needs Linux >= 5.7 with write-protect support, and root or vm.unprivileged_userfaultfd=1)")]
+    Create(#[source] userfaultfd::Error),
+    #[error("cannot register guest RAM with userfaultfd")]
+    Register(#[source] userfaultfd::Error),
+    #[error("this kernel's userfaultfd lacks write-protect support for anonymous memory")]
+    NoWriteProtect,
+    #[error("{op} at {addr:#x} failed")]
+    Op {
+        op: &'static str,
+        addr: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading userfaultfd events failed")]
+    Read(#[source] userfaultfd::Error),
+}
+
+/// A fault the guest (or a VMM thread) is waiting on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The page is not present. `write` if the access was a write.
+    Missing { addr: usize, write: bool },
+    /// The page is present but write-protected, and was written.
+    WriteProtect { addr: usize },
+}
+
+/// The UFFDIO_COPY ioctl number and its write-protect mode (the userfaultfd crate's `copy` has
+/// no way to ask for a write-protected install, which must be atomic with the copy).
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
+const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+/// Guest RAM registered with a userfaultfd.
+pub struct GuestUffd {
+    uffd: Uffd,
+}
+
+impl GuestUffd {
+    /// Registers [base, base+len) for missing and write-protect faults.
+    pub fn register(base: *mut u8, len: usize) -> Result<Self, UffdError> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(userfaultfd::FeatureFlags::PAGEFAULT_FLAG_WP)
+            .create()
+            .map_err(UffdError::Create)?;
+        let ioctls = uffd
+            .register_with_mode(
+                base.cast(),
+                len,
+                RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
+            )
+            .map_err(UffdError::Register)?;
+        if !ioctls.contains(userfaultfd::IoctlFlags::WRITE_PROTECT) {
+            return Err(UffdError::NoWriteProtect);
+        }
+        Ok(Self { uffd })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.uffd.as_raw_fd()
+    }
+
+    /// Reads the pending faults into `out` (non-blocking: returns 0 when there are none).
+    pub fn read_faults(
+        &self,
+        buf: &mut EventBuffer,
+        out: &mut Vec<Fault>,
+    ) -> Result<usize, UffdError> {
+        out.clear();
+        let events = match self.uffd.read_events(buf) {
+            Ok(e) => e,
+            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN => return Ok(0),
+            Err(e) => return Err(UffdError::Read(e)),
+        };
+        for ev in events {
+            match ev.map_err(UffdError::Read)? {
+                Event::Pagefault { kind, rw, addr, .. } => {
+                    let addr = addr as usize & !(PAGE - 1);
+                    out.push(match kind {
+                        FaultKind::WriteProtected => Fault::WriteProtect { addr },
+                        _ => Fault::Missing {
+                            addr,
+                            write: rw == ReadWrite::Write,
+                        },
+                    });
+                }
+                other => tracing::warn!(?other, "unexpected userfaultfd event"),
+            }
+        }
+        Ok(out.len())
+    }
+
+    /// Installs one page at `dst` with the content at `src`, write-protected if `wp`, and wakes
+    /// threads waiting on it if `wake`. Returns false if the page was already present.
+    ///
+    /// # Safety
+    /// `src` must point to `PAGE` readable bytes; `dst` must be a page inside the registered range.
+    pub unsafe fn copy_page(
+        &self,
+        dst: usize,
+        src: *const u8,
+        wp: bool,
+        wake: bool,
+    ) -> Result<bool, UffdError> {
+        let mut c = UffdioCopy {
+            dst: dst as u64,
+            src: src as u64,
+            len: PAGE as u64,
+            mode: if wp { UFFDIO_COPY_MODE_WP } else { 0 }
+                | if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads PAGE bytes at `src` (valid per the caller) and writes the
+        // page at `dst` inside the registered range; `c` is a live uffdio_copy for the call.
+        let r = unsafe { libc::ioctl(self.fd(), UFFDIO_COPY, &mut c as *mut UffdioCopy) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EEXIST) {
+            return Ok(false);
+        }
+        Err(UffdError::Op {
+            op: "UFFDIO_COPY",
+            addr: dst,
+            source: err,
+        })
+    }
+
+    /// Write-protects [addr, addr+len): later writes fault until unprotected.
+    pub fn protect(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        self.uffd
+            .write_protect(addr as *mut _, len)
+            .map_err(|e| op_err("UFFDIO_WRITEPROTECT", addr, e))
+    }
+
+    /// Removes write protection from [addr, addr+len) and wakes writers waiting on it.
+    pub fn unprotect(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        self.uffd
+            .remove_write_protection(addr as *mut _, len, true)
+            .map_err(|e| op_err("UFFDIO_WRITEPROTECT", addr, e))
+    }
+
+    /// Wakes threads waiting on faults in [addr, addr+len); they retry their access.
+    pub fn wake(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        self.uffd
+            .wake(addr as *mut _, len)
+            .map_err(|e| op_err("UFFDIO_WAKE", addr, e))
+    }
+
+    /// Drops the pages in [addr, addr+len): the next access faults as missing.
+    pub fn drop_pages(&self, addr: usize, len: usize) -> Result<(), UffdError> {
+        // SAFETY: the range is guest RAM owned by this VMM; MADV_DONTNEED on a private anonymous
+        // mapping only discards contents, which the caller has saved or knows to be zero.
+        let r = unsafe { libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(UffdError::Op {
+                op: "MADV_DONTNEED",
+                addr,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn op_err(op: &'static str, addr: usize, e: userfaultfd::Error) -> UffdError {
+    let source = match e {
+        userfaultfd::Error::SystemError(errno) => std::io::Error::from_raw_os_error(errno as i32),
+        other => std::io::Error::other(other.to_string()),
+    };
+    UffdError::Op { op, addr, source }
+}
