@@ -117,28 +117,44 @@ pub fn parse<M>(
 where
     M: Deref<Target = GuestMemoryMmap>,
 {
-    let fail = |error, status| ParseFailure { error, status };
-    let descs = descriptors(chain).map_err(|e| fail(e, None))?;
+    let no_status = |error| ParseFailure {
+        error,
+        status: None,
+    };
+    let descs = descriptors(chain).map_err(no_status)?;
     let (status_desc, rest) = descs
         .split_last()
-        .ok_or(fail(RequestError::BadChain, None))?;
+        .ok_or(no_status(RequestError::BadChain))?;
     if rest.is_empty()
         || !status_desc.is_write_only()
         || status_desc.len() < 1
         || !GuestMemoryBackend::check_range(mem, status_desc.addr(), 1)
     {
-        return Err(fail(RequestError::NoStatus, None));
+        return Err(no_status(RequestError::NoStatus));
     }
     let status = status_desc.addr();
-    let failed = |error| fail(error, Some(status));
-    let (head, data_descs) = rest.split_first().ok_or(failed(RequestError::BadHeader))?;
+    parse_body(mem, rest, seg_max, status).map_err(|error| ParseFailure {
+        error,
+        status: Some(status),
+    })
+}
+
+/// The header and data buffers of a chain whose status byte is usable.
+fn parse_body(
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    seg_max: u32,
+    status: GuestAddress,
+) -> Result<Request, RequestError> {
+    let (head, data_descs) = descs.split_first().ok_or(RequestError::BadHeader)?;
     if head.is_write_only() || (head.len() as usize) < std::mem::size_of::<Header>() {
-        return Err(failed(RequestError::BadHeader));
+        return Err(RequestError::BadHeader);
     }
     let header: Header = mem
         .read_obj(head.addr())
-        .map_err(|_| failed(RequestError::BadHeader))?;
-    let kind = match u32::from_le(header.kind) {
+        .map_err(|_| RequestError::BadHeader)?;
+    let raw_kind = u32::from_le(header.kind);
+    let kind = match raw_kind {
         T_IN => RequestType::In,
         T_OUT => RequestType::Out,
         T_FLUSH => RequestType::Flush,
@@ -146,33 +162,29 @@ where
         other => RequestType::Unsupported(other),
     };
     if data_descs.len() > seg_max as usize {
-        return Err(failed(RequestError::TooManySegments(
-            data_descs.len(),
-            seg_max,
-        )));
+        return Err(RequestError::TooManySegments(data_descs.len(), seg_max));
     }
-    let device_writes = matches!(kind, RequestType::In | RequestType::GetId);
+    // FLUSH and unknown types carry no data the device touches: their direction is not checked.
+    let direction = match kind {
+        RequestType::In | RequestType::GetId => Some(true),
+        RequestType::Out => Some(false),
+        _ => None,
+    };
     let mut data = Vec::with_capacity(data_descs.len());
     let mut data_len = 0u32;
     for d in data_descs {
-        in_ram(mem, d).map_err(failed)?;
-        if matches!(
-            kind,
-            RequestType::In | RequestType::Out | RequestType::GetId
-        ) && d.is_write_only() != device_writes
-        {
-            return Err(failed(RequestError::WrongDirection(u32::from_le(
-                header.kind,
-            ))));
+        in_ram(mem, d)?;
+        if direction.is_some_and(|device_writes| d.is_write_only() != device_writes) {
+            return Err(RequestError::WrongDirection(raw_kind));
         }
-        // The chain iterator refuses chains of more than 4 GiB, so this cannot overflow.
+        // The chain iterator refuses chains of more than 4 GiB, so this cannot saturate.
         data_len = data_len.saturating_add(d.len());
         data.push((d.addr(), d.len()));
     }
     if matches!(kind, RequestType::In | RequestType::Out)
         && !u64::from(data_len).is_multiple_of(SECTOR_SIZE)
     {
-        return Err(failed(RequestError::Unaligned(data_len)));
+        return Err(RequestError::Unaligned(data_len));
     }
     Ok(Request {
         kind,
