@@ -48,6 +48,14 @@ pub struct ExcacheArgs {
     floor_pattern: String,
     #[arg(long, default_value_t = 0.25)]
     floor_fraction: f64,
+    /// Size the ExCache as a bare fraction of the working set. By default the guest's own
+    /// pages below the working set (image, page tables, metadata: measured by a probe run) are
+    /// added, so that "100%" holds everything the guest touches.
+    #[arg(long)]
+    no_footprint: bool,
+    /// Extra argument for every `vnode run` (repeat it), e.g. --vnode-arg=--prefetch=0.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    vnode_arg: Vec<String>,
     /// Use this memory server for every remote run instead of starting a fresh vnode-memd.
     #[arg(long, value_name = "ADDR")]
     mem_server: Option<String>,
@@ -111,6 +119,8 @@ struct Plan<'a> {
     passes: u32,
     memd: Option<std::path::PathBuf>,
     secret: String,
+    /// Bytes added to every ExCache size: the guest's pages outside the working set.
+    footprint: u64,
 }
 
 pub fn run(env: &Env, a: &ExcacheArgs) -> Result<()> {
@@ -122,7 +132,7 @@ pub fn run(env: &Env, a: &ExcacheArgs) -> Result<()> {
             env.vnode.display()
         );
     }
-    let plan = Plan {
+    let mut plan = Plan {
         env,
         args: a,
         bytes: if env.quick { 64 << 20 } else { a.bytes },
@@ -132,8 +142,22 @@ pub fn run(env: &Env, a: &ExcacheArgs) -> Result<()> {
             None => Some(binary(&env.bin_dir, "vnode-memd")?),
         },
         secret: format!("vnode-bench-{}", std::process::id()),
+        footprint: 0,
     };
+    if !a.no_footprint {
+        plan.footprint = plan.probe_footprint()?;
+    }
     let cells = plan.cells();
+    println!(
+        "  ExCache size (--local-mem) = fraction x {} + {} of guest pages below the working set{}",
+        fmt_size(plan.bytes),
+        fmt_size(plan.footprint),
+        if a.no_footprint {
+            " (--no-footprint)"
+        } else {
+            " (measured; --no-footprint to drop)"
+        }
+    );
     println!(
         "  workload: test=mem bytes={} writes={} passes={} seed={}, 1 vCPU, policy {}",
         fmt_size(plan.bytes),
@@ -175,14 +199,30 @@ impl Plan<'_> {
         cells
     }
 
+    /// The guest's footprint below the working set: where R starts in a tiny all-local run.
+    fn probe_footprint(&self) -> Result<u64> {
+        let mut probe = self.spec(
+            &Cell {
+                pattern: "seq".into(),
+                backing: Backing::AllLocal,
+            },
+            "",
+        );
+        probe.cmdline = "test=mem bytes=4K pattern=seq writes=0 passes=1".into();
+        let g = probe.run()?;
+        g.base
+            .ok_or_else(|| anyhow::anyhow!("the guest's fill line has no base: {}", g.summary))
+    }
+
     fn guest_mem(&self) -> String {
         // The working set plus room for the guest's image, page tables and metadata.
         fmt_size(self.bytes + (32 << 20))
     }
 
     fn spec(&self, c: &Cell, addr: &str) -> GuestSpec<'_> {
-        let cache = |f: f64| fmt_size(((self.bytes as f64 * f) as u64) / 4096 * 4096);
-        let mut extra: Vec<String> = Vec::new();
+        let cache =
+            |f: f64| fmt_size(((self.bytes as f64 * f) as u64 + self.footprint) / 4096 * 4096);
+        let mut extra: Vec<String> = self.args.vnode_arg.clone();
         let mut ex = |server: &str, f: f64| {
             extra.extend(
                 [

@@ -27,6 +27,9 @@ pub struct GuestRun {
     pub wall: Duration,
     /// The guest's summary line (`"test":"mem"`).
     pub summary: Value,
+    /// Where the working set R starts (the fill line's `base`): the guest's image, page
+    /// tables and metadata lie below it.
+    pub base: Option<u64>,
     /// The VMM's `--stats` line, if it printed one.
     pub stats: Option<Value>,
 }
@@ -131,6 +134,10 @@ impl GuestSpec<'_> {
             first_line: first_line.ok_or_else(|| fail("no output"))?,
             wall,
             summary,
+            base: parsed
+                .iter()
+                .find(|v| v["phase"] == "fill")
+                .and_then(|v| v["base"].as_u64()),
             stats,
         })
     }
