@@ -257,3 +257,63 @@ fn hostile_chains_are_refused_and_the_vmm_lives() {
     assert_eq!(report["outside_ram_status"], 1, "{report}");
     assert_eq!(report["loop_needs_reset"], true, "{report}");
 }
+
+#[test]
+fn second_disk_on_its_own_slot() {
+    let dir = TempDir::new("vmm-blk-two");
+    let (first, second) = (dir.path("first.img"), dir.path("second.img"));
+    sparse_file(&first, 1 << 20);
+    let export = format!("disk={}:4M", second.display());
+    let server = start_blkd(&["--export", &export]);
+    let f = run_with_deadline(
+        &mut vnode_testguest(
+            "256M",
+            1,
+            "test=blk disk=1 sectors=8192 pattern=random seed=9",
+            &[
+                "--disk",
+                &first.display().to_string(),
+                "--disk",
+                &server.uri("disk"),
+            ],
+        ),
+        DEADLINE,
+    );
+    assert_eq!(f.status.code(), Some(0), "{}\n{}", f.stdout, f.stderr);
+    let report = f.last_with("test").expect("report");
+    assert_eq!(
+        (report["disk"].as_u64(), report["capacity"].as_u64()),
+        (Some(1), Some(8192))
+    );
+    assert_eq!(report["id"], "vnode-blk1");
+    drop(server);
+    assert_eq!(
+        std::fs::read(&first).unwrap(),
+        vec![0u8; 1 << 20],
+        "disk 0 untouched"
+    );
+    let ro = format!("{},readonly", second.display());
+    blk_ok(&ro, "test=blk sectors=8192 seed=9 mode=verify");
+    // No device in slot 1 without a second --disk: the guest says so and exits 2.
+    let (f, _) = blk_run(&ro, "test=blk disk=1");
+    assert_eq!(f.status.code(), Some(2), "{}", f.stdout);
+    assert!(f.stdout.contains("no virtio-blk device"), "{}", f.stdout);
+}
+
+#[test]
+fn unknown_export_fails_with_one_line() {
+    let dir = TempDir::new("vmm-blk-noexport");
+    let export = format!("disk={}:1M", dir.path("e.img").display());
+    let server = start_blkd(&["--export", &export]);
+    let f = run_with_deadline(
+        Command::new(bin("vnode"))
+            .args(["run", "--kernel"])
+            .arg(guest_image("testguest.elf"))
+            .args(["--cmdline", "test=blk", "--disk", &server.uri("nope")]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(f.status.code(), Some(1), "{}", f.stderr);
+    assert_eq!(f.stderr.lines().count(), 1, "{}", f.stderr);
+    assert!(f.stderr.contains("disk 0: nbd:"), "{}", f.stderr);
+    assert!(f.stderr.contains("nope"), "{}", f.stderr);
+}

@@ -15,7 +15,8 @@ use testguest::region::Region;
 
 use crate::machine::BootInfo;
 use crate::virtio::{
-    Blk, Error, Req, BATCH, D_NEXT, D_WRITE, MEM_BYTES, SLOT0, T_FLUSH, T_GET_ID, T_IN, T_OUT,
+    Blk, Error, Req, BATCH, D_NEXT, D_WRITE, MEM_BYTES, SLOT0, SLOT_SIZE, T_FLUSH, T_GET_ID, T_IN,
+    T_OUT,
 };
 use crate::{boot, finish, park, port};
 
@@ -50,10 +51,11 @@ pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
     if region.bytes() < MEM_BYTES {
         fail("not enough RAM for the driver", 2);
     }
-    let mut blk = start(region.gpa(0));
+    let slot = SLOT0 + cfg.disk * SLOT_SIZE;
+    let mut blk = start(slot, region.gpa(0));
     let hostile = (cfg.blk_mode == BlkMode::Hostile).then(|| {
         let h = hostile_chains(&mut blk);
-        blk = start(region.gpa(0)); // the reset the looping chain made necessary
+        blk = start(slot, region.gpa(0)); // the reset the looping chain made necessary
         h
     });
     let verify_only = cfg.blk_mode == BlkMode::Verify;
@@ -87,6 +89,7 @@ pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
     let mut line = JsonLine::<1024>::new()
         .str("test", "blk")
         .str("mode", cfg.blk_mode.name())
+        .u64("disk", cfg.disk)
         .str("pattern", cfg.pattern.name())
         .u64("seed", cfg.seed)
         .u64("sectors", sectors)
@@ -120,12 +123,12 @@ pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
     finish(errors == 0, errors)
 }
 
-/// (Re)starts the device at slot 0 with its memory at `mem`.
-fn start(mem: u64) -> Blk {
+/// (Re)starts the device at `slot` with its memory at `mem`.
+fn start(slot: u64, mem: u64) -> Blk {
     // SAFETY: `mem` is the start of R: MEM_BYTES of RAM above the page tables that nothing else
     // uses (R starts at a 2 MiB boundary and is contiguous for this small size; `run` checked
     // it is large enough).
-    match unsafe { Blk::init(SLOT0, mem) } {
+    match unsafe { Blk::init(slot, mem) } {
         Ok(b) => b,
         Err(e) => fail(e.what(), 2),
     }

@@ -1,6 +1,6 @@
 //! The guest's command line: `test=mem bytes=SIZE pattern=seq|random|zipf seed=N writes=PCT
 //! passes=N`, `test=cpu iters=N` or `test=blk sectors=N pattern=seq|random seed=N
-//! mode=rw|verify|hostile`. Unknown keys (e.g. Linux's `console=...`) are ignored; a known key
+//! mode=rw|verify|hostile disk=I`. Unknown keys (e.g. Linux's `console=...`) are ignored; a known key
 //! with a bad value is an error naming it.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +66,8 @@ pub struct Config {
     /// `test=blk`: sectors to test from sector 0 (`None`: the whole disk).
     pub sectors: Option<u64>,
     pub blk_mode: BlkMode,
+    /// `test=blk`: which virtio-mmio slot (the `--disk` index) to test.
+    pub disk: u64,
 }
 
 impl Default for Config {
@@ -80,6 +82,7 @@ impl Default for Config {
             iters: 100_000_000,
             sectors: None,
             blk_mode: BlkMode::Rw,
+            disk: 0,
         }
     }
 }
@@ -92,6 +95,8 @@ pub struct BadValue<'a> {
 }
 
 pub const MAX_PASSES: u32 = 255;
+/// vnode's virtio-mmio slots (docs/guest-abi.md).
+pub const MAX_DISKS: u64 = 19;
 
 /// A number: decimal or `0x` hex.
 pub fn parse_u64(s: &[u8]) -> Option<u64> {
@@ -175,6 +180,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadValue<'_>> {
             }
             b"iters" => cfg.iters = parse_u64(value).ok_or(bad)?,
             b"sectors" => cfg.sectors = Some(parse_u64(value).filter(|&n| n > 0).ok_or(bad)?),
+            b"disk" => cfg.disk = parse_u64(value).filter(|&d| d < MAX_DISKS).ok_or(bad)?,
             b"mode" => {
                 cfg.blk_mode = match value {
                     b"rw" => BlkMode::Rw,
@@ -210,7 +216,8 @@ mod tests {
         assert_eq!((c.test, c.iters), (Test::Cpu, 16));
         let c = parse(b"test=blk sectors=4096 pattern=random seed=3 mode=verify").unwrap();
         assert_eq!((c.test, c.sectors), (Test::Blk, Some(4096)));
-        assert_eq!(c.blk_mode, BlkMode::Verify);
+        assert_eq!((c.blk_mode, c.disk), (BlkMode::Verify, 0));
+        assert_eq!(parse(b"test=blk disk=2").unwrap().disk, 2);
         assert_eq!((c.pattern, c.seed), (Pattern::Random, 3));
     }
 
@@ -238,6 +245,7 @@ mod tests {
             b"test=disk",
             b"sectors=0",
             b"mode=write",
+            b"disk=19",
         ] {
             let e = parse(line).unwrap_err();
             let eq = line.iter().position(|&c| c == b'=').unwrap();

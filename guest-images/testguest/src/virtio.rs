@@ -9,8 +9,9 @@ use core::sync::atomic::{fence, Ordering};
 
 use crate::port;
 
-/// Slot 0 of vnode's virtio-mmio devices.
+/// Slot 0 of vnode's virtio-mmio devices; slot i is at `SLOT0 + i * SLOT_SIZE`.
 pub const SLOT0: u64 = 0xd000_0000;
+pub const SLOT_SIZE: u64 = 0x1000;
 /// Requests in flight per batch; each takes three descriptors.
 pub const BATCH: usize = 32;
 pub const BUF_BYTES: usize = 4096;
@@ -66,7 +67,7 @@ pub enum Error {
 impl Error {
     pub fn what(self) -> &'static str {
         match self {
-            Error::NoDevice => "no virtio-blk device at slot 0",
+            Error::NoDevice => "no virtio-blk device in that slot",
             Error::Refused => "device refused the features",
             Error::QueueTooSmall => "device queue too small",
             Error::Timeout => "device did not complete a batch",
