@@ -283,6 +283,8 @@ mod tests {
     struct MemDisk {
         data: Mutex<Vec<u8>>,
         full: bool,
+        /// The FUA flag of every write, in order.
+        fua: Mutex<Vec<bool>>,
     }
 
     impl BlockBackend for MemDisk {
@@ -301,7 +303,8 @@ mod tests {
                 BlockOp::Write { .. } if self.full => Err(BackendError::Io(
                     std::io::Error::from_raw_os_error(libc::ENOSPC),
                 )),
-                BlockOp::Write { offset, data, .. } => {
+                BlockOp::Write { offset, data, fua } => {
+                    self.fua.lock().unwrap().push(fua);
                     d[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
                     Ok(Vec::new())
                 }
@@ -326,7 +329,7 @@ mod tests {
     /// Runs a handler over `descs` (already in the mock queue) until `used` chains are used or
     /// the device needs a reset; returns the device status.
     fn run(mem: &GuestMemoryMmap, descs: &[RawDescriptor], disk: Arc<MemDisk>, used: u16) -> u32 {
-        run_at(mem, GuestAddress(0x8000), descs, disk, used)
+        run_at(mem, GuestAddress(0x8000), descs, disk, used, true)
     }
 
     fn run_at(
@@ -335,6 +338,7 @@ mod tests {
         descs: &[RawDescriptor],
         disk: Arc<MemDisk>,
         used: u16,
+        writeback: bool,
     ) -> u32 {
         let q = MockSplitQueue::create(mem, qbase, 16);
         q.add_desc_chains(descs, 0).unwrap();
@@ -357,7 +361,7 @@ mod tests {
                 read_only: false,
                 id,
                 seg_max: 8,
-                writeback: true,
+                writeback,
             },
             name: "blk-test".into(),
         };
@@ -389,6 +393,7 @@ mod tests {
         Arc::new(MemDisk {
             data: Mutex::new(vec![0; 64 * 512]),
             full,
+            fua: Mutex::new(Vec::new()),
         })
     }
 
@@ -413,7 +418,10 @@ mod tests {
         assert_eq!(run(&m, &descs[..3], d.clone(), 1), 0);
         assert_eq!(status_at(&m, h0), 0);
         assert_eq!(&d.data.lock().unwrap()[3 * 512..5 * 512], &[0xab; 1024][..]);
-        assert_eq!(run_at(&m, GuestAddress(0xc000), &descs[3..], d, 1), 0);
+        assert_eq!(
+            run_at(&m, GuestAddress(0xc000), &descs[3..], d.clone(), 1, true),
+            0
+        );
         assert_eq!(status_at(&m, h1), 0);
         let mut back = [0u8; 1024];
         m.read_slice(&mut back, GuestAddress(b1)).unwrap();
@@ -463,6 +471,22 @@ mod tests {
         assert_eq!(status_at(&m, h0), S_IOERR);
         assert_eq!(status_at(&m, h1), S_UNSUPP);
         assert_eq!(status_at(&m, h2), S_IOERR);
+    }
+
+    #[test]
+    fn writes_are_fua_unless_the_driver_took_flush() {
+        let m = mem();
+        let h0 = 0x1_0000;
+        header(&m, h0, 1, 0);
+        let descs = [
+            raw(h0, 16, N, 1),
+            raw(0x2_0000, 512, N, 2),
+            raw(h0 + 0x100, 1, W, 0),
+        ];
+        let d = disk(false);
+        run_at(&m, GuestAddress(0x8000), &descs, d.clone(), 1, true);
+        run_at(&m, GuestAddress(0xc000), &descs, d.clone(), 1, false);
+        assert_eq!(*d.fua.lock().unwrap(), vec![false, true]);
     }
 
     #[test]
