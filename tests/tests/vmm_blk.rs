@@ -317,3 +317,39 @@ fn unknown_export_fails_with_one_line() {
     assert!(f.stderr.contains("disk 0: nbd:"), "{}", f.stderr);
     assert!(f.stderr.contains("nope"), "{}", f.stderr);
 }
+
+#[test]
+fn storage_server_dying_is_an_io_error() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let dir = TempDir::new("vmm-blk-dies");
+    let export = format!("disk={}:64M", dir.path("e.img").display());
+    let mut server = start_blkd(&["--export", &export]);
+    let mut vnode = vnode_testguest(
+        "256M",
+        1,
+        &format!("test=blk sectors={SECTORS}"),
+        &["--disk", &server.uri("disk")],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn vnode");
+    let mut out = BufReader::new(vnode.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    out.read_line(&mut first).expect("first guest line");
+    assert!(first.contains("\"guest\""), "{first}");
+    // The guest is running: the server goes away under it.
+    let _ = server.child.kill();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).expect("guest output");
+    let status = vnode_tests::wait_deadline(&mut vnode, DEADLINE);
+    assert_eq!(status.code(), Some(1), "{rest}");
+    let report: serde_json::Value = rest
+        .lines()
+        .find(|l| l.contains("\"test\":\"blk\""))
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .unwrap_or_else(|| panic!("no report: {rest}"));
+    assert!(report["io_errors"].as_u64().unwrap() > 0, "{report}");
+    assert!(rest.contains("\"done\":true"), "{rest}");
+}
