@@ -2,14 +2,16 @@
 //! a local file and an NBD export (`vnode-blkd`, `qemu-nbd`, `nbdkit`) through `remote-blk`'s
 //! pipelined client.
 //!
-//! Requests are submitted and complete through a callback, so a backend that can keep many in
-//! flight (NBD) does; the file backend completes each one before `submit` returns.
+//! Requests are submitted and complete through a callback, so both keep many in flight: NBD
+//! pipelines them on its connection, the file backend runs them on a few I/O threads.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use remote_blk::nbd::client::{ClientError, Command, ConnectOptions, NbdClient};
 
@@ -61,11 +63,19 @@ pub trait BlockBackend: Send + Sync {
     fn submit(&self, op: BlockOp, done: Done);
 }
 
-/// A local file (or block device), with pread/pwrite/fdatasync.
+/// I/O threads per file backend: enough to overlap a few requests on a real disk.
+const FILE_THREADS: usize = 4;
+
+type Job = (BlockOp, Done);
+
+/// A local file (or block device), with pread/pwrite/fdatasync on `FILE_THREADS` threads
+/// (`blk-file`), which end when the backend is dropped.
 pub struct FileBackend {
-    file: File,
+    file: Arc<File>,
     size: u64,
     read_only: bool,
+    jobs: Option<Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl FileBackend {
@@ -85,28 +95,62 @@ impl FileBackend {
                 path: path.to_owned(),
             });
         }
+        let file = Arc::new(file);
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..FILE_THREADS)
+            .map(|_| {
+                let (file, rx) = (file.clone(), rx.clone());
+                std::thread::Builder::new()
+                    .name("blk-file".into())
+                    .spawn(move || io_thread(&file, &rx))
+                    .map_err(BackendError::Io)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             file,
             size,
             read_only,
+            jobs: Some(tx),
+            threads,
         })
     }
+}
 
-    fn run(&self, op: BlockOp) -> io::Result<Vec<u8>> {
-        match op {
-            BlockOp::Read { offset, len } => {
-                let mut buf = vec![0u8; len as usize];
-                self.file.read_exact_at(&mut buf, offset)?;
-                Ok(buf)
+/// Runs jobs until the backend drops its sender.
+fn io_thread(file: &File, jobs: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = jobs.lock().expect("job queue lock poisoned").recv();
+        let Ok((op, done)) = job else {
+            return;
+        };
+        done(run(file, op).map_err(BackendError::Io));
+    }
+}
+
+fn run(file: &File, op: BlockOp) -> io::Result<Vec<u8>> {
+    match op {
+        BlockOp::Read { offset, len } => {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            Ok(buf)
+        }
+        BlockOp::Write { offset, data, fua } => {
+            file.write_all_at(&data, offset)?;
+            if fua {
+                file.sync_data()?;
             }
-            BlockOp::Write { offset, data, fua } => {
-                self.file.write_all_at(&data, offset)?;
-                if fua {
-                    self.file.sync_data()?;
-                }
-                Ok(Vec::new())
-            }
-            BlockOp::Flush => self.file.sync_data().map(|()| Vec::new()),
+            Ok(Vec::new())
+        }
+        BlockOp::Flush => file.sync_data().map(|()| Vec::new()),
+    }
+}
+
+impl Drop for FileBackend {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }
@@ -121,7 +165,14 @@ impl BlockBackend for FileBackend {
     }
 
     fn submit(&self, op: BlockOp, done: Done) {
-        done(self.run(op).map_err(BackendError::Io));
+        let sent = match &self.jobs {
+            Some(jobs) => jobs.send((op, done)),
+            None => Err(mpsc::SendError((op, done))),
+        };
+        // Only if every I/O thread is gone (they never exit while `jobs` lives): do it here.
+        if let Err(mpsc::SendError((op, done))) = sent {
+            done(run(&self.file, op).map_err(BackendError::Io));
+        }
     }
 }
 
