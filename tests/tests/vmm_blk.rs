@@ -353,3 +353,39 @@ fn storage_server_dying_is_an_io_error() {
     assert!(report["io_errors"].as_u64().unwrap() > 0, "{report}");
     assert!(rest.contains("\"done\":true"), "{rest}");
 }
+
+#[test]
+fn disk_io_into_userfaultfd_guest_ram() {
+    // Guest RAM behind the ExCache (32 MiB resident of 256 MiB): the device thread faults on
+    // the guest's buffers like a vCPU does, and the fault thread serves it.
+    let dir = TempDir::new("vmm-blk-uffd");
+    let file = dir.path("disk.img");
+    sparse_file(&file, DISK_BYTES);
+    let f = run_with_deadline(
+        &mut vnode_testguest(
+            "256M",
+            1,
+            &format!("test=blk sectors={SECTORS} pattern=random seed=51"),
+            &[
+                "--disk",
+                &file.display().to_string(),
+                "--mem-server",
+                "local",
+                "--local-mem",
+                "32M",
+            ],
+        ),
+        DEADLINE,
+    );
+    assert_eq!(f.status.code(), Some(0), "{}\n{}", f.stdout, f.stderr);
+    let report = f.last_with("test").expect("report");
+    assert_eq!(
+        (report["errors"].as_u64(), report["io_errors"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let ro = format!("{},readonly", file.display());
+    blk_ok(
+        &ro,
+        &format!("test=blk sectors={SECTORS} seed=51 mode=verify"),
+    );
+}
