@@ -262,8 +262,14 @@ impl FaultServer {
             let installed = unsafe { self.uffd.copy_page(self.addr_of(p), src, !write, i == 0)? };
             if installed {
                 self.cache.insert(p, write);
-            } else if i == 0 {
-                self.uffd.wake(self.addr_of(p), PAGE)?;
+            } else {
+                // Already present although the cache did not know it: track it, and take it for
+                // dirty, so eviction writes it back rather than losing what it holds.
+                tracing::warn!(page = p, "page was already present when installing it");
+                self.cache.insert(p, true);
+                if i == 0 {
+                    self.uffd.wake(self.addr_of(p), PAGE)?;
+                }
             }
             if i > 0 {
                 self.stats.prefetched.inc();
