@@ -85,6 +85,9 @@ struct RunArgs {
     /// The vNode id presented to memory servers (default: this process id).
     #[arg(long, value_name = "ID")]
     vnode_id: Option<u64>,
+    /// The ExCache's fault thread busy-polls for faults (lower latency, one busy core).
+    #[arg(long, requires = "mem_server")]
+    excache_spin: bool,
     /// File holding the memory servers' shared secret (else $VNODE_SECRET, else none).
     #[arg(long, value_name = "FILE")]
     mem_secret_file: Option<PathBuf>,
@@ -130,6 +133,7 @@ fn remote_mem_config(
         prefetch_max: args.prefetch,
         vnode_id: args.vnode_id.unwrap_or(u64::from(std::process::id())),
         secret,
+        spin: args.excache_spin,
     }))
 }
 

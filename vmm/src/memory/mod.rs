@@ -30,6 +30,8 @@ pub struct RemoteMemConfig {
     pub prefetch_max: u32,
     pub vnode_id: u64,
     pub secret: Vec<u8>,
+    /// The fault thread busy-polls its userfaultfd instead of sleeping.
+    pub spin: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +139,8 @@ pub fn remote_memory(
         Prefetcher::new(4.min(cfg.prefetch_max), cfg.prefetch_max),
         source,
         stats.clone(),
-    );
+    )
+    .with_spin(cfg.spin);
     let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(RemoteMemError::Spawn)?;
     let thread_stop = stop_evt.try_clone().map_err(RemoteMemError::Spawn)?;
     let vm_stop = vm_stop.clone();
