@@ -114,7 +114,7 @@ fn fill_table(env: &Env, bytes: u64, s: &Samples) -> String {
         "p90 ms",
         "GB/s",
         "bytes/cycle",
-        "vs native",
+        "bandwidth vs native",
     ]);
     let rows = [
         ("native, first touch", &s.native_first, &s.native_first),
