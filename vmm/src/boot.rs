@@ -206,13 +206,15 @@ fn load_initrd(
     Ok((addr, size))
 }
 
-/// Loads kernel, initrd and command line, and writes the boot parameters.
+/// Loads kernel, initrd and command line, and writes the boot parameters (with `acpi_rsdp`,
+/// where the ACPI RSDP is, when the VM has ACPI tables).
 pub fn load_guest(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    acpi_rsdp: Option<u64>,
 ) -> Result<BootInfo, BootError> {
     let (info, kernel_end, setup) = load_kernel(mem, kernel)?;
     let mut params = boot_params::default();
@@ -224,6 +226,7 @@ pub fn load_guest(
     params.hdr.header = 0x5372_6448; // "HdrS"
     params.hdr.kernel_alignment = 0x0100_0000;
     params.hdr.loadflags |= 0x01; // LOADED_HIGH
+    params.acpi_rsdp_addr = acpi_rsdp.unwrap_or(0);
 
     let mut cl = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|_| BootError::Cmdline)?;
     if !cmdline.is_empty() {

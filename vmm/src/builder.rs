@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::{AcpiError, AcpiTables, MmioDevice};
 use crate::arch::x86_64::cpuid::{boot_msrs, patch_cpuid, HostKind};
 use crate::arch::x86_64::layout::BOOT_GDT_START;
 use crate::arch::x86_64::regs::{
@@ -33,6 +34,8 @@ pub enum BuildError {
     Kvm(#[from] KvmError),
     #[error(transparent)]
     Boot(#[from] BootError),
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] AcpiError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -90,7 +93,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let serial = attach_serial(&vm, &mut buses, &config.serial)?;
     attach_i8042(&mut buses, &stop)?;
     attach_debug_ports(&mut buses, &mem, &stop, config)?;
-    attach_disks(&vm, &mut buses, &mem, &config.disks)?;
+    let virtio = attach_disks(&vm, &mut buses, &mem, &config.disks)?;
+    let rsdp = attach_acpi(&mem, config.vcpus, &virtio)?;
     write_boot_tables(&mem)?;
     let boot = load_guest(
         &mem,
@@ -98,6 +102,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         &config.kernel,
         config.initrd.as_deref(),
         &config.cmdline,
+        Some(rsdp),
     )?;
     let vcpus = create_vcpus(&vm, config.vcpus, &boot)?;
     Ok(Vmm {
@@ -178,16 +183,18 @@ fn attach_debug_ports(
 }
 
 /// One virtio-mmio slot per `--disk`, in order: the backend is opened (or connected) now, so a
-/// bad path or an unreachable server fails the build with a one-line reason.
+/// bad path or an unreachable server fails the build with a one-line reason. Returns the slots
+/// (for the ACPI DSDT).
 fn attach_disks(
     vm: &Vm,
     buses: &mut IoBuses,
     mem: &GuestMemoryMmap,
     disks: &[DiskSpec],
-) -> Result<(), BuildError> {
+) -> Result<Vec<MmioDevice>, BuildError> {
     if disks.len() > MAX_DEVICES {
         return Err(BuildError::TooManyDisks(disks.len()));
     }
+    let mut slots = Vec::with_capacity(disks.len());
     for (index, spec) in disks.iter().enumerate() {
         let backend = open_disk(spec).map_err(|source| BuildError::Disk { index, source })?;
         let base = MMIO_BASE + index as u64 * MMIO_LEN;
@@ -203,8 +210,13 @@ fn attach_disks(
             .mmio
             .insert(base, MMIO_LEN, Arc::new(Mutex::new(transport)))?;
         tracing::info!(index, base, gsi, source = ?spec.source, "virtio-blk attached");
+        slots.push(MmioDevice {
+            base,
+            len: MMIO_LEN,
+            gsi,
+        });
     }
-    Ok(())
+    Ok(slots)
 }
 
 fn open_disk(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>, BackendError> {
@@ -212,6 +224,24 @@ fn open_disk(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>, BackendError> {
         DiskSource::File(path) => Arc::new(FileBackend::open(path, spec.read_only)?),
         DiskSource::Nbd(uri) => Arc::new(NbdBackend::connect(uri, spec.read_only)?),
     })
+}
+
+/// ACPI tables (arch/x86_64/acpi.rs) for the vCPUs and the virtio-mmio devices; returns the
+/// RSDP's address for the boot parameters.
+fn attach_acpi(
+    mem: &GuestMemoryMmap,
+    vcpus: u32,
+    virtio: &[MmioDevice],
+) -> Result<u64, BuildError> {
+    let tables = AcpiTables::new(vcpus, virtio)?;
+    tables.write_to(mem)?;
+    tracing::info!(
+        vcpus,
+        devices = virtio.len(),
+        rsdp = tables.rsdp_addr(),
+        "ACPI tables"
+    );
+    Ok(tables.rsdp_addr())
 }
 
 fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), BuildError> {

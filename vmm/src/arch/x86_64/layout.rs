@@ -18,6 +18,13 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the extended BIOS data area: RAM below it is usable.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The system BIOS area, reserved in e820: the ACPI RSDP at its start (inside the range Linux
+/// scans for it) and the other ACPI tables after it (arch/x86_64/acpi.rs).
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_END: u64 = 0x10_0000;
+/// F000:FFF0, where Linux jumps in real mode to have "the BIOS" reset the machine; vNode puts a
+/// stub there that pulses the i8042 reset line (acpi.rs).
+pub const BIOS_RESET_VECTOR: u64 = 0xf_fff0;
 /// Where high memory starts, and where a bzImage's protected-mode code is loaded.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// The 32-bit MMIO hole: [MMIO_GAP_START, 4 GiB) holds devices, not RAM.
@@ -25,6 +32,9 @@ pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// Device MMIO windows (virtio-mmio) are allocated from here upwards.
 pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
+/// KVM's in-kernel IOAPIC and the local APICs, inside the MMIO gap.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const LAPIC_START: u64 = 0xfee0_0000;
 /// The KVM TSS and identity-map pages, inside the MMIO gap.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
@@ -46,7 +56,11 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
 
 /// The e820 map given to the guest: (start, length, type), type 1 = RAM, 2 = reserved.
 pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
-    let mut map = vec![(0, EBDA_START, 1), (EBDA_START, 0x400, 2)];
+    let mut map = vec![
+        (0, EBDA_START, 1),
+        (EBDA_START, 0x400, 2),
+        (ACPI_START, ACPI_END - ACPI_START, 2),
+    ];
     for (start, len) in ram_ranges(mem_size) {
         if start == 0 {
             map.push((HIMEM_START, len - HIMEM_START, 1));
@@ -84,6 +98,7 @@ mod tests {
     fn e820_reserves_the_ebda_and_skips_legacy_hole() {
         let m = e820_map(64 << 20);
         assert_eq!(m[0], (0, EBDA_START, 1));
-        assert_eq!(m[2], (HIMEM_START, (64 << 20) - HIMEM_START, 1));
+        assert_eq!(m[2], (ACPI_START, ACPI_END - ACPI_START, 2));
+        assert_eq!(m[3], (HIMEM_START, (64 << 20) - HIMEM_START, 1));
     }
 }
