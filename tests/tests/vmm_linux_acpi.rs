@@ -5,8 +5,8 @@
 //! the initramfs, and the console's user-space output needs COM1's IRQ from the DSDT. Both are
 //! checked in the hardware-virtualization sandbox: `guest-images/sandbox/run.sh --share DIR --
 //! target/debug/vnode run --kernel guest-images/out/vmlinux --initrd guest-images/out/initrd.img
-//! --vcpus 2 --mem 1G --disk DIR/rootfs.ext4 --cmdline "console=ttyS0 vnode.job=boot
-//! vnode.exit=reboot"` prints the job's JSON with `"cpus":2` and `"block":"vda"`, and ends.)
+//! --vcpus 2 --mem 1G --disk DIR/rootfs.ext4 --cmdline "console=ttyS0 vnode.job=boot"` prints
+//! the job's JSON with `"cpus":2` and `"block":"vda"`, and powers off through ACPI.)
 
 use std::io::Read;
 use std::process::{Command, Stdio};

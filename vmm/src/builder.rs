@@ -15,6 +15,7 @@ use crate::arch::x86_64::regs::{
 };
 use crate::boot::{load_guest, BootError, BootInfo};
 use crate::config::{DiskSource, DiskSpec, SerialOut, VmConfig};
+use crate::devices::acpi_sleep::{AcpiSleep, SLEEP_CONTROL_PORT, SLEEP_PORTS_LEN};
 use crate::devices::bus::{BusError, IoBuses};
 use crate::devices::debug_exit::{DebugExit, PhaseMarker, DEBUG_EXIT_PORT, PHASE_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
@@ -94,7 +95,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     attach_i8042(&mut buses, &stop)?;
     attach_debug_ports(&mut buses, &mem, &stop, config)?;
     let virtio = attach_disks(&vm, &mut buses, &mem, &config.disks)?;
-    let rsdp = attach_acpi(&mem, config.vcpus, &virtio)?;
+    let rsdp = attach_acpi(&mut buses, &mem, &stop, config.vcpus, &virtio)?;
     write_boot_tables(&mem)?;
     let boot = load_guest(
         &mem,
@@ -226,13 +227,19 @@ fn open_disk(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>, BackendError> {
     })
 }
 
-/// ACPI tables (arch/x86_64/acpi.rs) for the vCPUs and the virtio-mmio devices; returns the
-/// RSDP's address for the boot parameters.
+/// ACPI tables (arch/x86_64/acpi.rs) for the vCPUs and the virtio-mmio devices, and the sleep
+/// registers they name (power-off); returns the RSDP's address for the boot parameters.
 fn attach_acpi(
+    buses: &mut IoBuses,
     mem: &GuestMemoryMmap,
+    stop: &StopSignal,
     vcpus: u32,
     virtio: &[MmioDevice],
 ) -> Result<u64, BuildError> {
+    let sleep = Arc::new(Mutex::new(AcpiSleep::new(stop.clone())));
+    buses
+        .pio
+        .insert(SLEEP_CONTROL_PORT, SLEEP_PORTS_LEN, sleep)?;
     let tables = AcpiTables::new(vcpus, virtio)?;
     tables.write_to(mem)?;
     tracing::info!(

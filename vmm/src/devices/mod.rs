@@ -1,4 +1,5 @@
 //! Emulated devices and the buses that route guest port I/O and MMIO to them.
+pub mod acpi_sleep;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;

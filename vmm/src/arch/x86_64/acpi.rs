@@ -7,7 +7,7 @@
 //! ```text
 //!   RSDP (rev 2, at ACPI_START: boot_params.acpi_rsdp_addr, and Linux's scan finds it too)
 //!    └─ XSDT ─┬─ FACP (FADT, hardware-reduced: no PM blocks, no SCI, no FACS)
-//!             │    └─ DSDT: \_SB.COM1 (PNP0501), \_SB.VRnn ("LNRO0005", virtio-mmio) per slot
+//!             │    └─ DSDT: \_S5, \_SB.COM1 (PNP0501), \_SB.VRnn ("LNRO0005", virtio-mmio)
 //!             └─ APIC (MADT): a local APIC per vCPU, KVM's IOAPIC
 //! ```
 //!
@@ -27,10 +27,13 @@
 //! vector, the few bytes of real-mode code a BIOS would run: pulse the i8042 reset line (which ends
 //! the VM, devices/i8042.rs). The FADT's reset register points at the same line, for `reboot=acpi`.
 //!
+//! Powering off: the FADT's sleep control/status registers are devices/acpi_sleep.rs, and the
+//! DSDT's `\_S5` gives the soft-off sleep type, so `poweroff` ends the VM.
+//!
 //! Building is pure ([`AcpiTables::new`]), so tests check the bytes without guest memory.
 
 use acpi_tables::aml::{
-    self, Device, EISAName, Interrupt, Memory32Fixed, Name, ResourceTemplate, Scope, IO,
+    self, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -42,6 +45,7 @@ use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{ACPI_START, BIOS_RESET_VECTOR, IOAPIC_START, LAPIC_START};
+use crate::devices::acpi_sleep::{S5_SLEEP_TYPE, SLEEP_CONTROL_PORT};
 use crate::devices::i8042::I8042_BASE;
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN};
 
@@ -223,12 +227,14 @@ fn dsdt(devices: &[MmioDevice]) -> Result<Vec<u8>, AcpiError> {
         Device::new(name.as_str().into(), vec![&hid, &uid, &cca, &crs]).to_aml_bytes(&mut body);
     }
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VNODEDSD", OEM_REVISION);
+    let s5 = Package::new(vec![&S5_SLEEP_TYPE, &0u8]);
+    sdt.append_slice(&aml_bytes(&Name::new("_S5_".into(), &s5)));
     sdt.append_slice(&Scope::raw("\\_SB_".into(), body));
     Ok(sdt.as_slice().to_vec())
 }
 
 /// The FADT: hardware-reduced (no fixed power/sleep buttons either), pointing at the DSDT, with
-/// the i8042 reset as its reset register.
+/// the i8042 reset as its reset register and devices/acpi_sleep.rs as its sleep registers.
 fn fadt(dsdt: u64) -> Vec<u8> {
     let mut b = FADTBuilder::new(OEM_ID, *b"VNODEFAC", OEM_REVISION)
         .dsdt_64(dsdt)
@@ -244,6 +250,9 @@ fn fadt(dsdt: u64) -> Vec<u8> {
         I8042_COMMAND.into(),
     );
     b.reset_value = I8042_RESET;
+    let port = |p: u64| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, p);
+    b.sleep_control_reg = port(SLEEP_CONTROL_PORT);
+    b.sleep_status_reg = port(SLEEP_CONTROL_PORT + 1);
     // The i8042 stays announced: vNode emulates it for the reset line (devices/i8042.rs).
     b.iapc_boot_arch =
         (IAPC_8042 | IAPC_NO_VGA | IAPC_NO_MSI | IAPC_NO_ASPM | IAPC_NO_CMOS_RTC).into();
@@ -351,6 +360,12 @@ mod tests {
             (0x64, 0xfe),
             "reset: 0xfe to port 0x64"
         );
+        assert_eq!(&f[244..248], &[1, 8, 0, 1], "sleep control: 8-bit port I/O");
+        assert_eq!(
+            (u64_at(f, 248), u64_at(f, 260)),
+            (0x600, 0x601),
+            "sleep ports"
+        );
         let iapc = u16::from_le_bytes([f[109], f[110]]);
         assert_eq!(iapc & IAPC_NO_CMOS_RTC, IAPC_NO_CMOS_RTC);
         assert_eq!(iapc & IAPC_8042, IAPC_8042);
@@ -434,6 +449,9 @@ mod tests {
         let crs = [0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8, 0x22, 0x10, 0];
         assert_eq!(count(d, &crs), 1);
         assert_eq!(count(d, b"LNRO0005"), 0);
+        // Name (_S5, Package (2) {5, 0})
+        let s5 = [0x08, b'_', b'S', b'5', b'_', 0x12, 5, 2, 0x0a, 5, 0];
+        assert_eq!(count(d, &s5), 1);
     }
 
     #[test]
