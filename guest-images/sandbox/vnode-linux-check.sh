@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Runs inside the hardware-virtualization sandbox (run.sh): vnode boots Debian's cloud kernel with
+# our initramfs, 2 vCPUs, guest RAM on a vnode-memd (bounded by the ExCache) and root on a
+# vnode-blkd NBD export, runs the guest's jobs, and leaves everything in OUTDIR. Optionally QEMU
+# (qemu-ref.sh) then boots the same kernel + initramfs for a boot-time comparison.
+#
+#   guest-images/sandbox/run.sh --share OUTDIR -- bash guest-images/sandbox/vnode-linux-check.sh \
+#       --out OUTDIR --bin-dir /abs/target/debug --rootfs OUTDIR/rootfs.ext4 \
+#       [--vcpus 2] [--mem 1G] [--local-mem 512M] [--append "vnode.job=all ..."] [--qemu-ref]
+#
+# OUTDIR gets: console.log (each console line as "[ms since vnode started] line"), vnode.stderr
+# (the --stats JSON line is its last line starting with '{'), vnode.rc, memd.log, blkd.log,
+# cmdline, and with --qemu-ref: qemu-ref.log, qemu-ref.rc. timing.txt has one "key=value" a line.
+# --rootfs is a scratch copy: the guest writes to it.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUT_IMG=$(cd "$HERE/.." && pwd)/out
+OUTDIR= BIN= ROOTFS= VCPUS=2 MEM=1G LOCAL=512M APPEND="vnode.job=boot" QREF=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) OUTDIR=$2; shift 2 ;;
+        --bin-dir) BIN=$2; shift 2 ;;
+        --rootfs) ROOTFS=$2; shift 2 ;;
+        --vcpus) VCPUS=$2; shift 2 ;;
+        --mem) MEM=$2; shift 2 ;;
+        --local-mem) LOCAL=$2; shift 2 ;;
+        --append) APPEND=$2; shift 2 ;;
+        --qemu-ref) QREF=1; shift ;;
+        *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    esac
+done
+die() { echo "vnode-linux-check: error: $*" >&2; exit 1; }
+[ -d "$OUTDIR" ] && [ -w "$OUTDIR" ] || die "--out $OUTDIR: not a writable directory (share it)"
+for b in vnode vnode-memd vnode-blkd; do [ -x "$BIN/$b" ] || die "$BIN/$b missing"; done
+[ -f "$ROOTFS" ] || die "--rootfs $ROOTFS missing"
+[ -c /dev/kvm ] || die "no /dev/kvm (run this inside guest-images/sandbox/run.sh)"
+export TMPDIR=${TMPDIR:-/tmp} VNODE_SECRET=${VNODE_SECRET:-sandbox-insecure}
+now_ms() { local t=${EPOCHREALTIME/./}; echo $(( t / 1000 )); }
+PIDS=()
+cleanup() { local p; for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
+trap cleanup EXIT
+
+# Starts a server that prints "listening on ADDR" and waits for its --ready-file.
+start_server() { # name ready-file args...
+    local name=$1 ready=$2 i; shift 2
+    rm -f "$ready"
+    "$@" --ready-file "$ready" >"$OUTDIR/$name.log" 2>&1 &
+    PIDS+=($!)
+    for i in $(seq 600); do
+        [ -s "$ready" ] && { cat "$ready"; return 0; }
+        kill -0 "${PIDS[-1]}" 2>/dev/null || { cat "$OUTDIR/$name.log" >&2; die "$name exited"; }
+        sleep 0.1
+    done
+    die "$name did not start listening in 60 s"
+}
+memd=$(start_server memd "$TMPDIR/memd.ready" "$BIN/vnode-memd" --listen 127.0.0.1:0 --capacity 2G --insecure)
+blkd=$(start_server blkd "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --listen 127.0.0.1:0 --export "root=$ROOTFS")
+echo "vnode-linux-check: vnode-memd on $memd, vnode-blkd on $blkd" >&2
+
+cmdline="console=ttyS0 panic=-1 $APPEND"
+echo "$cmdline" >"$OUTDIR/cmdline"
+: >"$OUTDIR/timing.txt"
+START=$(now_ms)
+"$BIN/vnode" run --kernel "$OUT_IMG/vmlinux" --initrd "$OUT_IMG/initrd.img" --vcpus "$VCPUS" \
+    --mem "$MEM" --mem-server "$memd" --local-mem "$LOCAL" --disk "nbd://$blkd/root" --stats \
+    --cmdline "$cmdline" </dev/null 2>"$OUTDIR/vnode.stderr" \
+    | while IFS= read -r line; do
+        line=${line%$'\r'}
+        t=$(( $(now_ms) - START ))
+        printf '[%7d ms] %s\n' "$t" "$line"
+        case "$line" in
+            VNODE-INITRAMFS-UP*) echo "vnode_initramfs_ms=$t" >>"$OUTDIR/timing.txt" ;;
+            VNODE-INIT-UP*) echo "vnode_init_ms=$t" >>"$OUTDIR/timing.txt" ;;
+            VNODE-*|'{'*) echo "[$t ms] $line" >&2 ;;
+        esac
+    done >"$OUTDIR/console.log"
+vrc=${PIPESTATUS[0]}
+echo "$vrc" >"$OUTDIR/vnode.rc"
+echo "vnode_total_ms=$(( $(now_ms) - START ))" >>"$OUTDIR/timing.txt"
+echo "vnode-linux-check: vnode exited $vrc after $(( $(now_ms) - START )) ms" >&2
+cleanup; PIDS=()
+
+if [ $QREF = 1 ]; then
+    # The same kernel (ELF, PVH entry) + initramfs under Debian's QEMU/KVM: local RAM, the image
+    # with snapshot=on. loglevel=7 undoes qemu-ref's `quiet` so both consoles print the same.
+    mem_mib=$(numfmt --from=iec "$MEM"); mem_mib=$(( mem_mib / 1048576 ))
+    bash "$HERE/qemu-ref.sh" --inside --job boot --kernel vmlinux --smp "$VCPUS" --mem "$mem_mib" \
+        --append "loglevel=7" >"$OUTDIR/qemu-ref.log" 2>&1
+    echo "$?" >"$OUTDIR/qemu-ref.rc"
+    awk '/\] VNODE-INITRAMFS-UP/{gsub(/\[ */,""); print "qemu_initramfs_ms=" $1+0}
+         /\] VNODE-INIT-UP/{gsub(/\[ */,""); print "qemu_init_ms=" $1+0}
+         /^qemu-ref: QEMU exit/{for(i=1;i<=NF;i++) if ($i=="after") print "qemu_total_ms=" $(i+1)}' \
+        "$OUTDIR/qemu-ref.log" >>"$OUTDIR/timing.txt"
+fi
+cat "$OUTDIR/timing.txt" >&2
+exit "$vrc"
