@@ -173,6 +173,18 @@ impl ExCache {
     }
 }
 
+/// Runs of consecutive pages in a sorted list, as (first page, length).
+pub fn runs(sorted: &[u32]) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for &p in sorted {
+        match out.last_mut() {
+            Some((start, len)) if *start + *len == p => *len += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
+}
+
 /// Detects sequential and strided fault streams and sizes a prefetch window for them:
 /// the window doubles each time the stream continues right after the last prefetched page,
 /// and collapses when the stream breaks.
@@ -328,6 +340,12 @@ mod tests {
             }
             assert_eq!(c.max_resident(), 64);
         }
+    }
+
+    #[test]
+    fn runs_merge_consecutive_pages() {
+        assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 1), (9, 2)]);
+        assert_eq!(runs(&[]), vec![]);
     }
 
     #[test]
