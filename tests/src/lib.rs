@@ -128,3 +128,50 @@ pub fn vnode_testguest(mem: &str, vcpus: u32, cmdline: &str, extra: &[&str]) -> 
         .args(extra);
     c
 }
+
+/// Boots Debian's vmlinux (guest-images/out/vmlinux) directly with `vcpus` vCPUs and 512 MiB,
+/// polling its serial console until every line of `want` appears or `deadline` passes, then stops
+/// the VM. Returns the console text; panics if vnode exits first or a line never appears.
+pub fn boot_linux_until(vcpus: u32, want: &[&str], deadline: Duration) -> String {
+    let log = std::env::temp_dir().join(format!("vnode-linux-{}-{vcpus}.log", std::process::id()));
+    let mut child = Command::new(bin("vnode"))
+        .args(["run", "--kernel"])
+        .arg(guest_image("vmlinux"))
+        .args(["--mem", "512M", "--vcpus", &vcpus.to_string(), "--serial"])
+        .arg(&log)
+        .args(["--cmdline", "console=ttyS0 earlyprintk=serial,ttyS0,115200"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vnode");
+    let start = Instant::now();
+    let mut seen = String::new();
+    while start.elapsed() < deadline {
+        seen = std::fs::read_to_string(&log).unwrap_or_default();
+        if want.iter().all(|w| seen.contains(w)) {
+            break;
+        }
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            let mut err = String::new();
+            let _ = child
+                .stderr
+                .take()
+                .expect("stderr")
+                .read_to_string(&mut err);
+            panic!("vnode exited early ({st}): {err}\nconsole:\n{seen}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&log);
+    for w in want {
+        assert!(
+            seen.contains(w),
+            "console lacks {w:?} after {:?}:\n{seen}",
+            start.elapsed()
+        );
+    }
+    seen
+}

@@ -2,11 +2,12 @@
 //! caught by verification, every bad input refused with one clear line, and Debian's unmodified
 //! cloud kernel printing its banner and our e820 map.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use vnode_tests::{bin, guest_image, run_with_deadline, vnode_testguest, Finished};
+use vnode_tests::{
+    bin, boot_linux_until, guest_image, run_with_deadline, vnode_testguest, Finished,
+};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -167,53 +168,12 @@ fn guest_exit_status_is_vnodes_exit_status() {
 /// supervisor code is emulated.
 #[test]
 fn debian_cloud_kernel_prints_banner_and_e820() {
-    let vmlinux = guest_image("vmlinux");
-    let log = std::env::temp_dir().join(format!("vnode-linux-{}.log", std::process::id()));
-    let mut child = Command::new(bin("vnode"))
-        .args(["run", "--kernel"])
-        .arg(&vmlinux)
-        .args(["--mem", "512M", "--vcpus", "1", "--serial"])
-        .arg(&log)
-        .args(["--cmdline", "console=ttyS0 earlyprintk=serial,ttyS0,115200"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vnode");
     let want = [
         "Linux version ",
         "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
         "BIOS-e820: [mem 0x000000000009fc00-0x000000000009ffff] reserved",
         "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable",
     ];
-    let start = Instant::now();
-    let mut seen = String::new();
-    while start.elapsed() < Duration::from_secs(120) {
-        seen = std::fs::read_to_string(&log).unwrap_or_default();
-        if want.iter().all(|w| seen.contains(w)) {
-            break;
-        }
-        if let Some(st) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("vnode exited early ({st}): {err}\nconsole:\n{seen}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_file(&log);
-    for w in want {
-        assert!(
-            seen.contains(w),
-            "console lacks {w:?} after {:?}:\n{seen}",
-            start.elapsed()
-        );
-    }
+    let seen = boot_linux_until(1, &want, Duration::from_secs(120));
     assert!(seen.contains("Debian"), "not the Debian kernel:\n{seen}");
 }

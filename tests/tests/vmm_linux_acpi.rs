@@ -8,27 +8,12 @@
 //! --vcpus 2 --mem 1G --disk DIR/rootfs.ext4 --cmdline "console=ttyS0 vnode.job=boot"` prints
 //! the job's JSON with `"cpus":2` and `"block":"vda"`, and powers off through ACPI.)
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vnode_tests::{bin, guest_image};
+use vnode_tests::boot_linux_until;
 
 #[test]
 fn debian_cloud_kernel_finds_two_cpus_through_acpi() {
-    let vmlinux = guest_image("vmlinux");
-    let log = std::env::temp_dir().join(format!("vnode-linux-acpi-{}.log", std::process::id()));
-    let mut child = Command::new(bin("vnode"))
-        .args(["run", "--kernel"])
-        .arg(&vmlinux)
-        .args(["--mem", "512M", "--vcpus", "2", "--serial"])
-        .arg(&log)
-        .args(["--cmdline", "console=ttyS0 earlyprintk=serial,ttyS0,115200"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vnode");
     let want = [
         "ACPI: RSDP 0x00000000000E0000 000024 (v02 VNODE )",
         "ACPI: XSDT 0x",
@@ -39,35 +24,7 @@ fn debian_cloud_kernel_finds_two_cpus_through_acpi() {
         "ACPI: Using ACPI (MADT) for SMP configuration information",
         "smpboot: Allowing 2 CPUs, 0 hotplug CPUs",
     ];
-    let start = Instant::now();
-    let mut seen = String::new();
-    while start.elapsed() < Duration::from_secs(120) {
-        seen = std::fs::read_to_string(&log).unwrap_or_default();
-        if want.iter().all(|w| seen.contains(w)) {
-            break;
-        }
-        if let Some(st) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("vnode exited early ({st}): {err}\nconsole:\n{seen}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_file(&log);
-    for w in want {
-        assert!(
-            seen.contains(w),
-            "console lacks {w:?} after {:?}:\n{seen}",
-            start.elapsed()
-        );
-    }
+    let seen = boot_linux_until(2, &want, Duration::from_secs(120));
     for bad in [
         "not listed by BIOS",
         "ACPI BIOS Error",
