@@ -3,8 +3,8 @@
 //! bounded ExCache, root on a `vnode-blkd` NBD export through virtio-blk (found through the DSDT,
 //! no device hints on the command line). The guest's jobs (guest-images/scripts/linux-guest-init.sh)
 //! run fio with crc32c verification on the root disk and memcached under memtier_benchmark.
-//! The same sandbox run then boots the same kernel + initramfs under QEMU/KVM (qemu-ref.sh) and the
-//! test prints both boot times. The in-sandbox part is guest-images/sandbox/vnode-linux-check.sh.
+//! The same sandbox run then boots the same kernel + initramfs, `quiet`, to the guest's /sbin/init
+//! under QEMU/KVM (qemu-ref.sh) and under vnode, and the test prints both boot times. The in-sandbox part is guest-images/sandbox/vnode-linux-check.sh.
 
 use std::path::Path;
 use std::process::Command;
@@ -194,15 +194,27 @@ fn debian_cloud_kernel_runs_fio_and_memcached_on_remote_memory_and_disk() {
         println!("  {v}");
     }
     println!("excache: {ex}");
+    let times = |k: &str| {
+        format!(
+            "{} / {} / {}",
+            t(&format!("{k}_initramfs_ms")),
+            t(&format!("{k}_init_ms")),
+            t(&format!("{k}_total_ms"))
+        )
+    };
+    println!("boot time, process start -> initramfs up / -> /sbin/init up / -> exit:");
     println!(
-        "boot, start -> initramfs / -> /sbin/init / -> exit: vnode {} / {} / {} (remote memory, NBD disk); \
-         QEMU {} / {} / {} (qemu-ref.sh, local memory and disk; rc {})",
-        t("vnode_initramfs_ms"),
-        t("vnode_init_ms"),
-        t("vnode_total_ms"),
-        t("qemu_initramfs_ms"),
-        t("qemu_init_ms"),
-        t("qemu_total_ms"),
+        "  vnode, this run (not quiet, vnode.job=all):  {}",
+        times("vnode")
+    );
+    println!(
+        "  vnode, quiet, vnode.job=boot:                 {} (RAM on vnode-memd, {LOCAL_MEM} ExCache; root on vnode-blkd; rc {})",
+        times("vnode_quiet"),
+        read(&scratch, "vnode-quiet.rc").trim()
+    );
+    println!(
+        "  QEMU (qemu-ref.sh), quiet, vnode.job=boot:    {} (q35, same vmlinux + initramfs, local RAM and disk; rc {})",
+        times("qemu_quiet"),
         read(&scratch, "qemu-ref.rc").trim()
     );
     println!(
