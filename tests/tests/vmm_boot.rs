@@ -46,6 +46,24 @@ fn mem_workload_two_vcpus() {
 }
 
 #[test]
+fn preallocated_ram_runs_the_workload_and_is_refused_with_remote_memory() {
+    let cmdline = "test=mem bytes=128M pattern=seq seed=5 writes=50 passes=1";
+    let f = run_with_deadline(
+        &mut vnode_testguest("256M", 2, cmdline, &["--mem-prealloc"]),
+        DEADLINE,
+    );
+    assert_eq!(assert_ok(&f)["errors"], 0);
+    // The ExCache decides what is resident: preallocating that RAM would defeat it.
+    let tg = guest_image("testguest.elf");
+    let mut c = Command::new(bin("vnode"));
+    c.args(["run", "--kernel", tg.to_str().unwrap(), "--mem-prealloc"])
+        .args(["--mem-server", "local", "--local-mem", "64M"]);
+    let f = run_with_deadline(&mut c, Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("cannot be used with"), "{}", f.stderr);
+}
+
+#[test]
 fn corruption_from_the_vmm_is_caught() {
     // writes=0: phase 2 only reads, so the byte flipped after the fill must be found.
     let cmdline = "test=mem bytes=256M pattern=zipf seed=3 writes=0 passes=1";

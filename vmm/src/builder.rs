@@ -125,7 +125,7 @@ fn attach_memory(
     stop: &StopSignal,
 ) -> Result<(GuestMemoryMmap, Option<RemoteMemory>), BuildError> {
     match &config.remote_mem {
-        None => Ok((local_memory(config.mem_size)?, None)),
+        None => Ok((local_memory(config.mem_size, config.mem_prealloc)?, None)),
         Some(rm) => {
             let remote = remote_memory(config.mem_size, rm, stop)?;
             Ok((remote.mem.clone(), Some(remote)))

@@ -26,6 +26,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskSpec>,
     /// Guest RAM on memory servers behind the ExCache; local RAM if None.
     pub remote_mem: Option<crate::memory::RemoteMemConfig>,
+    /// Populate local guest RAM before the guest starts (no host page faults at first touch).
+    pub mem_prealloc: bool,
 }
 
 /// Where a `--disk` lives.

@@ -40,6 +40,11 @@ struct RunArgs {
     /// Guest RAM, e.g. 512M or 1G.
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     mem: String,
+    /// Allocate all of local guest RAM before the guest starts, so that its first touch costs
+    /// only KVM's own mapping, not a host page fault (not with --mem-server: the ExCache decides
+    /// what is resident).
+    #[arg(long, conflicts_with = "mem_server")]
+    mem_prealloc: bool,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: u32,
@@ -162,6 +167,7 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
         corrupt,
         disks,
         remote_mem,
+        mem_prealloc: args.mem_prealloc,
     };
     Ok((cfg, args.stats))
 }
