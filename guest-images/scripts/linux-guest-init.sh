@@ -5,6 +5,12 @@
 #
 #   vnode.job=boot            (default) system facts: kernel, cpus, memory, uptime
 #   vnode.job=fio-verify      fio random writes with crc32c verification on a virtio-blk disk
+#                             (vnode.fio_runtime=S: time-based, verified as it goes: verify_backlog)
+#   vnode.job=fio-randread    fio 4 KiB random reads, libaio, direct, iodepth 32, time-based
+#                             (vnode.fio_runtime, default 10) on vnode.fio_target (default /dev/vdb)
+#   vnode.job=memcached-serve memcached on 0.0.0.0:11211 (eth0 with vnode.ip=ADDR/PREFIX); prints a
+#                             READY line, serves until a line "stop" arrives on the console
+#                             (or vnode.serve_time=600 s pass), then prints memcached's stats
 #   vnode.job=memcached-bench memcached + memtier_benchmark if present, else memcaslap (memaslap)
 #   vnode.job=redis-bench     redis-server + memtier_benchmark if present, else redis-benchmark
 #   vnode.job=all             boot, fio-verify, memcached-bench, redis-bench
@@ -15,6 +21,8 @@
 #          vnode.clients=8 (connections) vnode.threads=1 vnode.mem=128 (server MiB)
 #          vnode.keys=10000 (key space) vnode.requests=N (redis-benchmark requests per test; default: sized to bench_time)
 #          vnode.exit=poweroff|reboot|halt (reboot: for a VMM without ACPI power-off; i8042 reset)
+#          vnode.ip=ADDR/PREFIX (eth0, or vnode.iface=NAME) vnode.gw=ADDR (default route)
+#          vnode.fio_runtime=S vnode.fio_backlog=64 (fio-verify: blocks written between verifies)
 #
 # Console protocol (one item per line):
 #   VNODE-INIT-UP uptime=<s> ...
@@ -22,6 +30,9 @@
 #   {"job":"...", ...}            one or more JSON objects, one per line
 #   VNODE-JSON-END
 #   VNODE-EXIT rc=<n>             then the machine powers off (or reboots, see vnode.exit)
+# A job that serves (memcached-serve) prints {"job":...,"ready":true,...} between the markers when
+# the host may start its load, then waits for a console line "stop" (the VMM forwards its stdin to
+# the serial port); its results follow as further JSON lines before VNODE-JSON-END.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root TERM=linux LANG=C
 umask 022
@@ -31,8 +42,9 @@ up() { cut -d' ' -f1 /proc/uptime; }
 
 # Command line -> variables: vnode.fio_size=1G -> V_fio_size=1G
 read_config() {
-    V_job=boot V_exit=poweroff V_fio_size=64M V_fio_target=/var/tmp/fio-verify.dat V_fio_bs=4k V_fio_iodepth=16
-    V_bench_time=10 V_clients=8 V_threads=1 V_mem=128 V_keys=10000
+    V_job=boot V_exit=poweroff V_fio_size=64M V_fio_target= V_fio_bs=4k V_fio_iodepth= V_fio_runtime=
+    V_fio_backlog=64 V_bench_time=10 V_clients=8 V_threads=1 V_mem=128 V_keys=10000
+    V_ip= V_gw= V_iface= V_serve_time=600
     for w in ${VNODE_CMDLINE:-$(cat /proc/cmdline)}; do
         case "$w" in
             vnode.*=*) k=${w%%=*}; k=$(echo "${k#vnode.}" | tr -c 'a-zA-Z0-9_\n' _); eval "V_$k=\${w#*=}" ;;
@@ -87,25 +99,92 @@ job_boot() {
         root "$(awk '$2=="/"{print $1; exit}' /proc/mounts)" \
         virtio_devices "$(ls /sys/bus/virtio/devices 2>/dev/null | wc -l)" \
         block "$(ls /sys/block | tr '\n' ' ' | sed 's/ $//')" \
-        memtier "$(command -v memtier_benchmark >/dev/null && echo yes || echo no)"
+        memtier "$(command -v memtier_benchmark >/dev/null && echo yes || echo no)" \
+        net "$NET_STATUS" ifaces "$(ls /sys/class/net 2>/dev/null | tr '\n' ' ' | sed 's/ $//')"
 }
 
+# fio's terse v3 output -> JSON fields. Columns: 5 error; read 6 KiB 7 bw(KiB/s) 8 iops
+# 9 runtime(ms) 14-17 clat min/max/mean/dev (us) 18-37 clat percentiles "P%=us"; write 47 KiB 48 bw
+# 49 iops 50 runtime(ms).
+fio_terse_awk='function pct(first, want,   i, kv) { for (i = first; i < first + 20; i++) {
+        split($i, kv, "%="); if (kv[1] + 0 == want) return kv[2] + 0 } return "null" }'
+
 job_fio_verify() {
-    local t=$V_fio_target log=/tmp/fio.log rc
+    local t=${V_fio_target:-/var/tmp/fio-verify.dat} log=${TMPDIR:-/tmp}/fio-verify.log rc frc=0
+    local timed= flog=${TMPDIR:-/tmp}/fio-verify-final.log
     [ -b "$t" ] || mkdir -p "$(dirname "$t")"
-    # Random writes of the whole area, each block with a crc32c header, then a read-back verify
-    # pass in the same job: a wrong or lost write fails the job (verify_fatal).
+    # Random writes over the area, each block with a crc32c header. Size-based (default): one
+    # pass, then a read-back verify pass in the same job. Time-based (vnode.fio_runtime=S): fio
+    # skips its own verify pass once the runtime is up, so (1) it verifies as it goes: every
+    # vnode.fio_backlog blocks written are read back and checked (verify_backlog), and (2) a
+    # second fio then reads the whole area and checks every block's header and crc32c (this
+    # catches a block that went bad after its backlog check; it needs every block written once,
+    # which the random map guarantees once write_kib >= size). A wrong or lost write fails the
+    # job (verify_fatal).
+    [ -n "$V_fio_runtime" ] && timed="--time_based --runtime=$V_fio_runtime --verify_backlog=$V_fio_backlog"
     fio --name=fio-verify --filename="$t" --size="$V_fio_size" --rw=randwrite --bs="$V_fio_bs" \
-        --ioengine=libaio --iodepth="$V_fio_iodepth" --direct=1 --verify=crc32c --verify_fatal=1 \
-        --do_verify=1 --randrepeat=0 --output-format=terse --terse-version=3 >"$log" 2>&1
+        --ioengine=libaio --iodepth="${V_fio_iodepth:-16}" --direct=1 --verify=crc32c --verify_fatal=1 \
+        --do_verify=1 --randrepeat=0 --verify_state_save=0 $timed \
+        --output-format=terse --terse-version=3 >"$log" 2>&1
     rc=$?
-    # terse v3: 5 error; read 6 kb 7 bw(KiB/s) 8 iops 9 runtime(ms); write 47 kb 48 bw 49 iops 50 runtime
-    awk -F';' -v rc=$rc -v t="$t" -v sz="$V_fio_size" -v bs="$V_fio_bs" '$1==3{found=1;
-        printf "{\"job\":\"fio-verify\",\"rc\":%d,\"target\":\"%s\",\"size\":\"%s\",\"bs\":\"%s\",\"error\":%s,\"write_kib\":%s,\"write_bw_kib_s\":%s,\"write_iops\":%s,\"write_ms\":%s,\"verify_read_kib\":%s,\"verify_bw_kib_s\":%s,\"verify_iops\":%s,\"verify_ms\":%s,\"verified\":%s}\n",
-            rc, t, sz, bs, $5, $47, $48, $49, $50, $6, $7, $8, $9, (rc==0 && $5==0 && $6==$47) ? "true" : "false" }
-        END{ if (!found) printf "{\"job\":\"fio-verify\",\"rc\":%d,\"target\":\"%s\",\"error\":\"no terse output\",\"verified\":false}\n", rc, t }' "$log"
-    [ $rc -eq 0 ] || tail -n 8 "$log" >&2
+    : >"$flog"
+    if [ -n "$timed" ] && [ $rc -eq 0 ]; then
+        fio --name=fio-verify-final --filename="$t" --size="$V_fio_size" --rw=read --bs="$V_fio_bs" \
+            --ioengine=libaio --iodepth="${V_fio_iodepth:-16}" --direct=1 --verify=crc32c \
+            --verify_fatal=1 --verify_state_save=0 --output-format=terse --terse-version=3 >"$flog" 2>&1
+        frc=$?
+    fi
+    awk -F';' -v rc=$rc -v frc=$frc -v t="$t" -v sz="$V_fio_size" -v bs="$V_fio_bs" -v rt="${V_fio_runtime:-0}" \
+        -v bl="$V_fio_backlog" -v bsk="$(fio_kib "$V_fio_bs")" -v szk="$(fio_kib "$V_fio_size")" '
+        FILENAME == ARGV[2] && $1 == 3 { fkib = $6; fms = $9; ferr = $5; next }
+        FILENAME == ARGV[1] && $1 == 3 { found = 1; for (i = 1; i <= NF; i++) m[i] = $i }
+        END {
+            if (!found) { printf "{\"job\":\"fio-verify\",\"rc\":%d,\"target\":\"%s\",\"error\":\"no terse output\",\"verified\":false}\n", rc, t; exit }
+            # size-based: all that was written was read back; time-based: all but the last
+            # backlog as it went, and the final pass read the whole area without an error.
+            # Interleaved verify reads get a meaningless read runtime from fio: rate them over the run.
+            vbw = m[7]; viops = m[8]; vms = m[9]; final = "null"
+            if (rt > 0) {
+                ok = m[6] > 0 && m[47] - m[6] <= bl * bsk && m[47] >= szk && frc == 0 && ferr == 0 && fkib == szk
+                if (m[50] > 0 && bsk > 0) { vbw = int(m[6] * 1000 / m[50]); viops = int(m[6] / bsk * 1000 / m[50]); vms = m[50] }
+                final = sprintf("{\"rc\":%d,\"error\":%s,\"read_kib\":%s,\"ms\":%s}", frc, ferr == "" ? "null" : ferr, fkib == "" ? 0 : fkib, fms == "" ? 0 : fms)
+                if (m[47] < szk) note = ",\"note\":\"the run wrote less than the area (size) once: lower vnode.fio_size or raise vnode.fio_runtime\""
+            } else ok = m[6] == m[47]
+            printf "{\"job\":\"fio-verify\",\"rc\":%d,\"target\":\"%s\",\"size\":\"%s\",\"bs\":\"%s\",\"runtime_s\":%s,\"error\":%s,\"write_kib\":%s,\"write_bw_kib_s\":%s,\"write_iops\":%s,\"write_ms\":%s,\"verify_read_kib\":%s,\"verify_bw_kib_s\":%s,\"verify_iops\":%s,\"verify_ms\":%s,\"final_verify\":%s,\"verified\":%s%s}\n",
+                rc, t, sz, bs, rt, m[5], m[47], m[48], m[49], m[50], m[6], vbw, viops, vms, final, (rc==0 && m[5]==0 && ok) ? "true" : "false", note }' "$log" "$flog"
+    [ $rc -eq 0 ] || grep -v '^3;' "$log" | tail -n 8 >&2
+    [ $frc -eq 0 ] || grep -v '^3;' "$flog" | tail -n 8 >&2
     [ -b "$t" ] || rm -f "$t"
+    [ $rc -eq 0 ] && [ $frc -eq 0 ]
+}
+
+# fio_kib SIZE: 4k -> 4, 64K -> 64, 1m -> 1024, 512 -> 0 (bytes below 1 KiB)
+fio_kib() {
+    case "$1" in
+        *[kK]) echo "${1%[kK]}" ;;
+        *[mM]) echo $(( ${1%[mM]} * 1024 )) ;;
+        *[gG]) echo $(( ${1%[gG]} * 1048576 )) ;;
+        *) echo $(( $1 / 1024 )) ;;
+    esac
+}
+
+job_fio_randread() {
+    local t=${V_fio_target:-/dev/vdb} log=${TMPDIR:-/tmp}/fio-randread.log rc sz=
+    # 4 KiB random reads, libaio, O_DIRECT, iodepth 32, for vnode.fio_runtime seconds: the IOPS
+    # a disk gives a guest. On a file (not a block device) fio lays out vnode.fio_size first.
+    if [ -b "$t" ]; then :; elif [ -e "$t" ] || [ "${t#/dev/}" = "$t" ]; then sz="--size=$V_fio_size"
+    else json job fio-randread rc 1 target "$t" error "no such block device $t (a second disk: vnode run --disk ... --disk DATA)"; return 1; fi
+    fio --name=fio-randread --filename="$t" $sz --rw=randread --bs=4k --ioengine=libaio \
+        --iodepth="${V_fio_iodepth:-32}" --direct=1 --time_based --runtime="${V_fio_runtime:-10}" \
+        --norandommap --randrepeat=0 --output-format=terse --terse-version=3 >"$log" 2>&1
+    rc=$?
+    awk -F';' -v rc=$rc -v t="$t" -v rt="${V_fio_runtime:-10}" -v qd="${V_fio_iodepth:-32}" "$fio_terse_awk"'
+        $1==3{found=1;
+        printf "{\"job\":\"fio-randread\",\"rc\":%d,\"target\":\"%s\",\"bs\":\"4k\",\"iodepth\":%d,\"runtime_s\":%s,\"error\":%s,\"read_kib\":%s,\"iops\":%s,\"bw_kib_s\":%s,\"read_ms\":%s,\"clat_mean_us\":%s,\"clat_p50_us\":%s,\"clat_p99_us\":%s}\n",
+            rc, t, qd, rt, $5, $6, $8, $7, $9, $16, pct(18, 50), pct(18, 99) }
+        END{ if (!found) printf "{\"job\":\"fio-randread\",\"rc\":%d,\"target\":\"%s\",\"error\":\"no terse output\"}\n", rc, t }' "$log"
+    [ $rc -eq 0 ] || grep -v '^3;' "$log" | tail -n 8 >&2
+    [ -b "$t" ] || [ -z "$sz" ] || rm -f "$t"
     return $rc
 }
 
@@ -166,15 +245,72 @@ job_redis_bench() {
     return $rc
 }
 
+# The first network interface that is not lo (virtio_net's eth0), or vnode.iface=NAME.
+net_iface() {
+    if [ -n "$V_iface" ]; then echo "$V_iface"; return; fi
+    ls /sys/class/net 2>/dev/null | grep -v '^lo$' | head -n1
+}
+
+# vnode.ip=ADDR/PREFIX [vnode.gw=ADDR]: configure the guest's NIC (busybox ip). Waits up to 5 s for
+# the interface to appear (virtio_net is loaded by the initramfs). Sets NET_STATUS for the JSON.
+NET_STATUS=none
+setup_net() {
+    local dev i=0
+    [ -n "$V_ip" ] || return 0
+    case "$V_ip" in */*) ;; *) NET_STATUS="error: vnode.ip=$V_ip needs a prefix, e.g. 10.0.0.2/24"; return 1 ;; esac
+    while dev=$(net_iface); [ -z "$dev" ] && [ $i -lt 50 ]; do usleep 100000; i=$((i + 1)); done
+    [ -n "$dev" ] || { NET_STATUS="error: no network interface (virtio-net: vnode run --net tap=NAME)"; return 1; }
+    ip link set "$dev" up && ip addr add "$V_ip" dev "$dev" || { NET_STATUS="error: cannot configure $dev"; return 1; }
+    if [ -n "$V_gw" ]; then ip route add default via "$V_gw" dev "$dev" || { NET_STATUS="error: cannot add route via $V_gw"; return 1; }; fi
+    NET_STATUS="$dev $V_ip"
+}
+
+# memcached's "stats" -> JSON fields (numbers only).
+memcached_stats_json() {
+    printf 'stats\r\nquit\r\n' | nc -w 2 127.0.0.1 11211 2>/dev/null | tr -d '\r' | awk -v job="$1" '
+        $1=="STAT" && $3 ~ /^[0-9]+(\.[0-9]+)?$/ && $2 ~ /^(uptime|curr_connections|total_connections|cmd_get|cmd_set|get_hits|get_misses|curr_items|total_items|bytes|bytes_read|bytes_written|evictions|threads)$/ {
+            out = out sprintf(",\"%s\":%s", $2, $3); n++ }
+        END{ if (n == 0) printf "{\"job\":\"%s\",\"error\":\"no stats from memcached\"}\n", job;
+             else printf "{\"job\":\"%s\"%s}\n", job, out; exit (n == 0) }'
+}
+
+job_memcached_serve() {
+    local line= rc=0 got=timeout
+    [ "${NET_STATUS#error}" = "$NET_STATUS" ] || { json job memcached-serve ready false error "$NET_STATUS"; return 1; }
+    memcached -u root -d -l 0.0.0.0 -p 11211 -m "$V_mem" -t "$V_threads" -c 4096 -P /run/memcached.pid || {
+        json job memcached-serve ready false error "memcached did not start"; return 1; }
+    wait_for 10 memcached_up || { json job memcached-serve ready false error "memcached not listening"; return 1; }
+    # The host starts its load client when it sees this line; it ends the job with "stop".
+    json job memcached-serve ready true ip "${V_ip%/*}" port 11211 iface "$(net_iface)" net "$NET_STATUS"
+    stty -echo 2>/dev/null   # the console does not echo the host's "stop" into the results
+    local end=$(( $(cut -d. -f1 /proc/uptime) + V_serve_time ))
+    while [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do
+        if read -r -t 1 line; then
+            line=$(printf '%s' "$line" | tr -d '\r ')
+            [ "$line" = stop ] && { got=stop; break; }
+        elif [ $? -le 128 ]; then
+            sleep 1   # end of input (not a timeout): nothing will come, wait out serve_time
+        fi
+    done
+    stty echo 2>/dev/null
+    memcached_stats_json memcached-stats || rc=1
+    json job memcached-serve ended "$got" serve_time_s "$V_serve_time"
+    [ $got = stop ] || rc=1
+    kill "$(cat /run/memcached.pid)" 2>/dev/null
+    return $rc
+}
+
 run_job() {
     case "$1" in
         boot) job_boot ;;
         fio-verify) job_fio_verify ;;
+        fio-randread) job_fio_randread ;;
+        memcached-serve) job_memcached_serve ;;
         memcached-bench) job_memcached_bench ;;
         redis-bench) job_redis_bench ;;
         all) local r=0; job_boot || r=1; job_fio_verify || r=1; job_memcached_bench || r=1; job_redis_bench || r=1; return $r ;;
         *) if [ -x "/etc/vnode/jobs/$1" ]; then "/etc/vnode/jobs/$1"
-           else json job "$1" error "unknown job (known: boot fio-verify memcached-bench redis-bench all shell)"; return 2; fi ;;
+           else json job "$1" error "unknown job (known: boot fio-verify fio-randread memcached-bench memcached-serve redis-bench all shell)"; return 2; fi ;;
     esac
 }
 
@@ -208,10 +344,12 @@ setup_system() {
 # system (e.g. in a chroot with private mount and network namespaces on the build host).
 if [ "${VNODE_INIT_TEST:-}" = 1 ]; then
     read_config
+    setup_net
     echo "VNODE-JSON-BEGIN"; run_job "$V_job"; rc=$?; echo "VNODE-JSON-END"; echo "VNODE-EXIT rc=$rc"; exit $rc
 fi
 setup_system
 read_config
+setup_net
 echo "VNODE-INIT-UP uptime=$(up) kernel=$(uname -r) cpus=$NCPU mem_kb=$MEMKB job=$V_job"
 
 if [ "$V_job" = shell ]; then
