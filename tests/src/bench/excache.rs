@@ -3,11 +3,20 @@
 //! Runs the test guest's seq / random / zipf(0.99) workloads with guest RAM behind the ExCache
 //! (`--mem-server ADDR --local-mem SIZE`) at 100%, 50%, 25% and 12.5% of the working set, and
 //! with all-local memory (no `--mem-server`) as the baseline; and the same userfaultfd path over
-//! the in-process page store (`--mem-server local`) as the platform's fault floor. A fresh
+//! the in-process page store (`--mem-server local`) as the platform's fault floor, at the fault
+//! comparison's point and at each target's point. A fresh
 //! `vnode-memd` serves each remote run. Runs are interleaved (run r of every cell, then run r+1)
 //! so that load drifts hit every cell alike. Reported: medians of the guest's pass+verify cycles
 //! (the fill phase is the same first touch everywhere), wall time, the ExCache's counters, and
 //! PASS/MISS against the issue's targets, computed from the medians shown.
+//!
+//! Bounds: any demand-paged cache of C pages must page in at least N - C pages in every sweep
+//! that touches all N pages of the working set (at most C are resident when it starts): the
+//! verify phase is such a sweep for every pattern, and so is each seq pass. Each page-in costs
+//! at least KVM's mapping of a page the host already holds, measured in the same run as the
+//! first-touch fill of all-local RAM preallocated with `--mem-prealloc` less a warm access. The
+//! product, added to all-local's own time, is the best ratio any ExCache could reach on this
+//! host, before a single byte is copied or a page dropped.
 
 use std::collections::BTreeMap;
 
@@ -48,6 +57,9 @@ pub struct ExcacheArgs {
     floor_pattern: String,
     #[arg(long, default_value_t = 0.25)]
     floor_fraction: f64,
+    /// Further in-process page store cells, PATTERN@FRACTION (by default at the targets' points).
+    #[arg(long, value_delimiter = ',', default_value = "seq@0.25,zipf@0.5")]
+    floor_cells: Vec<String>,
     /// Size the ExCache as a bare fraction of the working set. By default the guest's own
     /// pages below the working set (image, page tables, metadata: measured by a probe run) are
     /// added, so that "100%" holds everything the guest touches.
@@ -68,6 +80,9 @@ enum Backing {
     Remote(f64),
     /// `--mem-server local`: the in-process page store behind the same userfaultfd path.
     LocalStore(f64),
+    /// All-local RAM populated before the guest starts (`--mem-prealloc`): the fill phase's
+    /// first touch costs only KVM's mapping.
+    Prealloc,
 }
 
 impl Backing {
@@ -76,6 +91,7 @@ impl Backing {
             Backing::AllLocal => "all-local".into(),
             Backing::Remote(f) => format!("remote {}%", f * 100.0),
             Backing::LocalStore(f) => format!("local store {}%", f * 100.0),
+            Backing::Prealloc => "all-local, prealloc".into(),
         }
     }
 }
@@ -121,6 +137,8 @@ struct Plan<'a> {
     secret: String,
     /// Bytes added to every ExCache size: the guest's pages outside the working set.
     footprint: u64,
+    /// vnode has --mem-prealloc, so the KVM mapping floor can be measured.
+    prealloc: bool,
 }
 
 pub fn run(env: &Env, a: &ExcacheArgs) -> Result<()> {
@@ -143,6 +161,7 @@ pub fn run(env: &Env, a: &ExcacheArgs) -> Result<()> {
         },
         secret: format!("vnode-bench-{}", std::process::id()),
         footprint: 0,
+        prealloc: vnode_has_flag(&env.vnode, "--mem-prealloc")?,
     };
     if !a.no_footprint {
         plan.footprint = plan.probe_footprint()?;
@@ -192,11 +211,32 @@ impl Plan<'_> {
             for &f in &self.args.fractions {
                 add(Backing::Remote(f));
             }
-            if *p == self.args.floor_pattern {
-                add(Backing::LocalStore(self.args.floor_fraction));
+            for (fp, f) in self.floor_points() {
+                if fp == *p {
+                    add(Backing::LocalStore(f));
+                }
+            }
+            if *p == "seq" && self.prealloc {
+                add(Backing::Prealloc);
             }
         }
         cells
+    }
+
+    /// Where the in-process page store runs: the fault comparison's point, then --floor-cells.
+    fn floor_points(&self) -> Vec<(String, f64)> {
+        let mut pts = vec![(self.args.floor_pattern.clone(), self.args.floor_fraction)];
+        for c in &self.args.floor_cells {
+            let parsed = c
+                .split_once('@')
+                .and_then(|(p, f)| Some((p.to_string(), f.parse::<f64>().ok()?)));
+            match parsed {
+                Some(pt) if !pts.contains(&pt) => pts.push(pt),
+                Some(_) => {}
+                None => eprintln!("  ignoring --floor-cells {c:?}: want PATTERN@FRACTION"),
+            }
+        }
+        pts
     }
 
     /// The guest's footprint below the working set: where R starts in a tiny all-local run.
@@ -238,6 +278,7 @@ impl Plan<'_> {
         };
         match c.backing {
             Backing::AllLocal => {}
+            Backing::Prealloc => extra.push("--mem-prealloc".into()),
             Backing::Remote(f) => ex(addr, f),
             Backing::LocalStore(f) => ex("local", f),
         }
@@ -328,6 +369,8 @@ fn report(plan: &Plan, cells: &[Cell], res: &[Samples]) -> Result<usize> {
     println!();
     print!("{}", workload_table(plan, &find));
     workload_targets(&find, &mut targets);
+    println!();
+    print!("{}", bounds_table(plan, &find));
     println!("\ntargets (from the medians above; MISS is reported as measured):");
     for t in &targets {
         println!("  {t}");
@@ -436,6 +479,97 @@ fn workload_targets(find: &Results, targets: &mut Vec<String>) {
         verdict(s.map(|s| s >= 0.5)),
         num(s.map(|s| s * 100.0), 0) + "%"
     ));
+}
+
+/// KVM's cost of mapping one page the host already holds, in guest TSC cycles: the
+/// preallocated fill's cycles per page less all-local's warm cycles per access.
+fn kvm_map_floor(find: &Results) -> Option<f64> {
+    let per = |b: Backing, f: fn(&GuestRun) -> Option<f64>| find.get("seq", b)?.median(f);
+    let fill = per(Backing::Prealloc, |g| {
+        Some(g.field("fill_cycles").ok()? as f64 / g.field("pages").ok()? as f64)
+    })?;
+    let warm = per(Backing::AllLocal, |g| {
+        let n = g.field("reads").ok()? + g.field("writes").ok()?;
+        Some(g.field("pass_cycles").ok()? as f64 / n as f64)
+    })?;
+    Some((fill - warm).max(0.0))
+}
+
+/// The best ratio to all-local any ExCache could reach at each target's point on this host (see
+/// the module docs), beside what the local store and the remote path measured.
+fn bounds_table(plan: &Plan, find: &Results) -> String {
+    let Some(floor) = kvm_map_floor(find) else {
+        return "bounds: no --mem-prealloc run (this vnode lacks the flag), so no KVM floor\n"
+            .into();
+    };
+    let n = (plan.bytes / 4096) as f64;
+    let foot = (plan.footprint / 4096) as f64;
+    let mut t = Table::new(&[
+        "target",
+        "min page-ins",
+        "x KVM map floor",
+        "= Mcyc",
+        "all-local Mcyc",
+        "best possible",
+        "local store",
+        "remote",
+        "target",
+    ]);
+    for (p, f, sweeps, limit, is_speed) in [
+        ("seq", 0.25, plan.passes as f64 + 1.0, 2.0, true),
+        ("zipf", 0.5, 1.0, 1.5, false),
+    ] {
+        let Some(base) = find
+            .get(p, Backing::AllLocal)
+            .and_then(|s| s.median(work_cycles))
+        else {
+            continue;
+        };
+        // C: the cell's ExCache limit less the guest's own pages below the working set.
+        let c = find
+            .get(p, Backing::Remote(f))
+            .and_then(|s| s.median(|g| g.excache("limit_pages")))
+            .map_or(n * f, |l| (l - foot).max(0.0));
+        let pageins = sweeps * (n - c).max(0.0);
+        let extra = pageins * floor;
+        let best = (base + extra) / base;
+        let show = |r: Option<f64>| {
+            if is_speed {
+                num(r.map(|r| 100.0 / r), 0) + "% speed"
+            } else {
+                ratio(r)
+            }
+        };
+        let goal = if is_speed {
+            format!(">= {:.0}% speed", 100.0 / limit)
+        } else {
+            format!("<= {limit}x")
+        };
+        t.row(vec![
+            format!("{p} at {}%", f * 100.0),
+            num(Some(pageins), 0),
+            format!("{floor:.0} cyc"),
+            num(Some(extra / 1e6), 0),
+            num(Some(base / 1e6), 0),
+            show(Some(best)),
+            show(slowdown(find, p, Backing::LocalStore(f))),
+            show(slowdown(find, p, Backing::Remote(f))),
+            format!(
+                "{goal}: {}",
+                if best > limit {
+                    "out of reach here"
+                } else {
+                    "within the bound"
+                }
+            ),
+        ]);
+    }
+    format!(
+        "bounds: at least N - C page-ins per full sweep (verify; and each seq pass), each costing \
+         at least KVM's mapping of a resident page ({floor:.0} cycles, --mem-prealloc fill less a \
+         warm access, this run); best possible = (all-local + page-ins x floor) / all-local\n{}",
+        t.render()
+    )
 }
 
 fn workload_table(plan: &Plan, find: &Results) -> String {

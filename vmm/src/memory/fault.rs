@@ -334,10 +334,11 @@ impl FaultServer {
         }
         let mut all: Vec<u32> = victims.iter().map(|v| v.page).collect();
         all.sort_unstable();
-        for (start, len) in runs(&all) {
-            self.uffd
-                .drop_pages(self.addr_of(start), len as usize * PAGE)?;
-        }
+        let ranges: Vec<(usize, usize)> = runs(&all)
+            .into_iter()
+            .map(|(start, len)| (self.addr_of(start), len as usize * PAGE))
+            .collect();
+        self.uffd.drop_ranges(&ranges)?;
         Ok(())
     }
 }
