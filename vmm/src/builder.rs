@@ -14,7 +14,7 @@ use crate::arch::x86_64::regs::{
     boot_gdt_bytes, boot_page_tables, entry_regs, long_mode_sregs, reset_fpu,
 };
 use crate::boot::{load_guest, BootError, BootInfo};
-use crate::config::{DiskSource, DiskSpec, SerialOut, VmConfig};
+use crate::config::{DiskSource, DiskSpec, NetSpec, SerialOut, VmConfig};
 use crate::devices::acpi_sleep::{AcpiSleep, SLEEP_CONTROL_PORT, SLEEP_PORTS_LEN};
 use crate::devices::bus::{BusError, IoBuses};
 use crate::devices::debug_exit::{DebugExit, PhaseMarker, DEBUG_EXIT_PORT, PHASE_PORT};
@@ -24,6 +24,8 @@ use crate::devices::virtio::block::{BackendError, Block, BlockBackend, FileBacke
 use crate::devices::virtio::mmio::{
     MmioTransport, FIRST_GSI, MAX_DEVICES, MMIO_BASE, MMIO_LEN, QUEUE_NOTIFY,
 };
+use crate::devices::virtio::net::{Net, Tap, TapError};
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::StopSignal;
 use crate::kvm::{KvmError, Vcpu, VcpuBoot, Vm};
 use crate::memory::guest::{local_memory, MemoryError};
@@ -61,8 +63,16 @@ pub enum BuildError {
         #[source]
         source: BackendError,
     },
-    #[error("{0} disks, more than the {MAX_DEVICES} virtio-mmio slots")]
-    TooManyDisks(usize),
+    #[error(
+        "{0} virtio devices (--disk and --net), more than the {MAX_DEVICES} virtio-mmio slots"
+    )]
+    TooManyDevices(usize),
+    #[error("--net tap={tap}")]
+    Net {
+        tap: String,
+        #[source]
+        source: TapError,
+    },
 }
 
 /// A VM ready to run.
@@ -94,7 +104,18 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let serial = attach_serial(&vm, &mut buses, &config.serial)?;
     attach_i8042(&mut buses, &stop)?;
     attach_debug_ports(&mut buses, &mem, &stop, config)?;
-    let virtio = attach_disks(&vm, &mut buses, &mem, &config.disks)?;
+    let slots = config.disks.len() + config.nets.len();
+    if slots > MAX_DEVICES {
+        return Err(BuildError::TooManyDevices(slots));
+    }
+    let mut virtio = attach_disks(&vm, &mut buses, &mem, &config.disks)?;
+    virtio.extend(attach_nets(
+        &vm,
+        &mut buses,
+        &mem,
+        virtio.len(),
+        &config.nets,
+    )?);
     let rsdp = attach_acpi(&mut buses, &mem, &stop, config.vcpus, &virtio)?;
     write_boot_tables(&mem)?;
     let boot = load_guest(
@@ -192,32 +213,65 @@ fn attach_disks(
     mem: &GuestMemoryMmap,
     disks: &[DiskSpec],
 ) -> Result<Vec<MmioDevice>, BuildError> {
-    if disks.len() > MAX_DEVICES {
-        return Err(BuildError::TooManyDisks(disks.len()));
-    }
     let mut slots = Vec::with_capacity(disks.len());
     for (index, spec) in disks.iter().enumerate() {
         let backend = open_disk(spec).map_err(|source| BuildError::Disk { index, source })?;
-        let base = MMIO_BASE + index as u64 * MMIO_LEN;
-        let gsi = FIRST_GSI + index as u32;
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-        vm.register_irqfd(&irq, gsi)?;
-        // Blocking: the device thread sleeps on it.
-        let notify = EventFd::new(0).map_err(BuildError::EventFd)?;
-        vm.register_ioevent(&notify, base + QUEUE_NOTIFY)?;
         let block = Block::new(index, backend, spec.read_only);
-        let transport = MmioTransport::new(Box::new(block), mem.clone(), irq, notify);
-        buses
-            .mmio
-            .insert(base, MMIO_LEN, Arc::new(Mutex::new(transport)))?;
-        tracing::info!(index, base, gsi, source = ?spec.source, "virtio-blk attached");
-        slots.push(MmioDevice {
-            base,
-            len: MMIO_LEN,
-            gsi,
-        });
+        let slot = attach_virtio(vm, buses, mem, index, Box::new(block))?;
+        tracing::info!(index, base = slot.base, gsi = slot.gsi, source = ?spec.source, "virtio-blk attached");
+        slots.push(slot);
     }
     Ok(slots)
+}
+
+/// One virtio-mmio slot per `--net`, from slot `first` on: the TAP is opened (or created) now,
+/// so a bad name or a missing permission fails the build with a one-line reason.
+fn attach_nets(
+    vm: &Vm,
+    buses: &mut IoBuses,
+    mem: &GuestMemoryMmap,
+    first: usize,
+    nets: &[NetSpec],
+) -> Result<Vec<MmioDevice>, BuildError> {
+    let mut slots = Vec::with_capacity(nets.len());
+    for (index, spec) in nets.iter().enumerate() {
+        let tap = Tap::open(&spec.tap).map_err(|source| BuildError::Net {
+            tap: spec.tap.clone(),
+            source,
+        })?;
+        let net = Net::new(index, tap, spec.mac);
+        let slot = attach_virtio(vm, buses, mem, first + index, Box::new(net))?;
+        tracing::info!(index, base = slot.base, gsi = slot.gsi, tap = %spec.tap, "virtio-net attached");
+        slots.push(slot);
+    }
+    Ok(slots)
+}
+
+/// Puts `device` behind a virtio-mmio transport in slot `slot`, with its irqfd and its
+/// queue-notify ioeventfd.
+fn attach_virtio(
+    vm: &Vm,
+    buses: &mut IoBuses,
+    mem: &GuestMemoryMmap,
+    slot: usize,
+    device: Box<dyn VirtioDevice>,
+) -> Result<MmioDevice, BuildError> {
+    let base = MMIO_BASE + slot as u64 * MMIO_LEN;
+    let gsi = FIRST_GSI + slot as u32;
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&irq, gsi)?;
+    // Blocking: the device thread sleeps on it.
+    let notify = EventFd::new(0).map_err(BuildError::EventFd)?;
+    vm.register_ioevent(&notify, base + QUEUE_NOTIFY)?;
+    let transport = MmioTransport::new(device, mem.clone(), irq, notify);
+    buses
+        .mmio
+        .insert(base, MMIO_LEN, Arc::new(Mutex::new(transport)))?;
+    Ok(MmioDevice {
+        base,
+        len: MMIO_LEN,
+        gsi,
+    })
 }
 
 fn open_disk(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>, BackendError> {

@@ -24,6 +24,8 @@ pub struct VmConfig {
     pub corrupt: Option<CorruptHook>,
     /// virtio-blk disks, in slot order (docs/guest-abi.md).
     pub disks: Vec<DiskSpec>,
+    /// virtio-net devices on TAPs, in slot order after the disks.
+    pub nets: Vec<NetSpec>,
     /// Guest RAM on memory servers behind the ExCache; local RAM if None.
     pub remote_mem: Option<crate::memory::RemoteMemConfig>,
     /// Populate local guest RAM before the guest starts (no host page faults at first touch).
@@ -45,6 +47,14 @@ pub struct DiskSpec {
     pub read_only: bool,
 }
 
+/// One `--net tap=NAME[,mac=MAC]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetSpec {
+    pub tap: String,
+    /// Given, or derived from the TAP name.
+    pub mac: [u8; 6],
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("invalid size {0:?}: use a number with an optional K, M, G or T suffix")]
@@ -63,6 +73,8 @@ pub enum ConfigError {
     Corrupt(String),
     #[error("invalid --disk {0:?}: expected PATH, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, then optionally ,readonly")]
     Disk(String),
+    #[error("invalid --net {spec:?}: {why}")]
+    Net { spec: String, why: String },
 }
 
 /// Parses "4096", "64K", "512M", "1G", "1T" (binary units) into bytes.
@@ -122,6 +134,51 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
         DiskSource::File(PathBuf::from(target))
     };
     Ok(DiskSpec { source, read_only })
+}
+
+/// Parses one `--net tap=NAME[,mac=52:54:00:12:34:56]`.
+pub fn parse_net(s: &str) -> Result<NetSpec, ConfigError> {
+    use crate::devices::virtio::net::{default_mac, tap};
+    let err = |why: &str| ConfigError::Net {
+        spec: s.to_owned(),
+        why: why.to_owned(),
+    };
+    let (mut name, mut mac) = (None, None);
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("tap", n)) if name.is_none() => name = Some(n),
+            Some(("mac", m)) if mac.is_none() => mac = Some(parse_mac(m).ok_or_else(|| {
+                err("mac must be six hex bytes like 52:54:00:12:34:56, unicast and not all zero")
+            })?),
+            _ => return Err(err("expected tap=NAME[,mac=MAC]")),
+        }
+    }
+    let name = name.ok_or_else(|| err("expected tap=NAME[,mac=MAC]"))?;
+    if !tap::valid_name(name) {
+        return Err(err(&format!(
+            "TAP name {name:?} must be 1 to {} bytes, without '/', ':' or spaces",
+            tap::MAX_NAME_LEN
+        )));
+    }
+    Ok(NetSpec {
+        tap: name.to_owned(),
+        mac: mac.unwrap_or_else(|| default_mac(name)),
+    })
+}
+
+/// `aa:bb:cc:dd:ee:ff` (or with `-`), unicast and not all zero.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    let unicast = mac[0] & 1 == 0 && mac != [0; 6];
+    (parts.next().is_none() && unicast).then_some(mac)
 }
 
 /// Total RAM of this host, from /proc/meminfo.
@@ -219,6 +276,37 @@ mod tests {
         ] {
             assert_eq!(parse_disk(bad), Err(ConfigError::Disk(bad.into())), "{bad}");
         }
+    }
+
+    #[test]
+    fn nets() {
+        let n = parse_net("tap=vnt0,mac=52:54:00:ab:CD:0f").unwrap();
+        assert_eq!(n.tap, "vnt0");
+        assert_eq!(n.mac, [0x52, 0x54, 0, 0xab, 0xcd, 0x0f]);
+        let d = parse_net("tap=tap7").unwrap();
+        assert_eq!(d.mac, parse_net("tap=tap7").unwrap().mac, "deterministic");
+        assert_ne!(d.mac, parse_net("tap=tap8").unwrap().mac);
+        assert_eq!(d.mac[0] & 3, 2, "locally administered unicast");
+        for bad in [
+            "",
+            "tap=",
+            "vnt0",
+            "tap=a234567890123456",
+            "tap=a/b",
+            "tap=x,mac=52:54:00:00:00",
+            "tap=x,mac=01:00:5e:00:00:01",
+            "tap=x,mac=00:00:00:00:00:00",
+            "tap=x,mac=52:54:00:00:00:zz",
+            "tap=x,speed=10",
+            "tap=x,tap=y",
+        ] {
+            assert!(
+                matches!(parse_net(bad), Err(ConfigError::Net { .. })),
+                "{bad}"
+            );
+        }
+        let e = parse_net("tap=x,mac=1:2").unwrap_err().to_string();
+        assert!(e.contains("mac must be six hex bytes"), "{e}");
     }
 
     #[test]

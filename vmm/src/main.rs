@@ -69,6 +69,12 @@ struct RunArgs {
     /// PATH | nbd://HOST:PORT/EXPORT | nbd+unix:///EXPORT?socket=PATH, then optionally ,readonly.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
+    /// A virtio-net device on a host TAP (repeatable; slots follow the disks):
+    /// tap=NAME[,mac=52:54:00:xx:xx:xx]. The default MAC is derived from NAME. If no interface
+    /// NAME exists, a transient TAP is created (needs CAP_NET_ADMIN; down until configured,
+    /// e.g. `ip link set NAME up`) and disappears when vnode exits.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<String>,
     /// Put guest RAM on memory servers: ADDR (vnode-memd), or PRIMARY,BACKUP for a replicated
     /// region; `local` keeps pages in this process (the fault path without a network).
     #[arg(long, value_name = "ADDR[,ADDR]", value_delimiter = ',')]
@@ -156,6 +162,11 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
         .iter()
         .map(|d| config::parse_disk(d))
         .collect::<Result<Vec<_>, _>>()?;
+    let nets = args
+        .net
+        .iter()
+        .map(|n| config::parse_net(n))
+        .collect::<Result<Vec<_>, _>>()?;
     let cfg = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -166,6 +177,7 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
         kvm_device: args.kvm_device,
         corrupt,
         disks,
+        nets,
         remote_mem,
         mem_prealloc: args.mem_prealloc,
     };

@@ -1,9 +1,8 @@
 //! A virtio-blk device (virtio 1.2, 5.2): its features, its configuration space, and starting
 //! and stopping its queue thread (`handler`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -12,7 +11,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::backend::BlockBackend;
 use super::handler::{DiskParams, Handler};
 use super::request::{ID_BYTES, SECTOR_SIZE};
-use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, DeviceThread, Interrupt, VirtioDevice,
+};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
@@ -24,17 +25,11 @@ const QUEUE_SIZE: u16 = 256;
 /// Data buffers per request: the queue size less the header and status descriptors.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 
-struct Running {
-    thread: JoinHandle<()>,
-    stop: Arc<AtomicBool>,
-    wake: Arc<EventFd>,
-}
-
 pub struct Block {
     name: String,
     backend: Arc<dyn BlockBackend>,
     read_only: bool,
-    running: Option<Running>,
+    running: Option<DeviceThread<()>>,
 }
 
 impl Block {
@@ -90,14 +85,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.config_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| c.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn activate(
@@ -130,27 +118,15 @@ impl VirtioDevice for Block {
             },
             name: self.name.clone(),
         };
-        let thread = thread::Builder::new()
-            .name(self.name.clone())
-            .spawn(move || handler.run())
-            .map_err(ActivateError::Spawn)?;
-        // Requests the driver queued before DRIVER_OK.
-        let _ = wake.write(1);
-        self.running = Some(Running { thread, stop, wake });
+        self.running = Some(DeviceThread::spawn(&self.name, stop, wake, move || {
+            handler.run()
+        })?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        let Some(r) = self.running.take() else {
-            return;
-        };
-        r.stop.store(true, Ordering::Release);
-        if let Err(e) = r.wake.write(1) {
-            tracing::error!(dev = %self.name, "cannot wake the device thread to stop it: {e}");
-            return;
-        }
-        if r.thread.join().is_err() {
-            tracing::error!(dev = %self.name, "device thread panicked");
+        if let Some(t) = self.running.take() {
+            t.stop();
         }
     }
 }
