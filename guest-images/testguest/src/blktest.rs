@@ -18,7 +18,7 @@ use crate::virtio::{
     Blk, Error, Req, BATCH, D_NEXT, D_WRITE, MEM_BYTES, SLOT0, SLOT_SIZE, T_FLUSH, T_GET_ID, T_IN,
     T_OUT,
 };
-use crate::{boot, finish, park, port};
+use crate::{boot, fail, finish, park, port};
 
 #[derive(Default)]
 struct Tally {
@@ -34,12 +34,6 @@ impl Tally {
             self.first_io_error_sector.get_or_insert(sector);
         }
     }
-}
-
-fn fail(what: &str, status: u8) -> ! {
-    let mut line = JsonLine::<256>::new().str("error", what);
-    port::serial_write(line.finish());
-    port::exit(status)
 }
 
 pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {

@@ -1,6 +1,6 @@
 //! The guest's command line: `test=mem bytes=SIZE pattern=seq|random|zipf seed=N writes=PCT
 //! passes=N`, `test=cpu iters=N` or `test=blk sectors=N pattern=seq|random seed=N
-//! mode=rw|verify|hostile disk=I`. Unknown keys (e.g. Linux's `console=...`) are ignored; a known key
+//! mode=rw|verify|hostile disk=I` or `test=net frames=N`. Unknown keys (e.g. Linux's `console=...`) are ignored; a known key
 //! with a bad value is an error naming it.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -11,6 +11,8 @@ pub enum Test {
     Fault,
     /// Writes, flushes, reads back and verifies sectors of the first virtio-blk disk.
     Blk,
+    /// Sends frames through the first virtio-net device and checks their echoes.
+    Net,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +70,8 @@ pub struct Config {
     pub blk_mode: BlkMode,
     /// `test=blk`: which virtio-mmio slot (the `--disk` index) to test.
     pub disk: u64,
+    /// `test=net`: frames to send (1..=MAX_FRAMES).
+    pub frames: u32,
 }
 
 impl Default for Config {
@@ -83,6 +87,7 @@ impl Default for Config {
             sectors: None,
             blk_mode: BlkMode::Rw,
             disk: 0,
+            frames: 1000,
         }
     }
 }
@@ -97,6 +102,8 @@ pub struct BadValue<'a> {
 pub const MAX_PASSES: u32 = 255;
 /// vnode's virtio-mmio slots (docs/guest-abi.md).
 pub const MAX_DISKS: u64 = 19;
+/// `test=net`'s largest `frames=`.
+pub const MAX_FRAMES: u64 = 100_000_000;
 
 /// A number: decimal or `0x` hex.
 pub fn parse_u64(s: &[u8]) -> Option<u64> {
@@ -159,6 +166,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadValue<'_>> {
                     b"cpu" => Test::Cpu,
                     b"fault" => Test::Fault,
                     b"blk" => Test::Blk,
+                    b"net" => Test::Net,
                     _ => return Err(bad),
                 }
             }
@@ -180,6 +188,11 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadValue<'_>> {
             }
             b"iters" => cfg.iters = parse_u64(value).ok_or(bad)?,
             b"sectors" => cfg.sectors = Some(parse_u64(value).filter(|&n| n > 0).ok_or(bad)?),
+            b"frames" => {
+                cfg.frames = parse_u64(value)
+                    .filter(|&n| (1..=MAX_FRAMES).contains(&n))
+                    .ok_or(bad)? as u32
+            }
             b"disk" => cfg.disk = parse_u64(value).filter(|&d| d < MAX_DISKS).ok_or(bad)?,
             b"mode" => {
                 cfg.blk_mode = match value {
@@ -219,6 +232,9 @@ mod tests {
         assert_eq!((c.blk_mode, c.disk), (BlkMode::Verify, 0));
         assert_eq!(parse(b"test=blk disk=2").unwrap().disk, 2);
         assert_eq!((c.pattern, c.seed), (Pattern::Random, 3));
+        let c = parse(b"test=net frames=2000").unwrap();
+        assert_eq!((c.test, c.frames), (Test::Net, 2000));
+        assert_eq!(parse(b"test=net").unwrap().frames, 1000);
     }
 
     #[test]
@@ -246,6 +262,8 @@ mod tests {
             b"sectors=0",
             b"mode=write",
             b"disk=19",
+            b"frames=0",
+            b"frames=100000001",
         ] {
             let e = parse(line).unwrap_err();
             let eq = line.iter().position(|&c| c == b'=').unwrap();

@@ -11,6 +11,7 @@ pub mod cmdline;
 pub mod content;
 pub mod json;
 pub mod math;
+pub mod net;
 pub mod perm;
 pub mod plan;
 pub mod region;

@@ -4,8 +4,9 @@
 //! Only `boot.rs` runs in supervisor mode (emulated, slow, on a PVM host); everything in Rust
 //! runs at CPL 3 natively. The workloads themselves live in the `testguest` library.
 //!
-//! Exit status (port 0xf4): 0 all checks passed, 1 memory mismatches, 2 bad command line or a
-//! `bytes=` larger than the RAM available, 3 a CPU exception or a panic, 4 not every vCPU
+//! Exit status (port 0xf4): 0 all checks passed, 1 memory mismatches (or, for `test=net`, a
+//! frame lost, corrupted or duplicated), 2 bad command line, a `bytes=` larger than the RAM
+//! available or no usable device, 3 a CPU exception or a panic, 4 not every vCPU
 //! reached the guest within ~10 s.
 #![no_std]
 #![no_main]
@@ -16,6 +17,8 @@ mod cputest;
 mod machine;
 mod memfuncs;
 mod memtest;
+mod netdrv;
+mod nettest;
 mod port;
 mod virtio;
 
@@ -58,6 +61,7 @@ pub extern "C" fn user_main(vcpu: u64, nvcpus: u64, boot_params: u64) -> ! {
         Test::Fault if vcpu == 0 => fault(),
         Test::Fault => park(),
         Test::Blk => blktest::run(vcpu, &info, &cfg),
+        Test::Net => nettest::run(vcpu, &info, &cfg),
     }
 }
 
@@ -112,6 +116,13 @@ pub fn park() -> ! {
     loop {
         core::hint::spin_loop();
     }
+}
+
+/// An `{"error":..}` line, then the debug exit with `status`.
+pub fn fail(what: &str, status: u8) -> ! {
+    let mut line = JsonLine::<256>::new().str("error", what);
+    port::serial_write(line.finish());
+    port::exit(status)
 }
 
 /// The final line, then the debug exit: status 0 if `ok`, 1 if not.

@@ -1,6 +1,7 @@
-//! A minimal polling virtio-mmio (version 2) block driver for `test=blk`: one split queue, no
-//! interrupts (the guest polls the used ring; docs/guest-abi.md allows it), batches of requests
-//! in flight at once.
+//! Minimal polling virtio-mmio (version 2) drivers: the transport steps every driver shares
+//! (`negotiate`, `setup_queue`, `driver_ok`), and the block driver for `test=blk`: one split
+//! queue, no interrupts (the guest polls the used ring; docs/guest-abi.md allows it), batches of
+//! requests in flight at once. The net driver for `test=net` is in `netdrv.rs`.
 //!
 //! Its memory (queue, headers, status bytes, data buffers) is a caller-given RAM area,
 //! identity-mapped, so virtual addresses are the guest-physical addresses the device sees.
@@ -32,18 +33,18 @@ const QUEUE_SEL: u64 = 0x30;
 const QUEUE_NUM_MAX: u64 = 0x34;
 const QUEUE_NUM: u64 = 0x38;
 const QUEUE_READY: u64 = 0x44;
-const QUEUE_NOTIFY: u64 = 0x50;
-const STATUS: u64 = 0x70;
+pub const QUEUE_NOTIFY: u64 = 0x50;
+pub const STATUS: u64 = 0x70;
 const QUEUE_DESC: u64 = 0x80;
 const QUEUE_DRIVER: u64 = 0x90;
 const QUEUE_DEVICE: u64 = 0xa0;
-const CONFIG: u64 = 0x100;
+pub const CONFIG: u64 = 0x100;
 
 const S_ACK: u32 = 1;
 const S_DRIVER: u32 = 2;
 const S_DRIVER_OK: u32 = 4;
 const S_FEATURES_OK: u32 = 8;
-const S_NEEDS_RESET: u32 = 0x40;
+pub const S_NEEDS_RESET: u32 = 0x40;
 const F_FLUSH: u32 = 1 << 9;
 const F_VERSION_1_HI: u32 = 1; // bit 32
 
@@ -92,15 +93,78 @@ pub struct Blk {
     pub flush: bool,
 }
 
-fn rd(addr: u64) -> u32 {
+pub fn rd(addr: u64) -> u32 {
     // SAFETY: `addr` is a virtio-mmio register (identity-mapped, user-accessible MMIO);
     // reading it has no effect on memory.
     unsafe { core::ptr::read_volatile(addr as *const u32) }
 }
 
-fn wr(addr: u64, v: u32) {
+pub fn wr(addr: u64, v: u32) {
     // SAFETY: as in `rd`; the device reacts, guest memory is not touched.
     unsafe { core::ptr::write_volatile(addr as *mut u32, v) }
+}
+
+/// The device ID in the virtio-mmio slot at `base`, if a version-2 device is there.
+pub fn device_id(base: u64) -> Option<u32> {
+    (rd(base + MAGIC) == 0x7472_6976 && rd(base + VERSION) == 2).then(|| rd(base + DEVICE_ID))
+}
+
+/// Resets the device at `base` (which must be a `device_id` device) and negotiates VERSION_1
+/// plus those of the feature bits 0..32 in `wanted` that it offers; returns those accepted.
+pub fn negotiate(base: u64, device_id_wanted: u32, wanted: u32) -> Result<u32, Error> {
+    if device_id(base) != Some(device_id_wanted) {
+        return Err(Error::NoDevice);
+    }
+    wr(base + STATUS, 0);
+    wr(base + STATUS, S_ACK | S_DRIVER);
+    wr(base + DEVICE_FEATURES_SEL, 0);
+    let lo = rd(base + DEVICE_FEATURES) & wanted;
+    wr(base + DEVICE_FEATURES_SEL, 1);
+    if rd(base + DEVICE_FEATURES) & F_VERSION_1_HI == 0 {
+        return Err(Error::Refused);
+    }
+    wr(base + DRIVER_FEATURES_SEL, 0);
+    wr(base + DRIVER_FEATURES, lo);
+    wr(base + DRIVER_FEATURES_SEL, 1);
+    wr(base + DRIVER_FEATURES, F_VERSION_1_HI);
+    wr(base + STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+    if rd(base + STATUS) & S_FEATURES_OK == 0 {
+        return Err(Error::Refused);
+    }
+    Ok(lo)
+}
+
+/// Sets up queue `sel` with `size` entries: descriptor table, available and used ring in the
+/// three pages from `mem`, zeroed first.
+///
+/// # Safety
+/// `[mem, mem + 3 * 4096)` must be identity-mapped RAM that only this queue uses.
+pub unsafe fn setup_queue(base: u64, sel: u32, mem: u64, size: u16) -> Result<(), Error> {
+    wr(base + QUEUE_SEL, sel);
+    if rd(base + QUEUE_NUM_MAX) < u32::from(size) {
+        return Err(Error::QueueTooSmall);
+    }
+    // SAFETY: the caller gives us this RAM; zeroed so the rings start empty.
+    unsafe { core::ptr::write_bytes(mem as *mut u8, 0, 3 * 4096) };
+    wr(base + QUEUE_NUM, u32::from(size));
+    for (reg, addr) in [
+        (QUEUE_DESC, mem),
+        (QUEUE_DRIVER, mem + 4096),
+        (QUEUE_DEVICE, mem + 8192),
+    ] {
+        wr(base + reg, addr as u32);
+        wr(base + reg + 4, (addr >> 32) as u32);
+    }
+    wr(base + QUEUE_READY, 1);
+    Ok(())
+}
+
+/// The driver is ready: the device starts.
+pub fn driver_ok(base: u64) {
+    wr(
+        base + STATUS,
+        S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+    );
 }
 
 impl Blk {
@@ -109,46 +173,10 @@ impl Blk {
     /// # Safety
     /// That RAM must be identity-mapped, writable, and used by nothing else while `Blk` lives.
     pub unsafe fn init(base: u64, mem: u64) -> Result<Blk, Error> {
-        if rd(base + MAGIC) != 0x7472_6976 || rd(base + VERSION) != 2 || rd(base + DEVICE_ID) != 2 {
-            return Err(Error::NoDevice);
-        }
-        wr(base + STATUS, 0);
-        wr(base + STATUS, S_ACK | S_DRIVER);
-        wr(base + DEVICE_FEATURES_SEL, 0);
-        let lo = rd(base + DEVICE_FEATURES);
-        wr(base + DEVICE_FEATURES_SEL, 1);
-        let hi = rd(base + DEVICE_FEATURES);
-        if hi & F_VERSION_1_HI == 0 {
-            return Err(Error::Refused);
-        }
-        wr(base + DRIVER_FEATURES_SEL, 0);
-        wr(base + DRIVER_FEATURES, lo & F_FLUSH);
-        wr(base + DRIVER_FEATURES_SEL, 1);
-        wr(base + DRIVER_FEATURES, F_VERSION_1_HI);
-        wr(base + STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-        if rd(base + STATUS) & S_FEATURES_OK == 0 {
-            return Err(Error::Refused);
-        }
-        wr(base + QUEUE_SEL, 0);
-        if rd(base + QUEUE_NUM_MAX) < u32::from(QSIZE) {
-            return Err(Error::QueueTooSmall);
-        }
-        // SAFETY: the caller gives us this RAM; zeroed so the rings start empty.
-        unsafe { core::ptr::write_bytes(mem as *mut u8, 0, 4 * 4096) };
-        wr(base + QUEUE_NUM, u32::from(QSIZE));
-        for (reg, addr) in [
-            (QUEUE_DESC, mem),
-            (QUEUE_DRIVER, mem + 4096),
-            (QUEUE_DEVICE, mem + 8192),
-        ] {
-            wr(base + reg, addr as u32);
-            wr(base + reg + 4, (addr >> 32) as u32);
-        }
-        wr(base + QUEUE_READY, 1);
-        wr(
-            base + STATUS,
-            S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
-        );
+        let lo = negotiate(base, 2, F_FLUSH)?;
+        // SAFETY: the caller gives us this RAM; the queue takes its first three pages.
+        unsafe { setup_queue(base, 0, mem, QSIZE)? };
+        driver_ok(base);
         let capacity = u64::from(rd(base + CONFIG)) | (u64::from(rd(base + CONFIG + 4)) << 32);
         Ok(Blk {
             base,
