@@ -89,6 +89,17 @@ fn remote_run(policy: &str) {
     assert!(s["writebacks"].as_u64().unwrap() > 100_000, "{s}");
     assert!(s["fetched"].as_u64().unwrap() > 100_000, "{s}");
     assert!(s["bytes_out"].as_u64().unwrap() >= s["writebacks"].as_u64().unwrap() * 4096);
+    // The fault thread's time by phase: every phase ran, and the phases fit in the whole.
+    let t = &s["time_us"];
+    let phase = |k: &str| t[k].as_u64().unwrap_or_else(|| panic!("time_us.{k}: {s}"));
+    let parts: u64 = ["fetch", "install", "wake", "protect", "writeback", "drop"]
+        .iter()
+        .map(|k| phase(k))
+        .sum();
+    assert!(parts > 0 && parts <= phase("serve"), "{t}");
+    for k in ["fetch", "install", "wake", "writeback", "drop"] {
+        assert!(phase(k) > 0, "{k}: {t}");
+    }
 }
 
 #[test]

@@ -44,7 +44,47 @@ pub struct ExCacheStats {
     pub bytes_out: Counter,
     pub max_resident_pages: Counter,
     pub limit_pages: Counter,
+    /// Where the fault thread's time goes, in nanoseconds (reported in microseconds).
+    pub time: PhaseTimes,
     latency_us: Mutex<Vec<u64>>,
+}
+
+/// The fault thread's time by phase: serving faults in all, and within that fetching pages from
+/// the source, installing them (UFFDIO_COPY), waking the thread that faulted (UFFDIO_WAKE),
+/// write-protecting dirty victims, writing them back (copy out and send), and dropping victims
+/// (MADV_DONTNEED). The rest of `serve` is bookkeeping and WP-fault handling.
+#[derive(Default)]
+pub struct PhaseTimes {
+    pub serve: Counter,
+    pub fetch: Counter,
+    pub install: Counter,
+    pub wake: Counter,
+    pub protect: Counter,
+    pub writeback: Counter,
+    pub drop: Counter,
+}
+
+impl PhaseTimes {
+    fn to_json(&self) -> serde_json::Value {
+        let us = |c: &Counter| c.get() / 1000;
+        json!({
+            "serve": us(&self.serve),
+            "fetch": us(&self.fetch),
+            "install": us(&self.install),
+            "wake": us(&self.wake),
+            "protect": us(&self.protect),
+            "writeback": us(&self.writeback),
+            "drop": us(&self.drop),
+        })
+    }
+}
+
+/// Runs `f`, adding its duration in nanoseconds to `c`.
+fn timed<T>(c: &Counter, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let r = f();
+    c.add(t.elapsed().as_nanos() as u64);
+    r
 }
 
 const LATENCY_BUCKETS: usize = 20_001;
@@ -94,6 +134,7 @@ impl ExCacheStats {
             "fault_p99_us": self.percentile(0.99),
             "max_resident_pages": self.max_resident_pages.get(),
             "limit_pages": self.limit_pages.get(),
+            "time_us": self.time.to_json(),
         })
     }
 }
@@ -229,8 +270,9 @@ impl FaultServer {
                 self.fill(page, write)?;
             }
         }
-        self.stats
-            .record_latency(start.elapsed().as_micros() as u64);
+        let took = start.elapsed();
+        self.stats.time.serve.add(took.as_nanos() as u64);
+        self.stats.record_latency(took.as_micros() as u64);
         Ok(())
     }
 
@@ -256,8 +298,10 @@ impl FaultServer {
             .map(u64::from)
             .collect();
         if !fetch.is_empty() {
-            self.source
-                .read_pages(&fetch, &mut self.buf[..fetch.len() * PAGE])?;
+            let buf = &mut self.buf[..fetch.len() * PAGE];
+            timed(&self.stats.time.fetch, || {
+                self.source.read_pages(&fetch, buf)
+            })?;
             self.stats.fetched.add(fetch.len() as u64);
             self.stats.bytes_in.add((fetch.len() * PAGE) as u64);
         }
@@ -274,9 +318,16 @@ impl FaultServer {
                 self.stats.zero_fills.inc();
                 self.zero.as_ptr()
             };
+            let dst = self.addr_of(p);
+            let t = Instant::now();
             // SAFETY: `src` points at a full page inside `buf` or `zero`; the destination is a
-            // page of the registered guest RAM.
-            let installed = unsafe { self.uffd.copy_page(self.addr_of(p), src, !write, i == 0)? };
+            // page of the registered guest RAM. No wake-up here: it is timed apart below.
+            let installed = unsafe { self.uffd.copy_page(dst, src, !write, false) };
+            self.stats.time.install.add(t.elapsed().as_nanos() as u64);
+            if i == 0 && matches!(installed, Ok(true)) {
+                timed(&self.stats.time.wake, || self.uffd.wake(dst, PAGE))?;
+            }
+            let installed = installed?;
             if installed {
                 self.cache.insert(p, write);
             } else {
@@ -315,10 +366,16 @@ impl FaultServer {
         let mut dirty: Vec<u32> = victims.iter().filter(|v| v.dirty).map(|v| v.page).collect();
         dirty.sort_unstable();
         for chunk in dirty.chunks(MAX_BATCH) {
+            let t = Instant::now();
             for (start, len) in runs(chunk) {
                 self.uffd
                     .protect(self.addr_of(start), len as usize * PAGE)?;
             }
+            let t = {
+                let now = Instant::now();
+                self.stats.time.protect.add((now - t).as_nanos() as u64);
+                now
+            };
             for (i, p) in chunk.iter().enumerate() {
                 let addr = self.addr_of(*p);
                 // SAFETY: the page is resident (it was until this eviction, and only this thread
@@ -329,6 +386,7 @@ impl FaultServer {
             let pages: Vec<u64> = chunk.iter().map(|p| u64::from(*p)).collect();
             self.source
                 .write_pages(&pages, &self.wb_buf[..chunk.len() * PAGE])?;
+            self.stats.time.writeback.add(t.elapsed().as_nanos() as u64);
             self.stats.writebacks.add(chunk.len() as u64);
             self.stats.bytes_out.add((chunk.len() * PAGE) as u64);
         }
@@ -338,7 +396,7 @@ impl FaultServer {
             .into_iter()
             .map(|(start, len)| (self.addr_of(start), len as usize * PAGE))
             .collect();
-        self.uffd.drop_ranges(&ranges)?;
+        timed(&self.stats.time.drop, || self.uffd.drop_ranges(&ranges))?;
         Ok(())
     }
 }
