@@ -260,12 +260,23 @@ impl Handler {
                 }
             }
             let n = match self.tap.read_frame(&mut st.buf) {
+                Ok(0) => {
+                    // End of file: only a closed test socket does this. As for errors below.
+                    self.arm_tap(st, false);
+                    return;
+                }
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.arm_tap(st, true);
+                    return;
+                }
                 Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock && TAP_ERROR_LOG.allow() {
+                    // A TAP that fails reads (deleted under us: EBADFD) would keep epoll
+                    // spinning: stop watching it; the next guest notification tries again.
+                    if TAP_ERROR_LOG.allow() {
                         tracing::warn!(dev = %self.name, tap = self.tap.name(), "TAP read: {e}");
                     }
-                    self.arm_tap(st, true);
+                    self.arm_tap(st, false);
                     return;
                 }
             };
@@ -498,6 +509,19 @@ mod tests {
             (stats.tx_frames, stats.rx_frames, stats.rx_dropped),
             (1, 1, 1)
         );
+    }
+
+    #[test]
+    fn a_dead_tap_is_not_polled_in_a_loop() {
+        let m = mem();
+        let (tap, peer) = tap_pair();
+        drop(peer); // reads now return end-of-file, and epoll says readable for ever
+        let rx = [raw(0x5_0000, 2048, W, 0)];
+        let rig = Rig::start(&m, tap, &rx, &[]);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(rig.status.load(Ordering::Acquire), 0);
+        let stats = rig.stop();
+        assert_eq!((stats.rx_frames, stats.rx_dropped), (0, 0));
     }
 
     #[test]
