@@ -371,6 +371,8 @@ fn report(plan: &Plan, cells: &[Cell], res: &[Samples]) -> Result<usize> {
     workload_targets(&find, &mut targets);
     println!();
     print!("{}", bounds_table(plan, &find));
+    println!();
+    print!("{}", time_table(plan, &find));
     println!("\ntargets (from the medians above; MISS is reported as measured):");
     for t in &targets {
         println!("  {t}");
@@ -568,6 +570,51 @@ fn bounds_table(plan: &Plan, find: &Results) -> String {
         "bounds: at least N - C page-ins per full sweep (verify; and each seq pass), each costing \
          at least KVM's mapping of a resident page ({floor:.0} cycles, --mem-prealloc fill less a \
          warm access, this run); best possible = (all-local + page-ins x floor) / all-local\n{}",
+        t.render()
+    )
+}
+
+/// Where the fault thread's time went (the `time_us` stats), for the remote and local-store
+/// cells, beside the guest's own pass+verify time.
+fn time_table(plan: &Plan, find: &Results) -> String {
+    const PHASES: [&str; 7] = [
+        "serve",
+        "fetch",
+        "install",
+        "wake",
+        "protect",
+        "writeback",
+        "drop",
+    ];
+    let mut head = vec!["workload", "memory", "guest s"];
+    head.extend(PHASES);
+    let mut t = Table::new(&head);
+    let mut rows = 0;
+    for (c, s) in find.cells.iter().zip(find.res) {
+        if !matches!(c.backing, Backing::Remote(_) | Backing::LocalStore(_)) {
+            continue;
+        }
+        let phase = |k: &'static str| {
+            s.median(move |g| g.stats.as_ref()?["excache"]["time_us"][k].as_f64())
+        };
+        if phase("serve").is_none() {
+            continue; // a vnode without the breakdown
+        }
+        let mut row = vec![
+            c.pattern.clone(),
+            c.backing.label(),
+            num(s.median(work_cycles).map(|c| c / plan.env.tsc_hz), 2),
+        ];
+        row.extend(PHASES.iter().map(|k| num(phase(k).map(|us| us / 1e6), 2)));
+        t.row(row);
+        rows += 1;
+    }
+    if rows == 0 {
+        return String::new();
+    }
+    format!(
+        "the fault thread's time in seconds by phase (medians; whole runs, fill included); guest s = \
+         the guest's pass+verify time; wake = UFFDIO_WAKE of the thread that faulted\n{}",
         t.render()
     )
 }
