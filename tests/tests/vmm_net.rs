@@ -294,6 +294,36 @@ fn a_corrupted_echo_fails_the_guest() {
 }
 
 #[test]
+fn hostile_chains_are_dropped_and_the_vmm_lives() {
+    let tap = TapGuard::new();
+    let peer = EchoPeer::start(&tap.name, None);
+    let f = run_with_deadline(
+        &mut vnode_testguest(
+            "256M",
+            1,
+            "test=net frames=500 mode=hostile",
+            &["--net", &format!("tap={}", tap.name)],
+        ),
+        DEADLINE,
+    );
+    let log = peer.finish();
+    let report = f.last_with("test").expect("report line");
+    assert_eq!(f.status.code(), Some(0), "{report}\n{}", f.stderr);
+    assert_eq!(report["hostile"], true);
+    for k in ["outside_ram_len", "writable_len", "zero_len"] {
+        assert_eq!(report[k], 0, "{k}: {report}");
+    }
+    assert_eq!(report["loop_needs_reset"], true, "{report}");
+    assert_eq!(report["received"], 500, "{report}");
+    assert_eq!(log.frames, 500, "no hostile chain reached the TAP");
+    assert!(
+        f.stderr.contains("bad chain from the guest"),
+        "{}",
+        f.stderr
+    );
+}
+
+#[test]
 fn no_echo_means_lost_frames() {
     let tap = TapGuard::new();
     let f = net_run(&tap, None, 10);

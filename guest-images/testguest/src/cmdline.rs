@@ -1,7 +1,7 @@
 //! The guest's command line: `test=mem bytes=SIZE pattern=seq|random|zipf seed=N writes=PCT
-//! passes=N`, `test=cpu iters=N` or `test=blk sectors=N pattern=seq|random seed=N
-//! mode=rw|verify|hostile disk=I` or `test=net frames=N`. Unknown keys (e.g. Linux's `console=...`) are ignored; a known key
-//! with a bad value is an error naming it.
+//! passes=N`, `test=cpu iters=N`, `test=blk sectors=N pattern=seq|random seed=N
+//! mode=rw|verify|hostile disk=I` or `test=net frames=N [mode=hostile]`. Unknown keys (e.g.
+//! Linux's `console=...`) are ignored; a known key with a bad value is an error naming it.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Test {

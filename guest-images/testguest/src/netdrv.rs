@@ -11,6 +11,7 @@
 
 use core::sync::atomic::{fence, Ordering};
 
+use crate::port;
 use crate::virtio::{
     device_id, driver_ok, negotiate, rd, setup_queue, wr, Error, CONFIG, D_NEXT, D_WRITE,
     QUEUE_NOTIFY, STATUS, S_NEEDS_RESET,
@@ -23,6 +24,8 @@ const QSIZE: u16 = 256;
 pub const RX_BUFS: usize = 128;
 pub const TX_SLOTS: usize = 64;
 const BUF: usize = 2048;
+/// How long one hostile chain may take to come back (~2 s at 2 GHz).
+const RAW_TIMEOUT_CYCLES: u64 = 4_000_000_000;
 const RXQ: u64 = 0;
 const TXQ: u64 = 3 * 4096;
 const RX_BUF0: u64 = 6 * 4096;
@@ -193,6 +196,37 @@ impl Net {
 
     pub fn publish_tx(&self) {
         self.publish(TXQ, self.tx_avail, 1);
+    }
+
+    /// Sends one transmit chain made of `descs` (address, length, flags, next) exactly as
+    /// given (hostile chains included), from descriptor 0, and waits for it: its used length,
+    /// or NeedsReset if the device gave up on the queue. Only right after `init`.
+    pub fn raw_tx(&mut self, descs: &[(u64, u32, u16, u16)]) -> Result<u32, Error> {
+        for (k, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            self.desc(TXQ, k, addr, len, flags, next);
+        }
+        let slot = u64::from(self.tx_avail % QSIZE);
+        self.put(self.mem + TXQ + 4096 + 4 + 2 * slot, 0u16);
+        self.tx_avail = self.tx_avail.wrapping_add(1);
+        self.publish_tx();
+        let used = self.mem + TXQ + 8192;
+        let t0 = port::rdtsc();
+        while self.get::<u16>(used + 2) != self.tx_avail {
+            if self.needs_reset() {
+                return Err(Error::NeedsReset);
+            }
+            if port::rdtsc().wrapping_sub(t0) > RAW_TIMEOUT_CYCLES {
+                return Err(Error::Timeout);
+            }
+            core::hint::spin_loop();
+        }
+        fence(Ordering::SeqCst);
+        Ok(self.get(used + 4 + 8 * u64::from(self.tx_avail.wrapping_sub(1) % QSIZE) + 4))
+    }
+
+    /// A transmit buffer's address (for building raw chains).
+    pub fn tx_buf_addr(&self) -> u64 {
+        self.mem + TX_BUF0
     }
 
     pub fn needs_reset(&self) -> bool {

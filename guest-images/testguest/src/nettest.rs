@@ -4,18 +4,22 @@
 //! comes back exactly once, intact, from the host's echo peer (which swaps the MAC addresses).
 //! Frames of other EtherTypes (host chatter on the TAP) are counted and ignored.
 //!
+//! `mode=hostile` first sends the device bad transmit chains (a buffer at 1 TiB, outside RAM; a
+//! device-writable buffer; a zero-length buffer: each must come back used with length 0) and a
+//! looping chain (must set DEVICE_NEEDS_RESET), resets the device, then does the normal run.
+//!
 //! Output: `{"test":"net",...}` then `{"done":true,"ok":..,"errors":..}`; exit 0 if every frame
 //! came back once and intact, 1 if one was lost (nothing received for ~5 s), corrupted or
 //! duplicated, 2 if there is no usable virtio-net device.
 
-use testguest::cmdline::Config;
+use testguest::cmdline::{BlkMode, Config};
 use testguest::json::JsonLine;
 use testguest::net::{build, check, format_mac, Seen, Verdict};
 use testguest::region::Region;
 
 use crate::machine::BootInfo;
 use crate::netdrv::{self, Net, MEM_BYTES, RX_BUFS};
-use crate::virtio::{SLOT0, SLOT_SIZE};
+use crate::virtio::{Error, D_NEXT, D_WRITE, SLOT0, SLOT_SIZE};
 use crate::{boot, fail, finish, park, port};
 
 /// Unanswered frames at most: fewer than the receive buffers, so every echo finds one.
@@ -56,12 +60,12 @@ pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
     let Some(slot) = netdrv::find(SLOT0, SLOT_SIZE, SLOTS) else {
         fail("no virtio-net device", 2)
     };
-    // SAFETY: R starts at a 2 MiB boundary above the page tables and nothing else uses it; it is
-    // contiguous and large enough (checked above) for the driver's memory and the bitmap.
-    let mut net = match unsafe { Net::init(slot, region.gpa(0)) } {
-        Ok(n) => n,
-        Err(e) => fail(e.what(), 2),
-    };
+    let mut net = start(slot, region.gpa(0));
+    let hostile = (cfg.blk_mode == BlkMode::Hostile).then(|| {
+        let h = hostile_chains(&mut net);
+        net = start(slot, region.gpa(0)); // the reset the looping chain made necessary
+        h
+    });
     // SAFETY: the words right after the driver's memory, inside R, used by nothing else.
     let bits = unsafe {
         core::slice::from_raw_parts_mut(
@@ -112,6 +116,7 @@ pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
     let lost = u64::from(frames) - t.unique - t.mismatches;
     let mut line = JsonLine::<1024>::new()
         .str("test", "net")
+        .bool("hostile", hostile.is_some())
         .bytes_str("mac", &format_mac(mac))
         .u64("frames", u64::from(frames))
         .u64("sent", t.sent)
@@ -122,7 +127,50 @@ pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
         .u64("foreign", t.foreign)
         .u64("bytes", t.bytes)
         .u64("cycles", t1 - t0);
+    let mut errors = t.mismatches + t.duplicates + lost;
+    if let Some((lens, loop_reset)) = hostile {
+        line = line
+            .u64("outside_ram_len", u64::from(lens[0]))
+            .u64("writable_len", u64::from(lens[1]))
+            .u64("zero_len", u64::from(lens[2]))
+            .bool("loop_needs_reset", loop_reset);
+        // The device must have returned the three bad chains empty and given up on the loop.
+        if lens != [0; 3] || !loop_reset {
+            errors += 1;
+        }
+    }
     port::serial_write(line.finish());
-    let errors = t.mismatches + t.duplicates + lost;
     finish(errors == 0, errors)
+}
+
+/// (Re)starts the device at `slot` with its memory at `mem`.
+fn start(slot: u64, mem: u64) -> Net {
+    // SAFETY: `mem` is the start of R, which starts at a 2 MiB boundary above the page tables,
+    // is used by nothing else, and is contiguous and large enough (`run` checked) for the
+    // driver's memory and the bitmap after it.
+    match unsafe { Net::init(slot, mem) } {
+        Ok(n) => n,
+        Err(e) => fail(e.what(), 2),
+    }
+}
+
+/// Sends the hostile chains: (used lengths of the three bad ones, whether the loop made the
+/// device need a reset).
+fn hostile_chains(net: &mut Net) -> ([u32; 3], bool) {
+    let buf = net.tx_buf_addr();
+    let mut lens = [u32::MAX; 3];
+    let bad: [&[(u64, u32, u16, u16)]; 3] = [
+        &[(buf, 12, D_NEXT, 1), (1 << 40, 64, 0, 0)],
+        &[(buf, 76, D_WRITE, 0)],
+        &[(buf, 0, 0, 0)],
+    ];
+    for (len, chain) in lens.iter_mut().zip(bad) {
+        *len = match net.raw_tx(chain) {
+            Ok(l) => l,
+            Err(e) => fail(e.what(), 1),
+        };
+    }
+    let looping = [(buf, 12, D_NEXT, 1), (buf + 12, 64, D_NEXT, 0)];
+    let loop_reset = net.raw_tx(&looping) == Err(Error::NeedsReset);
+    (lens, loop_reset)
 }
