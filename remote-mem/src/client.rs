@@ -519,44 +519,11 @@ mod tests {
     use super::*;
     use crate::protocol::encode_hello_ok;
 
-    /// A connection that records what is sent and replays scripted replies.
-    struct Script {
-        replies: Vec<u8>,
-        pos: usize,
-        sent: usize,
-    }
-
-    impl Conn for Script {
-        fn send(&mut self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-            self.sent += bufs.iter().map(|b| b.len()).sum::<usize>();
-            Ok(())
-        }
-        fn recv_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
-            let end = self.pos + buf.len();
-            if end > self.replies.len() {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            buf.copy_from_slice(&self.replies[self.pos..end]);
-            self.pos = end;
-            Ok(())
-        }
-        fn peer(&self) -> &str {
-            "mock:1"
-        }
-        fn set_timeout(&mut self, _: Option<std::time::Duration>) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     fn client(replies: Vec<u8>) -> Result<MemClient, ClientError> {
         let mut all = Vec::new();
         encode_hello_ok(&mut all, 1, 100, 50);
         all.extend_from_slice(&replies);
-        let conn = Script {
-            replies: all,
-            pos: 0,
-            sent: 0,
-        };
+        let conn = crate::transport::Scripted::new(all, "mock:1");
         MemClient::with_conn(Box::new(conn), 7, b"secret")
     }
 

@@ -4,38 +4,10 @@
 
 #![no_main]
 
-use std::io::{self, IoSlice};
-
 use libfuzzer_sys::fuzz_target;
 use remote_mem::protocol::{encode_hello_ok, PAGE_SIZE};
-use remote_mem::transport::Conn;
+use remote_mem::transport::Scripted;
 use remote_mem::MemClient;
-
-struct Script {
-    replies: Vec<u8>,
-    pos: usize,
-}
-
-impl Conn for Script {
-    fn send(&mut self, _: &mut [IoSlice<'_>]) -> io::Result<()> {
-        Ok(())
-    }
-    fn recv_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        let end = self.pos + buf.len();
-        if end > self.replies.len() {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.copy_from_slice(&self.replies[self.pos..end]);
-        self.pos = end;
-        Ok(())
-    }
-    fn peer(&self) -> &str {
-        "fuzz:0"
-    }
-    fn set_timeout(&mut self, _: Option<std::time::Duration>) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
@@ -47,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         encode_hello_ok(&mut replies, 1, 1, 1);
     }
     replies.extend_from_slice(rest);
-    let conn = Script { replies, pos: 0 };
+    let conn = Scripted::new(replies, "fuzz:0");
     let Ok(mut c) = MemClient::with_conn(Box::new(conn), 1, b"secret") else {
         return;
     };

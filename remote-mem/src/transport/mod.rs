@@ -25,6 +25,45 @@ pub trait Conn: Send {
     fn set_spin(&mut self, _spin: Option<std::time::Duration>) {}
 }
 
+/// A connection to a scripted peer: sends go nowhere and receives replay `replies`, then fail
+/// with `UnexpectedEof`. For tests and fuzz targets that drive a client against exact bytes.
+pub struct Scripted {
+    replies: Vec<u8>,
+    pos: usize,
+    peer: String,
+}
+
+impl Scripted {
+    pub fn new(replies: Vec<u8>, peer: &str) -> Self {
+        Scripted {
+            replies,
+            pos: 0,
+            peer: peer.to_string(),
+        }
+    }
+}
+
+impl Conn for Scripted {
+    fn send(&mut self, _: &mut [IoSlice<'_>]) -> io::Result<()> {
+        Ok(())
+    }
+    fn recv_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let end = self.pos + buf.len();
+        if end > self.replies.len() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.copy_from_slice(&self.replies[self.pos..end]);
+        self.pos = end;
+        Ok(())
+    }
+    fn peer(&self) -> &str {
+        &self.peer
+    }
+    fn set_timeout(&mut self, _: Option<std::time::Duration>) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Which transport a server listens on or a client connects with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportKind {
