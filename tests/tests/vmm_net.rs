@@ -226,10 +226,19 @@ fn net_run(tap: &TapGuard, mac: Option<&str>, frames: u64) -> Finished {
             "256M",
             1,
             &format!("test=net frames={frames}"),
-            &["--net", &spec],
+            &["--net", &spec, "--stats"],
         ),
         DEADLINE,
     )
+}
+
+/// vnode's `--stats` counters (the JSON line on stderr).
+fn vmm_stats(f: &Finished) -> serde_json::Value {
+    f.stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v.get("vmm").cloned())
+        .unwrap_or_else(|| panic!("no --stats line in {}", f.stderr))
 }
 
 /// Runs `test=net frames=FRAMES` against the echo peer and checks both ends saw every frame
@@ -257,6 +266,15 @@ fn round_trip(frames: u64) {
     let secs = (log.last.unwrap() - log.first.unwrap()).as_secs_f64();
     let bytes = report["bytes"].as_u64().unwrap();
     assert_eq!(log.bytes, bytes, "the peer got the bytes the guest sent");
+    let stats = vmm_stats(&f);
+    assert_eq!(stats["net_tx_frames"], frames, "{stats}");
+    assert_eq!(stats["net_tx_bytes"], bytes, "{stats}");
+    // Echoes, plus whatever the host itself sent to the TAP.
+    assert!(
+        stats["net_rx_frames"].as_u64().unwrap() >= frames,
+        "{stats}"
+    );
+    assert_eq!(stats["net_bad_chains"], 0, "{stats}");
     println!(
         "virtio-net TAP round trip: {frames} frames ({} KiB each way) in {secs:.3} s: \
          {:.0} frames/s, {:.1} Mbit/s each way",
@@ -302,7 +320,7 @@ fn hostile_chains_are_dropped_and_the_vmm_lives() {
             "256M",
             1,
             "test=net frames=500 mode=hostile",
-            &["--net", &format!("tap={}", tap.name)],
+            &["--net", &format!("tap={}", tap.name), "--stats"],
         ),
         DEADLINE,
     );
@@ -321,6 +339,13 @@ fn hostile_chains_are_dropped_and_the_vmm_lives() {
         "{}",
         f.stderr
     );
+    let stats = vmm_stats(&f);
+    assert_eq!(
+        stats["net_bad_chains"], 4,
+        "three dropped, one loop: {stats}"
+    );
+    assert_eq!(stats["net_broken"], 1, "{stats}");
+    assert_eq!(stats["net_tx_frames"], 500, "{stats}");
 }
 
 #[test]

@@ -50,6 +50,17 @@ pub struct Metrics {
     pub blk_flushes: Counter,
     /// Devices put in DEVICE_NEEDS_RESET by a chain they cannot answer.
     pub blk_broken: Counter,
+    /// virtio-net frames and bytes (all devices; bytes without the virtio-net header).
+    pub net_tx_frames: Counter,
+    pub net_tx_bytes: Counter,
+    pub net_rx_frames: Counter,
+    pub net_rx_bytes: Counter,
+    /// Transmit frames the guest sent badly or the TAP refused; received frames too big for the
+    /// guest's buffer.
+    pub net_tx_dropped: Counter,
+    pub net_rx_dropped: Counter,
+    pub net_bad_chains: Counter,
+    pub net_broken: Counter,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -68,6 +79,14 @@ pub static METRICS: Metrics = Metrics {
     blk_bytes_written: Counter::new(),
     blk_flushes: Counter::new(),
     blk_broken: Counter::new(),
+    net_tx_frames: Counter::new(),
+    net_tx_bytes: Counter::new(),
+    net_rx_frames: Counter::new(),
+    net_rx_bytes: Counter::new(),
+    net_tx_dropped: Counter::new(),
+    net_rx_dropped: Counter::new(),
+    net_bad_chains: Counter::new(),
+    net_broken: Counter::new(),
 };
 
 /// Logs at most `burst` events per key before going quiet, so a guest cannot flood the log.

@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::chain::{parse, Buffers, Direction, ParseFailure};
 use super::tap::{Tap, VNET_HDR_LEN};
 use crate::devices::virtio::{Interrupt, INT_USED_RING};
-use crate::metrics::RateLimit;
+use crate::metrics::{Counter, RateLimit, METRICS};
 
 /// The largest frame with its header either way: a 64 KiB IP packet in an Ethernet frame
 /// with a VLAN tag. Without offloads frames are MTU-sized; this only bounds the buffers.
@@ -49,6 +49,28 @@ pub struct NetStats {
     /// Received frames larger than the guest's buffer.
     pub rx_dropped: u64,
     pub bad_chains: u64,
+}
+
+/// Counts one event in the thread's stats and in the VM's metrics.
+fn count(local: &mut u64, global: &Counter) {
+    *local += 1;
+    global.inc();
+}
+
+impl NetStats {
+    fn sent(&mut self, len: usize) {
+        count(&mut self.tx_frames, &METRICS.net_tx_frames);
+        METRICS
+            .net_tx_bytes
+            .add(len.saturating_sub(VNET_HDR_LEN) as u64);
+    }
+
+    fn received(&mut self, len: usize) {
+        count(&mut self.rx_frames, &METRICS.net_rx_frames);
+        METRICS
+            .net_rx_bytes
+            .add(len.saturating_sub(VNET_HDR_LEN) as u64);
+    }
 }
 
 pub struct Handler {
@@ -177,7 +199,7 @@ impl Handler {
 
     /// Handles a chain the parser refused: returned empty if it can be, else the device breaks.
     fn refuse(&mut self, st: &mut State, f: ParseFailure, queue: Direction) {
-        st.stats.bad_chains += 1;
+        count(&mut st.stats.bad_chains, &METRICS.net_bad_chains);
         if BAD_CHAIN_LOG.allow() {
             tracing::warn!(dev = %self.name, ?queue, "bad chain from the guest: {}", f.error);
         }
@@ -190,6 +212,7 @@ impl Handler {
 
     fn break_device(&self, st: &mut State) {
         st.broken = true;
+        METRICS.net_broken.inc();
         st.rx_chain = None;
         self.arm_tap(st, false);
         self.interrupt.needs_reset();
@@ -242,18 +265,18 @@ impl Handler {
     fn send(&self, st: &mut State, bufs: &Buffers) {
         let frame = &mut st.buf[..bufs.len as usize];
         if let Err(e) = bufs.gather(&self.mem, frame) {
-            st.stats.tx_dropped += 1;
+            count(&mut st.stats.tx_dropped, &METRICS.net_tx_dropped);
             if BAD_CHAIN_LOG.allow() {
                 tracing::warn!(dev = %self.name, "cannot read a transmit buffer: {e}");
             }
             return;
         }
         match self.tap.write_frame(frame) {
-            Ok(_) => st.stats.tx_frames += 1,
+            Ok(_) => st.stats.sent(frame.len()),
             Err(e) => {
                 // Full TAP queue, interface down, a frame the kernel refuses: dropped, as a
                 // NIC would.
-                st.stats.tx_dropped += 1;
+                count(&mut st.stats.tx_dropped, &METRICS.net_tx_dropped);
                 if TAP_ERROR_LOG.allow() {
                     tracing::warn!(dev = %self.name, tap = self.tap.name(), "TAP write: {e}");
                 }
@@ -316,7 +339,7 @@ impl Handler {
     fn receive(&mut self, st: &mut State, n: usize) {
         let bufs = st.rx_chain.as_ref().expect("process_rx popped a chain");
         if n < VNET_HDR_LEN || n > bufs.len as usize {
-            st.stats.rx_dropped += 1;
+            count(&mut st.stats.rx_dropped, &METRICS.net_rx_dropped);
             if RX_TOO_BIG_LOG.allow() {
                 tracing::warn!(dev = %self.name, frame = n, buffer = bufs.len, "received frame does not fit the guest's buffer: dropped");
             }
@@ -330,13 +353,13 @@ impl Handler {
         let bufs = st.rx_chain.take().expect("checked above");
         match bufs.scatter(&self.mem, &st.buf[..n]) {
             Ok(()) => {
-                st.stats.rx_frames += 1;
+                st.stats.received(n);
                 self.add_used(st, Direction::Rx, bufs.head, n as u32);
             }
             Err(e) => {
                 // Checked to be in RAM at parse time; memory cannot shrink under us.
                 tracing::warn!(dev = %self.name, "cannot write a receive buffer: {e}");
-                st.stats.rx_dropped += 1;
+                count(&mut st.stats.rx_dropped, &METRICS.net_rx_dropped);
                 self.add_used(st, Direction::Rx, bufs.head, 0);
             }
         }
