@@ -29,7 +29,10 @@ pub enum TapError {
     BadName(String),
     #[error("TAP {0}: creating or attaching a TAP needs CAP_NET_ADMIN")]
     NotPermitted(String),
-    #[error("{0} exists and is not a TAP device (TUNSETIFF: EINVAL): use another name")]
+    #[error(
+        "{0} exists and is not a TAP device, or is a multi-queue TAP (TUNSETIFF: EINVAL): use \
+         another name"
+    )]
     NotTap(String),
     #[error(
         "TAP {0} is busy (TUNSETIFF: EBUSY): another process has it open, or the name belongs to \
