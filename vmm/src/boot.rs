@@ -101,36 +101,54 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Looks for the vNode note (name "vNode", type 1) and returns its flags.
-pub fn vnode_note_flags(elf: &[u8]) -> Option<u32> {
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| {
-        elf.get(o..o + 4)
+/// Looks for the vNode note (name "vNode", type 1) in the ELF's PT_NOTE segments, wherever in
+/// the file they are, and returns its flags. None for a file that is not such an ELF.
+pub fn vnode_note_flags<R: Read + Seek>(f: &mut R) -> Option<u32> {
+    /// Largest note segment read: notes are a few hundred bytes.
+    const MAX_NOTES: u64 = 1 << 20;
+    let mut at = |off: u64, len: u64| -> Option<Vec<u8>> {
+        f.seek(SeekFrom::Start(off)).ok()?;
+        let mut b = vec![0u8; usize::try_from(len).ok()?];
+        f.read_exact(&mut b).ok()?;
+        Some(b)
+    };
+    let le16 = |b: &[u8], o: usize| b.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let le32 = |b: &[u8], o: usize| {
+        b.get(o..o + 4)
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
     };
-    let u64_at = |o: usize| {
-        elf.get(o..o + 8)
+    let le64 = |b: &[u8], o: usize| {
+        b.get(o..o + 8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
     };
-    let phoff = u64_at(0x20)? as usize;
-    let phentsize = u16_at(0x36)? as usize;
-    let phnum = u16_at(0x38)? as usize;
-    for i in 0..phnum {
-        let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
-        if u32_at(ph)? != 4 {
+    let hdr = at(0, 64)?;
+    let phoff = le64(&hdr, 0x20)?;
+    let phentsize = u64::from(le16(&hdr, 0x36)?);
+    let phnum = u64::from(le16(&hdr, 0x38)?);
+    if phentsize < 56 {
+        return None;
+    }
+    let phs = at(phoff, phentsize * phnum)?;
+    for i in 0..phnum as usize {
+        let ph = i * phentsize as usize;
+        if le32(&phs, ph)? != 4 {
             continue; // not PT_NOTE
         }
-        let (off, size) = (u64_at(ph + 8)? as usize, u64_at(ph + 32)? as usize);
-        let mut p = off;
-        while p + 12 <= off.checked_add(size)? {
-            let (namesz, descsz, ntype) =
-                (u32_at(p)? as usize, u32_at(p + 4)? as usize, u32_at(p + 8)?);
-            let name = elf.get(p + 12..p + 12 + namesz)?;
+        let (off, size) = (le64(&phs, ph + 8)?, le64(&phs, ph + 32)?);
+        let seg = at(off, size.min(MAX_NOTES))?;
+        let mut p = 0usize;
+        while p + 12 <= seg.len() {
+            let (namesz, descsz, ntype) = (
+                le32(&seg, p)? as usize,
+                le32(&seg, p + 4)? as usize,
+                le32(&seg, p + 8)?,
+            );
+            let name = seg.get(p + 12..(p + 12).checked_add(namesz)?)?;
             let desc = p + 12 + namesz.div_ceil(4) * 4;
             if name == b"vNode\0" && ntype == 1 && descsz >= 4 {
-                return u32_at(desc);
+                return le32(&seg, desc);
             }
-            p = desc + descsz.div_ceil(4) * 4;
+            p = desc.checked_add(descsz.div_ceil(4) * 4)?;
         }
     }
     None
@@ -157,11 +175,7 @@ fn load_kernel(
         KernelKind::Elf => {
             let r =
                 Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
-            // Program headers live near the start; 64 KiB covers any sane ELF's headers and notes.
-            let mut head = vec![0u8; 64 << 10];
-            f.seek(SeekFrom::Start(0)).map_err(read_err(path))?;
-            let n = read_up_to(&mut f, &mut head).map_err(read_err(path))?;
-            let smp_entry = vnode_note_flags(&head[..n]).is_some_and(|flags| flags & 1 != 0);
+            let smp_entry = vnode_note_flags(&mut f).is_some_and(|flags| flags & 1 != 0);
             let info = BootInfo {
                 entry: r.kernel_load.0,
                 smp_entry,
@@ -303,16 +317,30 @@ mod tests {
 
     #[test]
     fn finds_the_vnode_note() {
-        assert_eq!(vnode_note_flags(&elf_with_note(b"vNode\0", 1, 1)), Some(1));
-        assert_eq!(vnode_note_flags(&elf_with_note(b"Xen\0", 18, 1)), None);
-        assert_eq!(vnode_note_flags(&elf_with_note(b"vNode\0", 2, 1)), None);
+        let flags = |e: Vec<u8>| vnode_note_flags(&mut std::io::Cursor::new(e));
+        assert_eq!(flags(elf_with_note(b"vNode\0", 1, 1)), Some(1));
+        assert_eq!(flags(elf_with_note(b"Xen\0", 18, 1)), None);
+        assert_eq!(flags(elf_with_note(b"vNode\0", 2, 1)), None);
+    }
+
+    #[test]
+    fn finds_a_note_far_into_the_file() {
+        // The note's segment 1 MiB in: past any fixed-size head a loader might read.
+        let mut e = elf_with_note(b"vNode\0", 1, 1);
+        let note = e.split_off(0x40 + 0x38);
+        let far = 1u64 << 20;
+        e[0x40 + 8..0x40 + 16].copy_from_slice(&far.to_le_bytes());
+        e.resize(far as usize, 0);
+        e.extend_from_slice(&note);
+        assert_eq!(vnode_note_flags(&mut std::io::Cursor::new(e)), Some(1));
     }
 
     #[test]
     fn truncated_elf_has_no_note() {
         let e = elf_with_note(b"vNode\0", 1, 1);
         for cut in [0, 10, 0x40, 0x70, e.len() - 2] {
-            assert_eq!(vnode_note_flags(&e[..cut]), None, "cut at {cut}");
+            let mut f = std::io::Cursor::new(&e[..cut]);
+            assert_eq!(vnode_note_flags(&mut f), None, "cut at {cut}");
         }
     }
 }
