@@ -59,14 +59,7 @@ struct Args {
 }
 
 fn parse_size(s: &str) -> Option<u64> {
-    let (num, mul) = match s.chars().last()? {
-        'k' | 'K' => (&s[..s.len() - 1], 1u64 << 10),
-        'm' | 'M' => (&s[..s.len() - 1], 1 << 20),
-        'g' | 'G' => (&s[..s.len() - 1], 1 << 30),
-        't' | 'T' => (&s[..s.len() - 1], 1 << 40),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mul)
+    parse_size::Config::new().with_binary().parse_size(s).ok()
 }
 
 fn parse_export(spec: &str) -> Result<(String, PathBuf, Option<u64>)> {

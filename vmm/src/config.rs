@@ -77,25 +77,12 @@ pub enum ConfigError {
     Net { spec: String, why: String },
 }
 
-/// Parses "4096", "64K", "512M", "1G", "1T" (binary units) into bytes.
+/// Parses "4096", "64K", "512M", "1G", "1.5GiB" (binary units) into bytes.
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let err = || ConfigError::Size(s.to_owned());
-    let t = s.trim();
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(err()),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = num.parse().map_err(|_| err())?;
-    n.checked_mul(1u64 << shift).ok_or_else(err)
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
+        .map_err(|_| ConfigError::Size(s.to_owned()))
 }
 
 /// Parses a number in decimal or 0x-prefixed hex.

@@ -177,17 +177,10 @@ pub fn main() -> ExitCode {
 
 /// A size with an optional K/M/G suffix (powers of 1024), as `vnode` and the guest take them.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        _ => (t, 0),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .ok_or_else(|| format!("bad size {s:?} (e.g. 512M)"))
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
+        .map_err(|_| format!("bad size {s:?} (e.g. 512M)"))
 }
 
 /// A size for a command line: the largest unit that divides it.
