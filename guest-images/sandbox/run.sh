@@ -26,7 +26,8 @@
 #   -v              show progress and L1's console on stderr;  -q  no timing summary
 #
 # Inside: /dev/kvm, /proc, /sys, /dev/pts, /dev/shm, a tmpfs /run (TMPDIR=/run/tmp), loopback up.
-# No network beyond loopback. The host root is read-only: write only into shared directories.
+# No network beyond loopback (the tun module is loaded: a command may make TAP devices, e.g. for
+# vnode --net). The host root is read-only: write only into shared directories.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -65,14 +66,14 @@ die() { echo "sandbox: error: $*" >&2; exit 125; }
 # ---------------------------------------------------------------------------------------------
 # L1 kernel + initramfs (built once, cached in guest-images/cache/sandbox)
 # ---------------------------------------------------------------------------------------------
-L1_MODS="virtio_pci virtio_net 9p 9pnet_virtio kvm kvm_amd"
+L1_MODS="virtio_pci virtio_net 9p 9pnet_virtio kvm kvm_amd tun"
 build_l1() {
     local pkg kver deb kdir bbdeb ir stamp mods m
     command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing (apt-get install -y --no-install-recommends qemu-system-x86)"
     # Fast path (no apt-cache call): L1 is prepared and our files have not changed since.
     # --build looks the kernel package up again and rebuilds when Debian has a newer one.
     local fstamp
-    fstamp=$(cat "$HERE/l1-init.sh" "$GI/scripts/linux-modclosure.py" "$GI/scripts/linux-extract-vmlinux.py" | sha256sum | cut -c1-16)
+    fstamp=$( { cat "$HERE/l1-init.sh" "$GI/scripts/linux-modclosure.py" "$GI/scripts/linux-extract-vmlinux.py"; echo "$L1_MODS"; } | sha256sum | cut -c1-16)
     if [ $BUILD_ONLY = 0 ] && [ -f "$SB/initrd.img" ] && [ "$(cat "$SB/fstamp" 2>/dev/null)" = "$fstamp" ]; then
         return 0
     fi

@@ -5,6 +5,12 @@
 //! run fio with crc32c verification on the root disk and memcached under memtier_benchmark.
 //! The same sandbox run then boots the same kernel + initramfs, `quiet`, to the guest's /sbin/init
 //! under QEMU/KVM (qemu-ref.sh) and under vnode, and the test prints both boot times. The in-sandbox part is guest-images/sandbox/vnode-linux-check.sh.
+//!
+//! The same sandbox run also benchmarks through `vnodectl bench`: fio-verify time-based for 30 s
+//! (crc32c, RAM behind an ExCache of half the guest RAM, root on vnode-blkd); fio 4 KiB random
+//! reads at QD32 on one vnode-blkd export read by a vnode guest and then by a QEMU guest (QEMU's
+//! own NBD client); memcached served by the guest on a TAP with vnodectl's verifying load client
+//! in L1. It prints a table of both and the ratio.
 
 use std::path::Path;
 use std::process::Command;
@@ -20,6 +26,12 @@ const APPEND: &str = "vnode.job=all vnode.fio_size=16M vnode.bench_time=10";
 /// evict: see the faults/max_resident_pages this test prints.
 const MEM: &str = "1G";
 const LOCAL_MEM: &str = "128M";
+/// fio-verify's time-based run (vnode.fio_runtime), seconds.
+const FIO_VERIFY_S: u64 = 30;
+/// fio-randread's runtime in each guest, seconds.
+const RANDREAD_S: u64 = 10;
+/// The memcached load's duration over the TAP, seconds.
+const MEMCACHED_S: u64 = 10;
 
 /// `[   1234 ms] line` -> (1234, "line").
 fn split_ts(l: &str) -> Option<(u64, &str)> {
@@ -52,7 +64,7 @@ fn read(dir: &Path, name: &str) -> String {
 #[test]
 #[ignore = "needs the nested sandbox: minutes under TCG; run with cargo test -p vnode-tests --test sandbox_linux -- --ignored"]
 fn debian_cloud_kernel_runs_fio_and_memcached_on_remote_memory_and_disk() {
-    for b in ["vnode", "vnode-memd", "vnode-blkd"] {
+    for b in ["vnode", "vnode-memd", "vnode-blkd", "vnodectl"] {
         bin(b);
     }
     let rootfs = guest_image("rootfs.ext4");
@@ -95,7 +107,13 @@ fn debian_cloud_kernel_runs_fio_and_memcached_on_remote_memory_and_disk() {
             "--append",
             APPEND,
             "--qemu-ref",
-        ]);
+        ])
+        .arg("--fio-verify")
+        .arg(FIO_VERIFY_S.to_string())
+        .arg("--randread")
+        .arg(RANDREAD_S.to_string())
+        .arg("--memcached-net")
+        .arg(MEMCACHED_S.to_string());
     let f = run_with_deadline(&mut cmd, Duration::from_secs(2500));
     let wall = start.elapsed();
     let console_raw = read(&scratch, "console.log");
@@ -221,6 +239,109 @@ fn debian_cloud_kernel_runs_fio_and_memcached_on_remote_memory_and_disk() {
         "summary: {}; sandbox run {wall:?}",
         summary.map(|v| v.to_string()).unwrap_or_default()
     );
+    let bench = benchmarks(&scratch, &all);
+    println!("{bench}");
     assert!(f.status.success(), "the sandbox run failed\n{all}");
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// vnodectl's document for run `tag`, checked to be a success.
+fn ctl_doc(dir: &Path, tag: &str, all: &str) -> serde_json::Value {
+    let text = read(dir, &format!("{tag}.json"));
+    let d: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "no vnodectl document for {tag} ({e}); stderr:\n{}\nconsole:\n{}\n{all}",
+            read(dir, &format!("{tag}.stderr")),
+            read(dir, &format!("console-{tag}.log"))
+        )
+    });
+    assert_eq!(d["vnodectl"]["ok"], true, "{tag}: {d}");
+    assert_eq!(read(dir, &format!("{tag}.rc")).trim(), "0", "{tag}");
+    d
+}
+
+fn guest_job<'a>(d: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    d["guest"]
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["job"] == name))
+        .unwrap_or_else(|| panic!("no {name} result in {d}"))
+}
+
+/// Checks the benchmark runs and returns their table.
+fn benchmarks(dir: &Path, all: &str) -> String {
+    // fio-verify: time-based for FIO_VERIFY_S, verified as it went and in a final full pass.
+    let fv = ctl_doc(dir, "fio-verify", all);
+    let v = guest_job(&fv, "fio-verify");
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["runtime_s"], FIO_VERIFY_S, "{v}");
+    let write_ms = v["write_ms"].as_u64().unwrap_or(0);
+    assert!(
+        write_ms >= FIO_VERIFY_S * 1000,
+        "fio-verify ran {write_ms} ms: {v}"
+    );
+    assert!(v["verify_read_kib"].as_u64().unwrap_or(0) > 0, "{v}");
+    assert_eq!(v["final_verify"]["rc"], 0, "{v}");
+    assert_eq!(v["final_verify"]["read_kib"], 4096, "{v}");
+    let ex = &fv["vnode_stats"]["excache"];
+    assert!(ex["faults"].as_u64().unwrap_or(0) > 0, "{ex}");
+
+    // fio-randread: the same export in a vnode guest and in a QEMU guest.
+    let rv = ctl_doc(dir, "randread-vnode", all);
+    let vr = guest_job(&rv, "fio-randread");
+    let qlog = read(dir, "qemu-randread.log");
+    let qr: serde_json::Value = qlog
+        .lines()
+        .filter_map(|l| l.split_once("] ").map(|(_, j)| j))
+        .filter_map(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+        .find(|v| v["job"] == "fio-randread")
+        .unwrap_or_else(|| panic!("no fio-randread JSON from QEMU:\n{qlog}"));
+    assert_eq!(read(dir, "qemu-randread.rc").trim(), "0", "{qlog}");
+    for (who, r) in [("vnode", vr), ("QEMU", &qr)] {
+        assert_eq!(r["rc"], 0, "{who}: {r}");
+        assert_eq!(r["target"], "/dev/vdb", "{who}: {r}");
+        assert!(r["iops"].as_f64().unwrap_or(0.0) > 0.0, "{who}: {r}");
+        assert!(r["clat_p99_us"].as_f64().is_some(), "{who}: {r}");
+    }
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+
+    // memcached on the guest's TAP, loaded from L1, every value checked.
+    let mc = ctl_doc(dir, "memcached", all);
+    let load = &mc["load"];
+    assert_eq!(load["verified"], true, "{load}");
+    assert_eq!(load["mismatches"], 0, "{load}");
+    let st = guest_job(&mc, "memcached-stats");
+    assert!(
+        st["get_hits"].as_u64().unwrap_or(0) >= load["hits"].as_u64().unwrap_or(u64::MAX),
+        "the guest's memcached counted fewer hits than the client: {st} {load}"
+    );
+
+    let mut t = String::new();
+    t += &format!(
+        "fio 4 KiB randread QD{} for {RANDREAD_S} s on one vnode-blkd export (/dev/vdb):\n",
+        vr["iodepth"]
+    );
+    t += "                      IOPS    bw KiB/s   clat p50 us   clat p99 us\n";
+    for (who, r) in [("vnode (virtio-mmio)", vr), ("QEMU (virtio-pci) ", &qr)] {
+        t += &format!(
+            "  {who} {:>9.0} {:>11.0} {:>13.0} {:>13.0}\n",
+            f(r, "iops"),
+            f(r, "bw_kib_s"),
+            f(r, "clat_p50_us"),
+            f(r, "clat_p99_us")
+        );
+    }
+    t += &format!(
+        "  vnode/QEMU IOPS ratio: {:.2}\n",
+        f(vr, "iops") / f(&qr, "iops")
+    );
+    t += &format!(
+        "fio-verify {FIO_VERIFY_S} s time-based (crc32c, 4 MiB area, ExCache = half the RAM): {} KiB written at {} IOPS, {} KiB verified as it went, final pass {} KiB: verified {}\n",
+        v["write_kib"], v["write_iops"], v["verify_read_kib"], v["final_verify"]["read_kib"], v["verified"]
+    );
+    t += &format!(
+        "memcached over the TAP, {MEMCACHED_S} s, built-in client ({} connections): {} ops/s, {} sets, {} gets, {} hits, {} mismatches, p50 {} us, p99 {} us; guest memcached: cmd_get {} cmd_set {} get_hits {}",
+        load["connections"], load["ops_per_sec"], load["sets"], load["gets"], load["hits"],
+        load["mismatches"], load["p50_latency_us"], load["p99_latency_us"], st["cmd_get"], st["cmd_set"], st["get_hits"]
+    );
+    t
 }
