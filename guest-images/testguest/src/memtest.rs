@@ -20,24 +20,18 @@
 
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 
-use testguest::cmdline::{Config, Pattern};
+use testguest::cmdline::Config;
 use testguest::content::{fill_pages, verify_pages, Mismatches, PAGE_SIZE};
 use testguest::json::JsonLine;
-use testguest::perm::Permutation;
-use testguest::plan::{share, OwnPages};
+use testguest::plan::{fill_page, fill_permutation, share, Accesses};
 use testguest::region::Region;
-use testguest::rng::Rng;
 use testguest::sync::SpinBarrier;
-use testguest::zipf::{Zipf, DEFAULT_THETA};
 
 use crate::machine::BootInfo;
 use crate::{boot, port};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const TWO_MIB: u64 = 2 << 20;
-/// Seeds of the fill permutation and of zipf's scrambling derive from the run's seed with these.
-const FILL_PERM_SALT: u64 = 0x66696c6c;
-const ZIPF_PERM_SALT: u64 = 0x7a697066;
 
 static BARRIER: SpinBarrier = SpinBarrier::new();
 static ERRORS: AtomicU64 = AtomicU64::new(0);
@@ -136,15 +130,12 @@ impl Tally {
 
 fn fill(lay: &Layout, cfg: &Config, k: u32, n: u32) {
     let pages = lay.region.pages();
-    let perm = Permutation::new(pages, cfg.seed ^ FILL_PERM_SALT);
+    let perm = fill_permutation(pages, cfg.seed);
     let (lo, hi) = share(pages, k, n);
     // Not published: `reads`/`writes` in the report count the passes phase only.
     let mut t = Tally::default();
     for pos in lo..hi {
-        let p = match cfg.pattern {
-            Pattern::Seq => pos,
-            Pattern::Random | Pattern::Zipf => perm.apply(pos),
-        };
+        let p = fill_page(cfg.pattern, &perm, pos);
         t.write(lay, p, 0, cfg.seed);
         lay.touched[p as usize].store(0, Relaxed);
     }
@@ -152,22 +143,14 @@ fn fill(lay: &Layout, cfg: &Config, k: u32, n: u32) {
 
 fn passes(lay: &Layout, cfg: &Config, k: u32, n: u32) {
     let pages = lay.region.pages();
-    let own = OwnPages::new(pages, k, n);
-    if own.count() == 0 {
+    let acc = Accesses::new(pages, k, n, cfg.pattern, cfg.seed, cfg.writes);
+    if acc.count() == 0 {
         return;
     }
-    let scramble = Permutation::new(pages, cfg.seed ^ ZIPF_PERM_SALT);
-    let zipf = (cfg.pattern == Pattern::Zipf).then(|| Zipf::new(pages, DEFAULT_THETA));
     let mut t = Tally::default();
     for pass in 1..=cfg.passes {
-        let mut rng = Rng::new(cfg.seed, (pass as u64) << 32 | k as u64);
-        for i in 0..own.count() {
-            let p = match (&zipf, cfg.pattern) {
-                (_, Pattern::Seq) => own.nth(i),
-                (Some(z), _) => own.map(scramble.apply(z.sample(&mut rng))),
-                _ => own.map(rng.below(pages)),
-            };
-            if rng.percent(cfg.writes) {
+        for (p, write) in acc.pass(pass) {
+            if write {
                 t.write(lay, p, pass, cfg.seed);
             } else {
                 t.verify(lay, p, cfg.seed);

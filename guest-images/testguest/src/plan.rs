@@ -5,6 +5,96 @@
 //! one of those, so no two vCPUs ever access a page at the same time and the metadata needs no
 //! locks, while each vCPU still sees the pattern's distribution.
 
+use crate::cmdline::Pattern;
+use crate::perm::Permutation;
+use crate::rng::Rng;
+use crate::zipf::{Zipf, DEFAULT_THETA};
+
+/// Seeds of the fill permutation and of zipf's scrambling derive from the run's seed with these.
+pub const FILL_PERM_SALT: u64 = 0x66696c6c;
+pub const ZIPF_PERM_SALT: u64 = 0x7a697066;
+
+/// The page the fill phase writes at position `pos` of its order (seq: ascending; random and
+/// zipf: the keyed permutation `fill_permutation`).
+pub fn fill_page(pattern: Pattern, perm: &Permutation, pos: u64) -> u64 {
+    match pattern {
+        Pattern::Seq => pos,
+        Pattern::Random | Pattern::Zipf => perm.apply(pos),
+    }
+}
+
+pub fn fill_permutation(pages: u64, seed: u64) -> Permutation {
+    Permutation::new(pages, seed ^ FILL_PERM_SALT)
+}
+
+/// The passes phase's accesses of vCPU `k` of `n`: in each pass as many as it owns pages, each a
+/// page (seq: its own in ascending order; random: uniform; zipf: a zipf(0.99) rank scrambled by a
+/// permutation so hot pages are spread over R) mapped to one of its own, and whether it writes.
+/// The guest runs exactly this sequence; host tools replay it (a cache simulation, say).
+pub struct Accesses {
+    own: OwnPages,
+    pages: u64,
+    pattern: Pattern,
+    scramble: Permutation,
+    zipf: Option<Zipf>,
+    seed: u64,
+    writes: u32,
+    k: u32,
+}
+
+impl Accesses {
+    pub fn new(pages: u64, k: u32, n: u32, pattern: Pattern, seed: u64, writes: u32) -> Self {
+        Accesses {
+            own: OwnPages::new(pages, k, n),
+            pages,
+            pattern,
+            scramble: Permutation::new(pages, seed ^ ZIPF_PERM_SALT),
+            zipf: (pattern == Pattern::Zipf).then(|| Zipf::new(pages, DEFAULT_THETA)),
+            seed,
+            writes,
+            k,
+        }
+    }
+
+    /// Accesses per pass.
+    pub fn count(&self) -> u64 {
+        self.own.count()
+    }
+
+    /// Pass `pass` (1-based): `(page, write)` in order.
+    pub fn pass(&self, pass: u32) -> PassAccesses<'_> {
+        PassAccesses {
+            acc: self,
+            rng: Rng::new(self.seed, (pass as u64) << 32 | self.k as u64),
+            i: 0,
+        }
+    }
+}
+
+pub struct PassAccesses<'a> {
+    acc: &'a Accesses,
+    rng: Rng,
+    i: u64,
+}
+
+impl Iterator for PassAccesses<'_> {
+    type Item = (u64, bool);
+
+    fn next(&mut self) -> Option<(u64, bool)> {
+        let a = self.acc;
+        if self.i >= a.own.count() {
+            return None;
+        }
+        let p = match (&a.zipf, a.pattern) {
+            (_, Pattern::Seq) => a.own.nth(self.i),
+            (Some(z), _) => a.own.map(a.scramble.apply(z.sample(&mut self.rng))),
+            _ => a.own.map(self.rng.below(a.pages)),
+        };
+        self.i += 1;
+        Some((p, self.rng.percent(a.writes)))
+    }
+}
+
 /// vCPU `k`'s run `[lo, hi)` of `0..total` split into `n` nearly equal runs.
 pub fn share(total: u64, k: u32, n: u32) -> (u64, u64) {
     let at = |i: u64| (total as u128 * i as u128 / n as u128) as u64;

@@ -10,13 +10,13 @@
 //! (the fill phase is the same first touch everywhere), wall time, the ExCache's counters, and
 //! PASS/MISS against the issue's targets, computed from the medians shown.
 //!
-//! Bounds: any demand-paged cache of C pages must page in at least N - C pages in every sweep
-//! that touches all N pages of the working set (at most C are resident when it starts): the
-//! verify phase is such a sweep for every pattern, and so is each seq pass. Each page-in costs
-//! at least KVM's mapping of a page the host already holds, measured in the same run as the
-//! first-touch fill of all-local RAM preallocated with `--mem-prealloc` less a warm access. The
-//! product, added to all-local's own time, is the best ratio any ExCache could reach on this
-//! host, before a single byte is copied or a page dropped.
+//! Bounds: Belady's OPT replayed over the guest's own accesses (`opt.rs`) gives the fewest pages
+//! any cache of C pages must bring in during the passes and the verify sweep. Each costs at least
+//! KVM's mapping of a page the host already holds, measured in the same run as the first-touch
+//! fill of all-local RAM preallocated with `--mem-prealloc` less a warm access; a zipf miss in
+//! the passes, which no prefetcher can foresee, costs at least a fault at the local userfaultfd
+//! floor's p50 (same run). Added to all-local's own time, that is the best ratio any ExCache
+//! could reach on this host, before a single byte is copied or a page dropped.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 
 use super::guestrun::{binary, vnode_has_flag, GuestRun, GuestSpec};
 use super::memd::MemServer;
+use super::opt;
 use super::stats::{median, Summary};
 use super::table::{num, ratio, Table};
 use super::{fmt_size, parse_size, plot, write_out, Common, Env};
@@ -504,37 +505,58 @@ fn bounds_table(plan: &Plan, find: &Results) -> String {
         return "bounds: no --mem-prealloc run (this vnode lacks the flag), so no KVM floor\n"
             .into();
     };
-    let n = (plan.bytes / 4096) as f64;
+    let pages = plan.bytes / 4096;
     let foot = (plan.footprint / 4096) as f64;
     let mut t = Table::new(&[
         "target",
-        "min page-ins",
-        "x KVM map floor",
+        "OPT misses: passes",
+        "verify",
+        "LRU: passes",
+        "verify",
+        "fault floor us",
         "= Mcyc",
         "all-local Mcyc",
         "best possible",
+        "with LRU",
         "local store",
         "remote",
         "target",
     ]);
-    for (p, f, sweeps, limit, is_speed) in [
-        ("seq", 0.25, plan.passes as f64 + 1.0, 2.0, true),
-        ("zipf", 0.5, 1.0, 1.5, false),
-    ] {
-        let Some(base) = find
-            .get(p, Backing::AllLocal)
-            .and_then(|s| s.median(work_cycles))
-        else {
+    for (p, f, limit, is_speed) in [("seq", 0.25, 2.0, true), ("zipf", 0.5, 1.5, false)] {
+        let (Some(base), Some(pat)) = (
+            find.get(p, Backing::AllLocal)
+                .and_then(|s| s.median(work_cycles)),
+            opt::pattern(p),
+        ) else {
             continue;
         };
         // C: the cell's ExCache limit less the guest's own pages below the working set.
         let c = find
             .get(p, Backing::Remote(f))
             .and_then(|s| s.median(|g| g.excache("limit_pages")))
-            .map_or(n * f, |l| (l - foot).max(0.0));
-        let pageins = sweeps * (n - c).max(0.0);
-        let extra = pageins * floor;
+            .map_or(pages as f64 * f, |l| (l - foot).max(0.0));
+        let (seed, writes, passes, cap) =
+            (plan.env.seed, plan.args.writes, plan.passes, c as usize);
+        let (m, lru) = opt::misses(pages, pat, seed, writes, passes, cap);
+        // A sequential miss can be prefetched: it costs at least KVM's mapping. A zipf miss in
+        // the passes cannot be foreseen: it is a fault, at least the local floor's p50.
+        let fault_us = find
+            .get(p, Backing::LocalStore(f))
+            .or_else(|| {
+                find.get(
+                    &plan.args.floor_pattern,
+                    Backing::LocalStore(plan.args.floor_fraction),
+                )
+            })
+            .and_then(|s| s.median(|g| g.excache("fault_p50_us")));
+        let (fault_cyc, shown_us) = match (pat, fault_us) {
+            (testguest::cmdline::Pattern::Seq, _) => (floor, "-".to_string()),
+            (_, Some(us)) => (us * plan.env.tsc_hz / 1e6, format!("{us:.0}")),
+            (_, None) => (floor, "-".to_string()),
+        };
+        let extra = m.passes as f64 * fault_cyc + m.verify as f64 * floor;
         let best = (base + extra) / base;
+        let with_lru = (base + lru.passes as f64 * fault_cyc + lru.verify as f64 * floor) / base;
         let show = |r: Option<f64>| {
             if is_speed {
                 num(r.map(|r| 100.0 / r), 0) + "% speed"
@@ -549,11 +571,15 @@ fn bounds_table(plan: &Plan, find: &Results) -> String {
         };
         t.row(vec![
             format!("{p} at {}%", f * 100.0),
-            num(Some(pageins), 0),
-            format!("{floor:.0} cyc"),
+            m.passes.to_string(),
+            m.verify.to_string(),
+            lru.passes.to_string(),
+            lru.verify.to_string(),
+            shown_us,
             num(Some(extra / 1e6), 0),
             num(Some(base / 1e6), 0),
             show(Some(best)),
+            show(Some(with_lru)),
             show(slowdown(find, p, Backing::LocalStore(f))),
             show(slowdown(find, p, Backing::Remote(f))),
             format!(
@@ -567,9 +593,12 @@ fn bounds_table(plan: &Plan, find: &Results) -> String {
         ]);
     }
     format!(
-        "bounds: at least N - C page-ins per full sweep (verify; and each seq pass), each costing \
-         at least KVM's mapping of a resident page ({floor:.0} cycles, --mem-prealloc fill less a \
-         warm access, this run); best possible = (all-local + page-ins x floor) / all-local\n{}",
+        "bounds: Belady's OPT over the guest's own accesses (the fewest misses of any cache of C \
+         pages); each miss costs at least KVM's mapping of a resident page ({floor:.0} cycles: \
+         --mem-prealloc fill less a warm access, this run), and a zipf miss in the passes, which no \
+         prefetcher can foresee, at least the local userfaultfd floor's p50 fault; best possible = \
+         (all-local + OPT misses x cost) / all-local. LRU: what true LRU (no knowledge of the \
+         future) misses on the same accesses\n{}",
         t.render()
     )
 }

@@ -13,6 +13,7 @@ mod excache;
 mod guestrun;
 mod host;
 mod memd;
+mod opt;
 mod plot;
 mod stats;
 mod table;
