@@ -89,6 +89,12 @@ fn remote_run(policy: &str) {
     assert!(s["writebacks"].as_u64().unwrap() > 100_000, "{s}");
     assert!(s["fetched"].as_u64().unwrap() > 100_000, "{s}");
     assert!(s["bytes_out"].as_u64().unwrap() >= s["writebacks"].as_u64().unwrap() * 4096);
+    // Faults that fetched their page from the server have their own latency figures.
+    assert!(s["fetch_fault_p50_us"].as_u64().unwrap() > 0, "{s}");
+    assert!(
+        s["fetch_fault_p99_us"].as_u64() >= s["fetch_fault_p50_us"].as_u64(),
+        "{s}"
+    );
     // The fault thread's time by phase: every phase ran, and the phases fit in the whole.
     let t = &s["time_us"];
     let phase = |k: &str| t[k].as_u64().unwrap_or_else(|| panic!("time_us.{k}: {s}"));

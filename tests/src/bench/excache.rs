@@ -436,7 +436,9 @@ fn fault_table(plan: &Plan, find: &Results, targets: &mut Vec<String>) -> String
     let mut t = Table::new(&[
         "fault path",
         "faults",
-        "p50 us",
+        "faults: p50 us",
+        "p99 us",
+        "fetching faults: p50 us",
         "p99 us",
         "p50 vs floor",
         "p99 vs floor",
@@ -451,19 +453,31 @@ fn fault_table(plan: &Plan, find: &Results, targets: &mut Vec<String>) -> String
             num(get(s, "faults"), 0),
             num(get(s, "fault_p50_us"), 1),
             num(get(s, "fault_p99_us"), 1),
-            ratio(div(get(s, "fault_p50_us"), get(floor, "fault_p50_us"))),
-            ratio(div(get(s, "fault_p99_us"), get(floor, "fault_p99_us"))),
+            num(get(s, "fetch_fault_p50_us"), 1),
+            num(get(s, "fetch_fault_p99_us"), 1),
+            ratio(div(
+                get(s, "fetch_fault_p50_us"),
+                get(floor, "fetch_fault_p50_us"),
+            )),
+            ratio(div(
+                get(s, "fetch_fault_p99_us"),
+                get(floor, "fetch_fault_p99_us"),
+            )),
         ]);
     }
-    let r = div(get(remote, "fault_p50_us"), get(floor, "fault_p50_us"));
+    let r = div(
+        get(remote, "fetch_fault_p50_us"),
+        get(floor, "fetch_fault_p50_us"),
+    );
     targets.push(format!(
-        "{}  remote fault p50 <= 1.3x local floor: {}",
+        "{}  remote fault p50 <= 1.3x local floor (faults that fetch their page): {}",
         verdict(r.map(|r| r <= 1.3)),
         ratio(r)
     ));
     format!(
-        "per-fault latency (ExCache's own p50/p99 per run, medians over runs), \
-         {p} at {}% cache\n{}",
+        "per-fault latency (ExCache's own p50/p99 per run, medians over runs), {p} at {}% cache; \
+         all faults include the fill's zero-fills, which never leave this process; fetching faults \
+         are those whose page comes from the page store, and the targets compare those\n{}",
         f * 100.0,
         t.render()
     )

@@ -46,8 +46,15 @@ pub struct ExCacheStats {
     pub limit_pages: Counter,
     /// Where the fault thread's time goes, in nanoseconds (reported in microseconds).
     pub time: PhaseTimes,
-    latency_us: Mutex<Vec<u64>>,
+    /// Service time of every missing-page fault, and of those whose page came from the source
+    /// (the others are zero-filled here: no round trip, whatever the source).
+    latency_us: Histogram,
+    fetch_latency_us: Histogram,
 }
+
+/// Microsecond latencies in 1 µs buckets up to 20 ms (the last bucket takes the rest).
+#[derive(Default)]
+struct Histogram(Mutex<Vec<u64>>);
 
 /// The fault thread's time by phase: serving faults in all, and within that fetching pages from
 /// the source, installing them (UFFDIO_COPY), waking the thread that faulted (UFFDIO_WAKE),
@@ -91,9 +98,9 @@ const LATENCY_BUCKETS: usize = 20_001;
 /// Pages evicted at once when the ExCache is full (at most an eighth of its capacity).
 const EVICT_BATCH: usize = 32;
 
-impl ExCacheStats {
-    fn record_latency(&self, us: u64) {
-        let mut h = self.latency_us.lock().expect("latency lock poisoned");
+impl Histogram {
+    fn record(&self, us: u64) {
+        let mut h = self.0.lock().expect("latency lock poisoned");
         if h.is_empty() {
             h.resize(LATENCY_BUCKETS, 0);
         }
@@ -101,7 +108,7 @@ impl ExCacheStats {
     }
 
     fn percentile(&self, q: f64) -> Option<u64> {
-        let h = self.latency_us.lock().expect("latency lock poisoned");
+        let h = self.0.lock().expect("latency lock poisoned");
         let total: u64 = h.iter().sum();
         if total == 0 {
             return None;
@@ -115,7 +122,9 @@ impl ExCacheStats {
             })
             .map(|i| i as u64)
     }
+}
 
+impl ExCacheStats {
     /// All counters as JSON, with fault service latency p50/p99 in microseconds.
     pub fn to_json(&self) -> serde_json::Value {
         json!({
@@ -130,8 +139,10 @@ impl ExCacheStats {
             "prefetch_used": self.prefetch_used.get(),
             "bytes_in": self.bytes_in.get(),
             "bytes_out": self.bytes_out.get(),
-            "fault_p50_us": self.percentile(0.5),
-            "fault_p99_us": self.percentile(0.99),
+            "fault_p50_us": self.latency_us.percentile(0.5),
+            "fault_p99_us": self.latency_us.percentile(0.99),
+            "fetch_fault_p50_us": self.fetch_latency_us.percentile(0.5),
+            "fetch_fault_p99_us": self.fetch_latency_us.percentile(0.99),
             "max_resident_pages": self.max_resident_pages.get(),
             "limit_pages": self.limit_pages.get(),
             "time_us": self.time.to_json(),
@@ -267,12 +278,18 @@ impl FaultServer {
                     return Ok(());
                 }
                 self.stats.faults.inc();
+                let fetched = self.cache.on_server(page);
                 self.fill(page, write)?;
+                if fetched {
+                    self.stats
+                        .fetch_latency_us
+                        .record(start.elapsed().as_micros() as u64);
+                }
             }
         }
         let took = start.elapsed();
         self.stats.time.serve.add(took.as_nanos() as u64);
-        self.stats.record_latency(took.as_micros() as u64);
+        self.stats.latency_us.record(took.as_micros() as u64);
         Ok(())
     }
 
