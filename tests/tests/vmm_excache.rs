@@ -17,8 +17,18 @@ struct Memd {
 
 impl Memd {
     fn start() -> Memd {
+        Memd::with_capacity("4G")
+    }
+
+    fn with_capacity(capacity: &str) -> Memd {
         let mut child = Command::new(bin("vnode-memd"))
-            .args(["--listen", "127.0.0.1:0", "--capacity", "4G", "--insecure"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--capacity",
+                capacity,
+                "--insecure",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -261,4 +271,37 @@ fn missing_secret_and_bad_local_mem_are_refused() {
     let f = run_with_deadline(&mut cmd, Duration::from_secs(60));
     assert_eq!(f.status.code(), Some(1));
     assert!(f.stderr.contains("--local-mem"), "{}", f.stderr);
+}
+
+#[test]
+fn guest_ram_is_freed_on_the_server_when_the_vm_exits_and_kept_when_it_is_killed() {
+    // Room for one 256M guest at a time: a second guest fits only if the first gave its pages
+    // back when it exited.
+    let memd = Memd::with_capacity("400M");
+    let cmdline = "test=mem bytes=64M pattern=random seed=5 writes=50 passes=1";
+    let args = ["--mem-server", &memd.addr, "--local-mem", "32M"];
+    for run in 0..3 {
+        let mut cmd = vnode_testguest("256M", 1, cmdline, &args);
+        cmd.env("VNODE_SECRET", "test-secret");
+        let f = run_with_deadline(&mut cmd, DEADLINE);
+        assert_eq!(f.status.code(), Some(0), "run {run}: {}", f.stderr);
+        assert!(f.last_with("done").unwrap()["ok"] == true, "run {run}");
+    }
+    // A VMM that dies (SIGKILL) cannot free anything: its pages stay on the server (nothing is
+    // lost on a crash), so the next guest no longer fits.
+    let mut cmd = vnode_testguest("256M", 1, "test=cpu iters=100000000000", &args);
+    cmd.env("VNODE_SECRET", "test-secret");
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn vnode");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("testguest"), "{line}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut cmd = vnode_testguest("256M", 1, cmdline, &args);
+    cmd.env("VNODE_SECRET", "test-secret");
+    let f = run_with_deadline(&mut cmd, DEADLINE);
+    assert_eq!(f.status.code(), Some(1), "{}", f.stderr);
+    assert!(f.stderr.contains("capacity exceeded"), "{}", f.stderr);
 }

@@ -222,6 +222,10 @@ impl FaultServer {
                 continue; // EINTR
             }
             if fds[1].revents != 0 {
+                // The VM has stopped: its guest RAM is garbage now, so give it back.
+                if let Err(e) = self.source.release() {
+                    tracing::warn!("cannot free guest RAM on {}: {e}", self.source.describe());
+                }
                 return;
             }
             if r == 0 {

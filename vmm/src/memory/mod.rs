@@ -55,12 +55,27 @@ pub struct RemoteMemory {
     pub mem: GuestMemoryMmap,
     pub stats: Arc<ExCacheStats>,
     stop_evt: EventFd,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+/// How long `stop` waits for the fault server to free guest RAM on its servers.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl RemoteMemory {
-    /// Stops the fault server thread.
+    /// Stops the fault server thread, which frees guest RAM on the memory servers, and waits
+    /// for that a little (a dead server must not hold up the VMM's exit).
     pub fn stop(&self) {
         let _ = self.stop_evt.write(1);
+        let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + RELEASE_WAIT;
+        while !t.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -144,7 +159,7 @@ pub fn remote_memory(
     let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(RemoteMemError::Spawn)?;
     let thread_stop = stop_evt.try_clone().map_err(RemoteMemError::Spawn)?;
     let vm_stop = vm_stop.clone();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("excache-fault".into())
         .spawn(move || server.run(thread_stop, vm_stop))
         .map_err(RemoteMemError::Spawn)?;
@@ -152,5 +167,6 @@ pub fn remote_memory(
         mem,
         stats,
         stop_evt,
+        thread: std::sync::Mutex::new(Some(thread)),
     })
 }

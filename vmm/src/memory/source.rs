@@ -25,6 +25,11 @@ pub trait PageSource: Send {
     fn write_pages(&mut self, pages: &[u64], data: &[u8]) -> Result<(), SourceError>;
     /// Where the pages live, for messages.
     fn describe(&self) -> String;
+    /// The guest is gone: give its pages back (free the region on the servers). Not called when
+    /// the VMM dies, so a crash leaves the pages where they are.
+    fn release(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
 }
 
 /// Pages kept in this process: the no-network baseline.
@@ -137,6 +142,14 @@ impl PageSource for RemoteSource {
                 r.server(remote_mem::Role::Backup).unwrap_or("(failed)")
             ),
         }
+    }
+
+    fn release(&mut self) -> Result<(), SourceError> {
+        match self {
+            RemoteSource::Single(c) => c.free_region(GUEST_RAM_REGION)?,
+            RemoteSource::Replicated(r) => r.free()?,
+        }
+        Ok(())
     }
 }
 
