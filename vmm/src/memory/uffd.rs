@@ -2,7 +2,7 @@
 //! write-protect faults, reading fault events, installing pages (UFFDIO_COPY, optionally
 //! write-protected), changing write protection, waking waiters, and dropping pages.
 
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use userfaultfd::{Event, EventBuffer, FaultKind, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 
@@ -57,7 +57,9 @@ pub struct GuestUffd {
     /// A pidfd of this process for process_madvise(2), which drops many scattered ranges in one
     /// call (Linux >= 6.13 takes MADV_DONTNEED for the calling process); None: one madvise per
     /// range.
-    pidfd: std::cell::Cell<Option<RawFd>>,
+    pidfd: Option<OwnedFd>,
+    /// Whether process_madvise took MADV_DONTNEED so far (an older kernel refuses it).
+    batched: std::cell::Cell<bool>,
 }
 
 /// Ranges per process_madvise call (the kernel's UIO_MAXIOV).
@@ -86,10 +88,12 @@ impl GuestUffd {
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
         // passed.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
-        let pidfd = (pidfd >= 0).then_some(pidfd as RawFd);
+        // SAFETY: a non-negative return is a new descriptor that nothing else owns.
+        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
         Ok(Self {
             uffd,
-            pidfd: std::cell::Cell::new(pidfd),
+            batched: std::cell::Cell::new(pidfd.is_some()),
+            pidfd,
         })
     }
 
@@ -206,7 +210,7 @@ impl GuestUffd {
     /// on each, but in as few system calls as the kernel allows, so scattered victims do not
     /// each pay a system call.
     pub fn drop_ranges(&self, ranges: &[(usize, usize)]) -> Result<(), UffdError> {
-        let Some(pidfd) = self.pidfd.get() else {
+        let Some(pidfd) = self.pidfd.as_ref().filter(|_| self.batched.get()) else {
             return ranges
                 .iter()
                 .try_for_each(|&(addr, len)| self.drop_pages(addr, len));
@@ -226,7 +230,7 @@ impl GuestUffd {
             let done = unsafe {
                 libc::syscall(
                     libc::SYS_process_madvise,
-                    pidfd,
+                    pidfd.as_raw_fd(),
                     iov.as_ptr(),
                     iov.len(),
                     libc::MADV_DONTNEED,
@@ -244,9 +248,7 @@ impl GuestUffd {
                     tracing::debug!(
                         "process_madvise(MADV_DONTNEED) refused ({err}); using madvise"
                     );
-                    self.pidfd.set(None);
-                    // SAFETY: closing the pidfd opened in `register`, used nowhere else.
-                    unsafe { libc::close(pidfd) };
+                    self.batched.set(false);
                     return self.drop_ranges(ranges);
                 }
                 return Err(UffdError::Op {
@@ -269,15 +271,6 @@ impl GuestUffd {
             }
         }
         Ok(())
-    }
-}
-
-impl Drop for GuestUffd {
-    fn drop(&mut self) {
-        if let Some(fd) = self.pidfd.get() {
-            // SAFETY: the pidfd opened in `register`, owned by this value alone.
-            unsafe { libc::close(fd) };
-        }
     }
 }
 
@@ -320,10 +313,7 @@ mod tests {
         let base = base.cast::<u8>();
         let uffd = GuestUffd::register(base, N * PAGE).expect("userfaultfd");
         if !batched {
-            if let Some(fd) = uffd.pidfd.take() {
-                // SAFETY: the pidfd `register` opened; nothing else uses it.
-                unsafe { libc::close(fd) };
-            }
+            uffd.batched.set(false);
         }
         let src = [0xa5u8; PAGE];
         for p in 0..N {
