@@ -31,9 +31,15 @@ impl Rng {
 
 fn cluster() -> Cluster {
     Cluster {
-        compute: (0..400).map(|i| Node::new(format!("c{i}"), [160, 320 * G])).collect(),
-        memory: (0..400).map(|i| Node::new(format!("m{i}"), [2048 * G, 0])).collect(),
-        storage: (0..200).map(|i| Node::new(format!("s{i}"), [8192 * G, 0])).collect(),
+        compute: (0..400)
+            .map(|i| Node::new(format!("c{i}"), [160, 320 * G]))
+            .collect(),
+        memory: (0..400)
+            .map(|i| Node::new(format!("m{i}"), [2048 * G, 0]))
+            .collect(),
+        storage: (0..200)
+            .map(|i| Node::new(format!("s{i}"), [8192 * G, 0]))
+            .collect(),
     }
 }
 

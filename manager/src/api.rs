@@ -77,7 +77,10 @@ impl From<StoreError> for ApiError {
             ),
             e => {
                 tracing::error!(error = %e, "store write failed");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("state store: {e}"))
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("state store: {e}"),
+                )
             }
         }
     }
@@ -121,7 +124,12 @@ impl App {
         let mut reg = self.reg.lock().await;
         if self.loaded.load(Ordering::Acquire) != term {
             let snap = self.store.load().await?;
-            tracing::info!(term, hosts = snap.hosts.len(), vnodes = snap.vnodes.len(), "state loaded");
+            tracing::info!(
+                term,
+                hosts = snap.hosts.len(),
+                vnodes = snap.vnodes.len(),
+                "state loaded"
+            );
             reg.load(snap.hosts, snap.vnodes, Instant::now());
             self.loaded.store(term, Ordering::Release);
         }
@@ -148,12 +156,44 @@ macro_rules! stored {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "vNode manager", description = "Registry, placement and vNode lifecycle."),
-    paths(register_host, heartbeat, list_hosts, get_host, create_vnode, list_vnodes, get_vnode,
-          delete_vnode, stats, leader),
-    components(schemas(ErrorBody, Size, HostKind, Capacity, RegisterHost, HostView, CreateVnode,
-        Placement, RegionPlacement, DiskPlacement, VnodeState, VnodeView, VnodeReport, Heartbeat,
-        Assignment, ExportSpec, ServedExport, HeartbeatReply, LeaderView, ClusterStats))
+    info(
+        title = "vNode manager",
+        description = "Registry, placement and vNode lifecycle."
+    ),
+    paths(
+        register_host,
+        heartbeat,
+        list_hosts,
+        get_host,
+        create_vnode,
+        list_vnodes,
+        get_vnode,
+        delete_vnode,
+        stats,
+        leader
+    ),
+    components(schemas(
+        ErrorBody,
+        Size,
+        HostKind,
+        Capacity,
+        RegisterHost,
+        HostView,
+        CreateVnode,
+        Placement,
+        RegionPlacement,
+        DiskPlacement,
+        VnodeState,
+        VnodeView,
+        VnodeReport,
+        Heartbeat,
+        Assignment,
+        ExportSpec,
+        ServedExport,
+        HeartbeatReply,
+        LeaderView,
+        ClusterStats
+    ))
 )]
 pub struct ApiDoc;
 

@@ -18,7 +18,11 @@ use vnode_manager::credentials::Keys;
 use vnode_manager::registry::Registry;
 
 #[derive(Parser)]
-#[command(name = "vnode-manager", version, about = "The vNode manager: registry, placement, REST API")]
+#[command(
+    name = "vnode-manager",
+    version,
+    about = "The vNode manager: registry, placement, REST API"
+)]
 struct Args {
     /// Address to serve the REST API on (port 0 picks a free one).
     #[arg(long, required_unless_present = "print_openapi", default_value = "")]
@@ -67,11 +71,17 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?.to_string();
-    let me = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let me = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
     let store = vnode_manager::store::open(&args.store, &me)
         .await
         .with_context(|| format!("cannot open the store {}", args.store))?;
-    let reg = Registry::new(Duration::from_millis(args.heartbeat_ms.max(50)), Keys::new(key));
+    let reg = Registry::new(
+        Duration::from_millis(args.heartbeat_ms.max(50)),
+        Keys::new(key),
+    );
     let app = App::new(reg, store, me.clone());
     if let Some(p) = &args.ready_file {
         std::fs::write(p, &addr).with_context(|| format!("cannot write {}", p.display()))?;

@@ -172,7 +172,12 @@ impl Cluster {
 }
 
 /// The best host for `want` by `strategy`, skipping `except`.
-fn pick(nodes: &[Node], want: [u64; 2], strategy: Strategy, except: Option<usize>) -> Option<usize> {
+fn pick(
+    nodes: &[Node],
+    want: [u64; 2],
+    strategy: Strategy,
+    except: Option<usize>,
+) -> Option<usize> {
     let mut fit = nodes
         .iter()
         .enumerate()
@@ -261,7 +266,10 @@ mod tests {
         let mut c = cluster();
         let r = req(2, 4 * G, 10 * G);
         let d = c.place(&r, Strategy::LeastAllocated).unwrap();
-        assert_eq!(c.compute[d.compute].name, "b", "b is less loaded after placing");
+        assert_eq!(
+            c.compute[d.compute].name, "b",
+            "b is less loaded after placing"
+        );
         assert_ne!(d.mem_primary, d.mem_backup);
         assert_eq!(d.storage, Some(0));
         c.apply(&r, &d);
@@ -276,7 +284,10 @@ mod tests {
     fn first_fit_takes_the_first_host_with_room() {
         let c = cluster();
         let d = c.place(&req(2, G, 0), Strategy::FirstFit).unwrap();
-        assert_eq!((d.compute, d.mem_primary, d.mem_backup, d.storage), (0, 0, 1, None));
+        assert_eq!(
+            (d.compute, d.mem_primary, d.mem_backup, d.storage),
+            (0, 0, 1, None)
+        );
     }
 
     #[test]
@@ -284,18 +295,27 @@ mod tests {
         let mut c = cluster();
         c.compute[0].used[0] = 2;
         c.compute[1].used[0] = 7;
-        let e = c.place(&req(4, G, 0), Strategy::LeastAllocated).unwrap_err();
+        let e = c
+            .place(&req(4, G, 0), Strategy::LeastAllocated)
+            .unwrap_err();
         assert_eq!(
             e.0,
             "no compute host has 4 free vCPUs: a (2 free), b (1 free)"
         );
-        let e = c.place(&req(1, 17 * G, 0), Strategy::LeastAllocated).unwrap_err();
+        let e = c
+            .place(&req(1, 17 * G, 0), Strategy::LeastAllocated)
+            .unwrap_err();
         assert_eq!(
             e.0,
             "no 2 distinct memory servers have 17 GiB free each (primary and backup): m1 (16 GiB free), m2 (16 GiB free), m3 (4 GiB free)"
         );
-        let e = c.place(&req(1, G, 200 * G), Strategy::LeastAllocated).unwrap_err();
-        assert!(e.0.starts_with("no storage server has 200 GiB free disk: s1 (100 GiB free)"), "{e}");
+        let e = c
+            .place(&req(1, G, 200 * G), Strategy::LeastAllocated)
+            .unwrap_err();
+        assert!(
+            e.0.starts_with("no storage server has 200 GiB free disk: s1 (100 GiB free)"),
+            "{e}"
+        );
         let mut big = req(1, G, 0);
         big.local_mem = 9 * G;
         let e = c.place(&big, Strategy::LeastAllocated).unwrap_err();
@@ -306,19 +326,29 @@ mod tests {
     fn one_memory_server_cannot_hold_both_copies() {
         let mut c = cluster();
         c.memory.truncate(1);
-        let e = c.place(&req(1, G, 0), Strategy::LeastAllocated).unwrap_err();
+        let e = c
+            .place(&req(1, G, 0), Strategy::LeastAllocated)
+            .unwrap_err();
         assert!(e.0.contains("2 distinct memory servers"), "{e}");
         c.memory.clear();
-        let e = c.place(&req(1, G, 0), Strategy::LeastAllocated).unwrap_err();
+        let e = c
+            .place(&req(1, G, 0), Strategy::LeastAllocated)
+            .unwrap_err();
         assert!(e.0.ends_with("none registered and up"), "{e}");
     }
 
     #[test]
     fn many_equal_vnodes_balance_exactly() {
         let mut c = Cluster {
-            compute: (0..10).map(|i| Node::new(format!("c{i}"), [64, 64 * G])).collect(),
-            memory: (0..10).map(|i| Node::new(format!("m{i}"), [64 * G, 0])).collect(),
-            storage: (0..5).map(|i| Node::new(format!("s{i}"), [64 * G, 0])).collect(),
+            compute: (0..10)
+                .map(|i| Node::new(format!("c{i}"), [64, 64 * G]))
+                .collect(),
+            memory: (0..10)
+                .map(|i| Node::new(format!("m{i}"), [64 * G, 0]))
+                .collect(),
+            storage: (0..5)
+                .map(|i| Node::new(format!("s{i}"), [64 * G, 0]))
+                .collect(),
         };
         for _ in 0..100 {
             let r = req(2, 2 * G, G);

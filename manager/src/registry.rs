@@ -86,9 +86,12 @@ const MAX_NAME: usize = 64;
 pub fn validate(spec: &CreateVnode) -> Result<(), RegistryError> {
     let bad = |m: String| Err(RegistryError::Invalid(m));
     if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
-        return bad(format!("vcpus must be 1 to {MAX_VCPUS}, not {}", spec.vcpus));
+        return bad(format!(
+            "vcpus must be 1 to {MAX_VCPUS}, not {}",
+            spec.vcpus
+        ));
     }
-    if spec.mem.0 < MIN_MEM || spec.mem.0 % 4096 != 0 {
+    if spec.mem.0 < MIN_MEM || !spec.mem.0.is_multiple_of(4096) {
         return bad(format!(
             "mem must be at least 1 MiB and a multiple of 4 KiB, not {} bytes",
             spec.mem.0
@@ -100,7 +103,7 @@ pub fn validate(spec: &CreateVnode) -> Result<(), RegistryError> {
             spec.mem.0, spec.local_mem.0
         ));
     }
-    if spec.disk_size.0 % 512 != 0 {
+    if !spec.disk_size.0.is_multiple_of(512) {
         return bad(format!(
             "disk_size must be a multiple of 512 bytes, not {}",
             spec.disk_size.0
@@ -112,7 +115,8 @@ pub fn validate(spec: &CreateVnode) -> Result<(), RegistryError> {
     if let Some(n) = &spec.name {
         let ok = !n.is_empty()
             && n.len() <= MAX_NAME
-            && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !ok {
             return bad(format!(
                 "name {n:?} must be 1 to {MAX_NAME} of A-Z a-z 0-9 - _ ."
@@ -159,7 +163,11 @@ impl Registry {
     }
 
     /// A host (re-)registers. Returns the record to store if it changed.
-    pub fn register(&mut self, rec: HostRecord, now: Instant) -> Result<Option<HostRecord>, RegistryError> {
+    pub fn register(
+        &mut self,
+        rec: HostRecord,
+        now: Instant,
+    ) -> Result<Option<HostRecord>, RegistryError> {
         if let Some(old) = self.hosts.get(&rec.id) {
             if old.kind != rec.kind {
                 return Err(RegistryError::KindMismatch {
@@ -203,7 +211,12 @@ impl Registry {
                     [u64::from(a.vcpus), a.local_mem.0],
                 ),
                 HostKind::Memory => (&mut c.memory, &mut mn, [h.capacity.mem.0, 0], [a.mem.0, 0]),
-                HostKind::Storage => (&mut c.storage, &mut sn, [h.capacity.disk.0, 0], [a.disk.0, 0]),
+                HostKind::Storage => (
+                    &mut c.storage,
+                    &mut sn,
+                    [h.capacity.disk.0, 0],
+                    [a.disk.0, 0],
+                ),
             };
             list.push(Node {
                 name: h.id.clone(),
@@ -237,7 +250,12 @@ impl Registry {
     }
 
     /// Places a new vNode with id `id`; returns its record (to store, then [`Registry::insert`]).
-    pub fn place(&self, spec: &CreateVnode, id: u64, now: Instant) -> Result<VnodeRecord, RegistryError> {
+    pub fn place(
+        &self,
+        spec: &CreateVnode,
+        id: u64,
+        now: Instant,
+    ) -> Result<VnodeRecord, RegistryError> {
         validate(spec)?;
         let name = spec.name.clone().unwrap_or_else(|| format!("vnode-{id}"));
         if self.vnodes.values().any(|v| v.name == name) {
@@ -318,7 +336,11 @@ impl Registry {
         }
         let mut changed = Vec::new();
         for r in hb.vnodes {
-            let Some(v) = self.vnodes.get_mut(&r.id).filter(|v| v.placement.compute == host) else {
+            let Some(v) = self
+                .vnodes
+                .get_mut(&r.id)
+                .filter(|v| v.placement.compute == host)
+            else {
                 continue;
             };
             if let Some(c) = r.counters {
@@ -389,7 +411,11 @@ impl Registry {
         let r = v.placement.regions.first()?;
         let disk = match &v.placement.disk {
             None => None,
-            Some(d) => Some(format!("nbd://{}/{}", self.served.get(&d.export)?, d.export)),
+            Some(d) => Some(format!(
+                "nbd://{}/{}",
+                self.served.get(&d.export)?,
+                d.export
+            )),
         };
         Some(Assignment {
             id: v.id,
@@ -426,7 +452,10 @@ impl Registry {
     }
 
     pub fn hosts(&self, now: Instant) -> Vec<HostView> {
-        self.hosts.values().map(|h| self.host_view(h, now)).collect()
+        self.hosts
+            .values()
+            .map(|h| self.host_view(h, now))
+            .collect()
     }
 
     pub fn vnode_view(&self, v: &VnodeRecord, now: Instant) -> VnodeView {
@@ -450,7 +479,10 @@ impl Registry {
     }
 
     pub fn vnodes(&self, now: Instant) -> Vec<VnodeView> {
-        self.vnodes.values().map(|v| self.vnode_view(v, now)).collect()
+        self.vnodes
+            .values()
+            .map(|v| self.vnode_view(v, now))
+            .collect()
     }
 
     /// Finds a vNode by id or name.
@@ -593,13 +625,25 @@ mod tests {
         let (r, now) = reg();
         let mut s = spec();
         s.vcpus = 0;
-        assert!(r.place(&s, 1, now).unwrap_err().to_string().contains("vcpus"));
+        assert!(r
+            .place(&s, 1, now)
+            .unwrap_err()
+            .to_string()
+            .contains("vcpus"));
         let mut s = spec();
         s.local_mem = sz("2G");
-        assert!(r.place(&s, 1, now).unwrap_err().to_string().contains("local_mem"));
+        assert!(r
+            .place(&s, 1, now)
+            .unwrap_err()
+            .to_string()
+            .contains("local_mem"));
         let mut s = spec();
         s.name = Some("a b".into());
-        assert!(r.place(&s, 1, now).unwrap_err().to_string().contains("name"));
+        assert!(r
+            .place(&s, 1, now)
+            .unwrap_err()
+            .to_string()
+            .contains("name"));
         let mut s = spec();
         s.mem = sz("1P");
         s.local_mem = sz("1G");

@@ -51,6 +51,16 @@ struct Args {
     /// Log the server's counters every this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     stats_interval: u64,
+    /// Register with the vNode manager at this URL (comma-separated for several) and heartbeat:
+    /// report usage, and free the regions of vNodes the manager no longer knows (reclamation).
+    #[arg(long, requires = "host_id")]
+    manager: Option<String>,
+    /// This server's name in the cluster (with --manager).
+    #[arg(long)]
+    host_id: Option<String>,
+    /// The address VMMs reach this server at, told to the manager (default: the bound address).
+    #[arg(long)]
+    advertise: Option<String>,
     /// msync each write to the memory log before acknowledging it (survives a host crash,
     /// not only a server crash).
     #[arg(long)]
@@ -96,6 +106,54 @@ fn write_ready_file(path: &Path, addr: &str) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Heartbeats to the manager on a thread: usage up, the vNodes to keep down; the regions of
+/// any other vNode are freed. Only vNodes that held regions *before* a heartbeat was sent are
+/// freed on its reply, so a region allocated for a vNode created meanwhile is never taken.
+fn register(url: &str, id: &str, addr: String, admin: remote_mem::server::Admin) -> Result<()> {
+    use std::sync::{Arc, Mutex};
+    use vnode_manager_client::types::{Capacity, Heartbeat, HostKind, RegisterHost, Size};
+    let page = PAGE_SIZE as u64;
+    let reg = RegisterHost {
+        kind: HostKind::Memory,
+        addr,
+        capacity: Capacity {
+            mem: Size(admin.capacity_pages() * page),
+            ..Default::default()
+        },
+    };
+    let beater = vnode_manager_client::heartbeat::Beater::new(
+        vnode_manager_client::Client::new(url),
+        id,
+        reg,
+    );
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let (a1, h1) = (admin.clone(), Arc::clone(&held));
+    let report = move || {
+        *h1.lock().unwrap_or_else(|e| e.into_inner()) = a1.vnodes();
+        Heartbeat {
+            used: Some(a1.used_pages() * page),
+            ..Default::default()
+        }
+    };
+    let apply = move |reply: vnode_manager_client::types::HeartbeatReply| {
+        let before = held.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for v in before
+            .into_iter()
+            .filter(|v| !reply.keep_vnodes.contains(v))
+        {
+            let pages = admin.free_vnode(v);
+            tracing::info!(
+                vnode = v,
+                pages,
+                "freed the regions of a vNode the manager no longer runs"
+            );
+        }
+    };
+    vnode_manager_client::heartbeat::spawn(beater, report, apply)
+        .context("cannot start the heartbeat thread")?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -131,6 +189,10 @@ fn main() -> Result<()> {
     tracing::info!(%addr, capacity_pages, data_dir = ?args.data_dir, "vnode-memd serving");
     if let Some(p) = &args.ready_file {
         write_ready_file(p, &addr)?;
+    }
+    if let (Some(url), Some(id)) = (&args.manager, &args.host_id) {
+        let advertise = args.advertise.clone().unwrap_or_else(|| addr.clone());
+        register(url, id, advertise, server.admin())?;
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "listening on {addr}")?;

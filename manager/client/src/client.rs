@@ -84,9 +84,8 @@ impl Client {
         self.call("PUT", path, Some(body))
     }
 
-    pub fn delete(&self, path: &str) -> Result<(), ClientError> {
-        self.call::<(), serde_json::Value>("DELETE", path, None)
-            .map(|_| ())
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call("DELETE", path, None::<&()>)
     }
 
     /// Sends one request, trying each manager once (and a named leader once).

@@ -3,6 +3,8 @@
 //! turn, so agents, servers and vnodectl work with one manager or several (etcd HA).
 
 pub mod client;
+#[cfg(feature = "ctl")]
+pub mod ctl;
 pub mod heartbeat;
 pub mod types;
 

@@ -33,7 +33,9 @@ impl<'de> Deserialize<'de> for Size {
 }
 
 /// What a host is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum HostKind {
     /// Runs vNodes' vCPUs and ExCaches (a compute agent).

@@ -92,26 +92,37 @@ impl Compute {
         let mut out = Vec::new();
         for (&id, l) in self.vnodes.iter_mut() {
             let console = Some(l.dir.join("console").display().to_string());
-            let (state, exit_code, message) = match (monitor::ended(&l.dir), monitor::alive_pid(&l.dir)) {
-                (Some(e), _) => ended_state(&e, &l.dir),
-                (None, Some(pid)) => {
-                    if let Some(c) = read_counters(&l.dir) {
-                        l.counters = Some(c);
+            let (state, exit_code, message) =
+                match (monitor::ended(&l.dir), monitor::alive_pid(&l.dir)) {
+                    (Some(e), _) => ended_state(&e, &l.dir),
+                    (None, Some(pid)) => {
+                        if let Some(c) = read_counters(&l.dir) {
+                            l.counters = Some(c);
+                        }
+                        if let Some(deadline) = l.stop_deadline.filter(|d| Instant::now() > *d) {
+                            tracing::warn!(
+                                vnode = id,
+                                pid,
+                                ?deadline,
+                                "did not stop in time; killing it"
+                            );
+                            // SAFETY: kill(2) has no memory effects; pid is the vnode we started.
+                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        }
+                        (VnodeState::Running, None, None)
                     }
-                    if let Some(deadline) = l.stop_deadline.filter(|d| Instant::now() > *d) {
-                        tracing::warn!(vnode = id, pid, ?deadline, "did not stop in time; killing it");
-                        // SAFETY: kill(2) has no memory effects; pid is the vnode we started.
-                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    (None, None) if l.seen.elapsed() < START_GRACE => {
+                        (VnodeState::Pending, None, None)
                     }
-                    (VnodeState::Running, None, None)
-                }
-                (None, None) if l.seen.elapsed() < START_GRACE => (VnodeState::Pending, None, None),
-                (None, None) => (
-                    VnodeState::Failed,
-                    None,
-                    Some(format!("its monitor is gone and left no exit status; log: {}", last_line(&l.dir))),
-                ),
-            };
+                    (None, None) => (
+                        VnodeState::Failed,
+                        None,
+                        Some(format!(
+                            "its monitor is gone and left no exit status; log: {}",
+                            last_line(&l.dir)
+                        )),
+                    ),
+                };
             out.push(VnodeReport {
                 id,
                 state,
@@ -145,9 +156,15 @@ impl Compute {
                 Ok(()) => tracing::info!(vnode = a.id, "vnode started"),
                 Err(e) => {
                     tracing::error!(vnode = a.id, error = %e, "cannot start vnode");
-                    let ended = Ended { code: None, signal: None };
+                    let ended = Ended {
+                        code: None,
+                        signal: None,
+                    };
                     let _ = std::fs::write(dir.join("log"), format!("vnode-agent: {e}\n"));
-                    let _ = monitor::write_atomic(&dir.join("exit"), &serde_json::to_vec(&ended).unwrap_or_default());
+                    let _ = monitor::write_atomic(
+                        &dir.join("exit"),
+                        &serde_json::to_vec(&ended).unwrap_or_default(),
+                    );
                 }
             }
             self.vnodes.insert(
@@ -165,7 +182,10 @@ impl Compute {
             if wanted || l.stop_deadline.is_some() || monitor::ended(&l.dir).is_some() {
                 continue;
             }
-            tracing::info!(vnode = id, "no longer assigned here: stopping it through its API");
+            tracing::info!(
+                vnode = id,
+                "no longer assigned here: stopping it through its API"
+            );
             if let Err(e) = api(&l.dir).and_then(|c| c.stop().map(|_| ())) {
                 tracing::warn!(vnode = id, error = %e, "stop through the API failed; it will be killed");
             }
@@ -182,7 +202,11 @@ impl Compute {
         write_secret(&dir.join("mem.cred"), &a.mem_credential).map_err(prep)?;
         let spec = serde_json::to_vec_pretty(a).unwrap_or_default();
         // The spec holds credentials too: 0600 like them.
-        write_secret(&dir.join("assignment.json"), &String::from_utf8_lossy(&spec)).map_err(prep)?;
+        write_secret(
+            &dir.join("assignment.json"),
+            &String::from_utf8_lossy(&spec),
+        )
+        .map_err(prep)?;
         let s = &a.spec;
         let mut args: Vec<String> = vec![
             "run".into(),

@@ -71,10 +71,7 @@ pub fn run(dir: &Path, program: &Path, args: &[String]) -> Result<Ended, Monitor
         source,
     })?;
     let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2);
+    cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(log2);
     // SAFETY: setsid() is async-signal-safe and touches no memory of the parent; it only makes
     // the child a session leader, so a signal to the agent's process group does not reach it.
     unsafe {

@@ -106,7 +106,9 @@ impl Storage {
             }
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => tracing::info!(export = %name, "export removed, its disk deleted"),
-                Err(e) => tracing::warn!(export = %name, error = %e, "cannot delete the export's files"),
+                Err(e) => {
+                    tracing::warn!(export = %name, error = %e, "cannot delete the export's files")
+                }
             }
         }
     }
@@ -140,6 +142,7 @@ impl Storage {
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 128
-        && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && !n.starts_with('.')
 }

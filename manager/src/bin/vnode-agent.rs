@@ -25,7 +25,11 @@ enum Kind {
 }
 
 #[derive(Parser)]
-#[command(name = "vnode-agent", version, about = "Runs vNodes (or NBD exports) for the vNode manager")]
+#[command(
+    name = "vnode-agent",
+    version,
+    about = "Runs vNodes (or NBD exports) for the vNode manager"
+)]
 struct Args {
     /// The manager's URL (several, comma-separated, for managers sharing etcd).
     #[arg(long)]

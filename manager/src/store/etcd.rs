@@ -32,6 +32,14 @@ const NEXT_ID: &str = "/vnode/next_id";
 pub struct EtcdStore {
     client: Client,
     role: Arc<Mutex<Role>>,
+    campaign: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // Stop keeping the lease alive: it expires within the TTL and another manager may lead.
+        self.campaign.abort();
+    }
 }
 
 impl EtcdStore {
@@ -45,8 +53,12 @@ impl EtcdStore {
             me: me.to_owned(),
             ttl,
         };
-        tokio::spawn(campaign.run());
-        Ok(EtcdStore { client, role })
+        let campaign = tokio::spawn(campaign.run());
+        Ok(EtcdStore {
+            client,
+            role,
+            campaign,
+        })
     }
 
     fn term(&self) -> Result<i64, StoreError> {

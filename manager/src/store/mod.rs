@@ -18,7 +18,7 @@ pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(Box<etcd_client::Error>),
     #[error("stored record {key} is not valid JSON")]
     Corrupt {
         key: String,
@@ -29,6 +29,12 @@ pub enum StoreError {
     NotLeader,
     #[error("bad --store {0:?}: use sqlite:PATH or etcd:URL[,URL]...")]
     Spec(String),
+}
+
+impl From<etcd_client::Error> for StoreError {
+    fn from(e: etcd_client::Error) -> StoreError {
+        StoreError::Etcd(Box::new(e))
+    }
 }
 
 /// Everything stored.

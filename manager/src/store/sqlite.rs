@@ -39,7 +39,9 @@ impl Store for SqliteStore {
         let db = self.db();
         let mut snap = Snapshot::default();
         let mut q = db.prepare("SELECT id, body FROM hosts ORDER BY id")?;
-        let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let rows = q.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
         for row in rows {
             let (id, body) = row?;
             snap.hosts.push(decode(&format!("hosts/{id}"), &body)?);

@@ -101,6 +101,12 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// A handle on the page store for the manager's registration (usage, reclamation), usable
+    /// from another thread while the server runs.
+    pub fn admin(&self) -> Admin {
+        Admin(Arc::clone(&self.shared))
+    }
+
     /// Logs the counters every `every` on a background thread, for the life of the process.
     pub fn log_stats_every(&self, every: std::time::Duration) -> Result<(), ServerError> {
         let shared = Arc::clone(&self.shared);
@@ -172,6 +178,29 @@ fn serve_stream(stream: TcpStream, shared: &Shared) {
         Err(e) => tracing::warn!(%peer, error = %e, "cannot set up connection"),
     }
     shared.live.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// What the manager's heartbeat needs of a running server: its usage, the vNodes holding
+/// regions, and freeing the regions of vNodes that no longer exist.
+#[derive(Clone)]
+pub struct Admin(Arc<Shared>);
+
+impl Admin {
+    pub fn capacity_pages(&self) -> u64 {
+        self.0.store.capacity_pages()
+    }
+
+    pub fn used_pages(&self) -> u64 {
+        self.0.store.used_pages()
+    }
+
+    pub fn vnodes(&self) -> Vec<u64> {
+        self.0.store.vnodes()
+    }
+
+    pub fn free_vnode(&self, vnode: u64) -> u64 {
+        self.0.store.free_vnode(vnode)
+    }
 }
 
 /// An in-process server; stops accepting when dropped (open connections run until closed).

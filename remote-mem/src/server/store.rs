@@ -316,6 +316,41 @@ impl Store {
         Ok(r.pages)
     }
 
+    /// Pages held by regions (may exceed the capacity after a restart with a smaller one).
+    pub fn used_pages(&self) -> u64 {
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .used_pages
+    }
+
+    /// The vNodes that hold at least one region here.
+    pub fn vnodes(&self) -> Vec<u64> {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<u64> = t.regions.keys().map(|&(vnode, _)| vnode).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Frees every region of `vnode` (reclamation of a vNode that no longer exists); returns
+    /// how many pages that gave back.
+    pub fn free_vnode(&self, vnode: u64) -> u64 {
+        let regions: Vec<(u64, u64)> = {
+            let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+            t.regions
+                .iter()
+                .filter(|(&(v, _), _)| v == vnode)
+                .map(|(&(_, r), reg)| (r, reg.pages))
+                .collect()
+        };
+        regions
+            .into_iter()
+            .filter(|&(r, _)| self.free(vnode, r).is_ok())
+            .map(|(_, pages)| pages)
+            .sum()
+    }
+
     /// Frees a region. Connections still holding it finish their current request.
     pub fn free(&self, vnode: u64, region: u64) -> Result<(), StoreError> {
         self.remove(vnode, region, None)

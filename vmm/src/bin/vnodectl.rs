@@ -1,6 +1,8 @@
 //! `vnodectl`: run a benchmark inside a vNode guest and print one JSON document.
 //!
 //! ```text
+//! vnodectl up --dir D [--hosts N] | down --dir D     a whole cluster on this machine
+//! vnodectl create|list|show|stats|delete|hosts [--manager URL | --dir D] [-o json]
 //! vnodectl bench fio-randread|fio|fio-verify|memcached|memtier|JOB [--runtime S]
 //!     [--guest-ip ADDR[/PREFIX] --net-host-ip ADDR/PREFIX] [--json-out FILE] -- <vnode run args>
 //! ```
@@ -37,6 +39,8 @@ enum Cmd {
     /// serves memcached on its TAP network and vnodectl runs the load client; any other name is
     /// passed to the guest's init as vnode.job=NAME.
     Bench(BenchArgs),
+    #[command(flatten)]
+    Cluster(vnode_manager_client::ctl::ClusterCmd),
 }
 
 #[derive(clap::Args)]
@@ -131,6 +135,20 @@ fn main() -> ExitCode {
             Ok(false) => ExitCode::from(1),
             Err(e) => {
                 eprintln!("vnodectl: error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Cluster(c) => match vnode_manager_client::ctl::run(c) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "vnodectl: error: {}",
+                    anyhow::Error::from(e)
+                        .chain()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(": ")
+                );
                 ExitCode::from(1)
             }
         },
