@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use vnode_common::secret::{self, Secret};
 use remote_mem::server::{Server, ServerConfig};
 use remote_mem::transport::rdma;
 use remote_mem::PAGE_SIZE;
+use vnode_common::secret::{self, Secret};
 
 const SECRET_ENV: &str = vnode_common::CLUSTER_KEY_ENV;
 

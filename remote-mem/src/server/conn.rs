@@ -11,8 +11,7 @@ use super::store::StoreError;
 use super::Shared;
 use crate::client::MemClient;
 use crate::protocol::{
-    self, ErrorCode, Header, Op, PageList, ProtocolError, Request, HEADER_LEN, PAGE_SIZE,
-    VERSION,
+    self, ErrorCode, Header, Op, PageList, ProtocolError, Request, HEADER_LEN, PAGE_SIZE, VERSION,
 };
 use crate::transport::Conn;
 
@@ -53,7 +52,12 @@ pub(super) fn serve<C: Conn>(conn: C, shared: &Shared) {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             tracing::debug!(%peer, "connection closed")
         }
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
             Metrics::add(&shared.metrics.timeouts, 1);
             tracing::debug!(%peer, "connection timed out (handshake deadline or idle timeout)")
         }
@@ -89,7 +93,8 @@ impl<C: Conn> ConnState<'_, C> {
         let nonce = vnode_common::cred::nonce().map_err(io::Error::other)?;
         self.out.clear();
         protocol::encode_challenge(&mut self.out, &nonce);
-        self.conn.set_timeout(Some(self.shared.cfg.handshake_timeout))?;
+        self.conn
+            .set_timeout(Some(self.shared.cfg.handshake_timeout))?;
         self.conn.send(&mut [IoSlice::new(&self.out)])?;
         let mut hb = [0u8; HEADER_LEN];
         self.conn.recv_exact_by(&mut hb, deadline)?;

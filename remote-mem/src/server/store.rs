@@ -81,9 +81,7 @@ impl StoreError {
             | StoreError::Log(_)
             | StoreError::Migrate { .. }
             | StoreError::TooLarge { .. }
-            | StoreError::Room { .. } => {
-                ErrorCode::Internal
-            }
+            | StoreError::Room { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -227,7 +225,12 @@ impl Store {
         };
         let log = match data_dir {
             None => {
-                check_room(capacity_pages, 0, host_memory_bytes(), "this host's RAM and swap")?;
+                check_room(
+                    capacity_pages,
+                    0,
+                    host_memory_bytes(),
+                    "this host's RAM and swap",
+                )?;
                 None
             }
             Some(dir) => {
