@@ -14,6 +14,7 @@ fn reencode(h: &Header, req: &Request<'_>) -> Vec<u8> {
         Request::Ping => protocol::encode_ping(&mut b, h.tag),
         Request::Alloc { region, pages } => protocol::encode_alloc(&mut b, h.tag, region, pages),
         Request::Free { region } => protocol::encode_free(&mut b, h.tag, region),
+        Request::Open { region, pages } => protocol::encode_open(&mut b, h.tag, region, pages),
         Request::Migrate { region, target } => {
             protocol::encode_migrate(&mut b, h.tag, region, target)
         }
@@ -43,5 +44,6 @@ fuzz_target!(|data: &[u8]| {
         let body = &data[HEADER_LEN..];
         let _ = protocol::decode_error(body);
         let _ = protocol::decode_hello_ok(body);
+        let _ = protocol::decode_opened(body);
     }
 });
