@@ -17,7 +17,7 @@ pub mod replica;
 pub mod server;
 pub mod transport;
 
-pub use auth::{ClientAuth, ServerKeys};
+pub use auth::{ClientAuth, ServerKeys, VnodeKey};
 pub use client::{MemClient, ReadTicket, WriteTicket};
 pub use error::ClientError;
 pub use protocol::{ErrorCode, PAGE_SIZE};
