@@ -28,21 +28,21 @@ fn now_ms() -> u64 {
 /// Runs a write-heavy guest on `servers`; once its fill phase has pushed pages out, calls `act`
 /// and notes when. Returns how vnode ended and the time of `act` (ms since the epoch).
 fn run_and_act(servers: &str, act: impl FnOnce()) -> (Finished, u64) {
-    let cmdline = "test=mem bytes=128M pattern=random seed=9 writes=70 passes=2";
+    let cmdline = "test=mem bytes=96M pattern=random seed=9 writes=70 passes=1";
     let log = std::env::temp_dir().join(format!(
         "vnode-failover-{}-{}.out",
         std::process::id(),
         now_ms()
     ));
     let mut cmd = vnode_testguest(
-        "192M",
+        "128M",
         1,
         cmdline,
         &[
             "--mem-server",
             servers,
             "--local-mem",
-            "16M",
+            "12M",
             "--serial",
             log.to_str().expect("utf-8 path"),
             "--stats",
@@ -103,8 +103,8 @@ fn check_survived(f: &Finished, at: u64, failed: &Memd, survivor: &Memd, failed_
     let report = f.last_with("test").expect("test report");
     assert_eq!(report["errors"], 0);
     let s = excache_stats(f);
-    assert!(s["writebacks"].as_u64().unwrap() > 20_000, "pages went out: {s}");
-    assert!(s["fetched"].as_u64().unwrap() > 20_000, "and came back: {s}");
+    assert!(s["writebacks"].as_u64().unwrap() > 10_000, "pages went out: {s}");
+    assert!(s["fetched"].as_u64().unwrap() > 10_000, "and came back: {s}");
     let r = &s["replication"];
     assert_eq!(r["state"], "degraded", "{r}");
     assert_eq!(r["failovers"], 1, "{r}");
