@@ -98,10 +98,7 @@ impl RegionHealth {
             let was = h.replicas[i].state;
             h.replicas[i].state = ReplicaState::Failed;
             h.replicas[i].failure = Some(why);
-            let others_healthy = h
-                .replicas
-                .iter()
-                .any(|r| r.state == ReplicaState::Healthy);
+            let others_healthy = h.replicas.iter().any(|r| r.state == ReplicaState::Healthy);
             if was == ReplicaState::Healthy && others_healthy {
                 h.failovers += 1;
             }

@@ -71,7 +71,11 @@ fn writes_reach_every_replica_and_reads_fail_over() {
         .expect("the survivors take the write");
     for f in &files[1..] {
         let got = std::fs::read(f).expect("replica file");
-        assert!(got[..4096] == pattern(99, 4096)[..], "{} lacks it", f.display());
+        assert!(
+            got[..4096] == pattern(99, 4096)[..],
+            "{} lacks it",
+            f.display()
+        );
     }
     let st = c.status();
     assert_eq!((st.state, st.failovers), ("degraded", 1), "{st:?}");

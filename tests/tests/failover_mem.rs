@@ -61,7 +61,10 @@ fn run_and_act(servers: &str, act: impl FnOnce()) -> (Finished, u64) {
         .contains("\"phase\":\"fill\"")
     {
         assert!(start.elapsed() < DEADLINE, "guest never finished its fill");
-        assert!(child.try_wait().expect("try_wait").is_none(), "vnode exited early");
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "vnode exited early"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let at = now_ms();
@@ -103,8 +106,14 @@ fn check_survived(f: &Finished, at: u64, failed: &Memd, survivor: &Memd, failed_
     let report = f.last_with("test").expect("test report");
     assert_eq!(report["errors"], 0);
     let s = excache_stats(f);
-    assert!(s["writebacks"].as_u64().unwrap() > 10_000, "pages went out: {s}");
-    assert!(s["fetched"].as_u64().unwrap() > 10_000, "and came back: {s}");
+    assert!(
+        s["writebacks"].as_u64().unwrap() > 10_000,
+        "pages went out: {s}"
+    );
+    assert!(
+        s["fetched"].as_u64().unwrap() > 10_000,
+        "and came back: {s}"
+    );
     let r = &s["replication"];
     assert_eq!(r["state"], "degraded", "{r}");
     assert_eq!(r["failovers"], 1, "{r}");
@@ -116,12 +125,18 @@ fn check_survived(f: &Finished, at: u64, failed: &Memd, survivor: &Memd, failed_
             .unwrap_or_else(|| panic!("no {role}: {r}"))
             .clone()
     };
-    let other = if failed_role == "primary" { "backup" } else { "primary" };
+    let other = if failed_role == "primary" {
+        "backup"
+    } else {
+        "primary"
+    };
     assert_eq!(by_role(failed_role)["state"], "failed", "{r}");
     assert_eq!(by_role(failed_role)["server"], failed.addr.as_str(), "{r}");
     assert_eq!(by_role(other)["state"], "healthy", "{r}");
     assert_eq!(by_role(other)["server"], survivor.addr.as_str(), "{r}");
-    let since = r["degraded_since_unix_ms"].as_u64().expect("degraded since");
+    let since = r["degraded_since_unix_ms"]
+        .as_u64()
+        .expect("degraded since");
     assert!(
         since >= at && since - at < FAILOVER_BOUND_MS,
         "fail-over {} ms after the fault: {r}",

@@ -40,7 +40,10 @@ pub enum DiskSource {
     Nbd(String),
     /// An NBD export replicated on a primary and a backup export (`,backup=URI`): writes and
     /// flushes reach both, reads the primary (the backup while the primary is out).
-    NbdReplicated { primary: String, backup: String },
+    NbdReplicated {
+        primary: String,
+        backup: String,
+    },
 }
 
 /// One `--disk PATH|nbd://HOST:PORT/EXPORT|nbd+unix:///EXPORT?socket=PATH[,backup=URI][,readonly]`.

@@ -12,7 +12,8 @@
 //!
 //! Deadlines ([`vnode_common::deadline`]): the handshake must finish within 2 s and its round
 //! trip seeds an EWMA of request times. While requests are outstanding, a server that sends
-//! nothing for `max(500 ms, 16 x rtt, size allowance)` (at most 8 s; counted from the later of
+//! nothing for `max(floor, 16 x rtt, size allowance)` (the floor is 2 s, 8 s for a flush or a
+//! FUA write, which wait for an fsync; at most 8 s in all; counted from the later of
 //! the request's sending and the last byte received, so a large reply that keeps arriving is
 //! never cut off) is declared failed: the connection is shut down and every outstanding
 //! request completes with [`ClientError::Timeout`]. The reader wakes every [`TICK`] to check.
@@ -61,7 +62,9 @@ pub enum ClientError {
     Remote { errno: u32 },
     #[error("connection closed")]
     Disconnected,
-    #[error("server {peer} sent nothing for {after_ms} ms with requests outstanding: declared failed")]
+    #[error(
+        "server {peer} sent nothing for {after_ms} ms with requests outstanding: declared failed"
+    )]
     Timeout { peer: String, after_ms: u64 },
 }
 
@@ -76,6 +79,8 @@ struct InFlight {
     sent: Instant,
     /// Bytes moved both ways, for the size allowance of its deadline.
     bytes: usize,
+    /// The deadline's floor: longer for requests that wait for an fsync.
+    floor: Duration,
 }
 
 impl From<io::Error> for ClientError {
@@ -280,7 +285,7 @@ impl Inner {
     fn overdue(&self, progress: Instant) -> Option<Duration> {
         let now = Instant::now();
         self.pending().map.values().find_map(|f| {
-            let d = self.rtt.deadline(f.bytes);
+            let d = self.rtt.deadline_with(f.floor, f.bytes);
             (now.duration_since(f.sent.max(progress)) > d).then_some(d)
         })
     }
@@ -306,9 +311,7 @@ impl NbdClient {
                 };
                 let mut last = io::Error::from(io::ErrorKind::NotFound);
                 let mut conn = None;
-                for sa in
-                    std::net::ToSocketAddrs::to_socket_addrs(&addr).map_err(connect_err)?
-                {
+                for sa in std::net::ToSocketAddrs::to_socket_addrs(&addr).map_err(connect_err)? {
                     match TcpStream::connect_timeout(&sa, deadline::HANDSHAKE) {
                         Ok(s) => {
                             conn = Some(s);
@@ -500,6 +503,11 @@ impl NbdClient {
                     done,
                     sent: Instant::now(),
                     bytes: expect as usize + data.len(),
+                    floor: if kind == CMD_FLUSH || flags & CMD_FLAG_FUA != 0 {
+                        deadline::DURABLE_FLOOR
+                    } else {
+                        deadline::STORAGE_FLOOR
+                    },
                 },
             );
             cookie
@@ -787,7 +795,7 @@ fn receive_one(inner: &Inner, s: &mut Stream, progress: &mut Progress) -> Result
         return Ok(());
     }
     let mut data = vec![0u8; f.expect as usize];
-    let current = Some(inner.rtt.deadline(f.bytes));
+    let current = Some(inner.rtt.deadline_with(f.floor, f.bytes));
     if let Err(e) = read_full(inner, s, &mut data, progress, current) {
         (f.done)(Err(e.clone()));
         return Err(e);

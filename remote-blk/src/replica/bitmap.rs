@@ -7,6 +7,8 @@ pub const CHUNK: u64 = 64 * 1024;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Bitmap {
     words: Vec<u64>,
+    /// Chunks of the disk: bits beyond are never set.
+    chunks: u64,
     /// Bits set, kept so reports and "is it clean" cost nothing.
     count: u64,
 }
@@ -17,6 +19,7 @@ impl Bitmap {
         let chunks = size.div_ceil(CHUNK);
         Bitmap {
             words: vec![0; chunks.div_ceil(64) as usize],
+            chunks,
             count: 0,
         }
     }
@@ -30,6 +33,9 @@ impl Bitmap {
     }
 
     pub fn set(&mut self, chunk: u64) {
+        if chunk >= self.chunks {
+            return;
+        }
         let (w, b) = ((chunk / 64) as usize, chunk % 64);
         if let Some(word) = self.words.get_mut(w) {
             if *word & (1 << b) == 0 {
@@ -68,6 +74,7 @@ impl Bitmap {
         let words = vec![0; self.words.len()];
         Bitmap {
             words: std::mem::replace(&mut self.words, words),
+            chunks: self.chunks,
             count: std::mem::take(&mut self.count),
         }
     }

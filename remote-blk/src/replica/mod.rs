@@ -187,7 +187,11 @@ impl ReplicatedClient {
             members.push(c);
         }
         let expected = members[0].size();
-        if let Some((index, r)) = members.iter().enumerate().find(|(_, r)| r.size() != expected) {
+        if let Some((index, r)) = members
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.size() != expected)
+        {
             return Err(ReplicaError::SizeMismatch {
                 index,
                 size: r.size(),
@@ -480,9 +484,7 @@ fn fan_in(
         f.answers.push(answer);
         f.left -= 1;
         if f.left == 0 {
-            f.done
-                .take()
-                .map(|d| (d, std::mem::take(&mut f.answers)))
+            f.done.take().map(|d| (d, std::mem::take(&mut f.answers)))
         } else {
             None
         }
@@ -600,7 +602,7 @@ fn read_from(
         }
         read_from(shared, cmd, done, tried | (1 << i), Some(e));
     };
-    let on_err2 = on_error.clone();
+    let on_err2 = on_error;
     let res = client.submit(
         cmd.clone(),
         Box::new(move |r| {

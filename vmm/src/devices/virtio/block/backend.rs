@@ -315,7 +315,9 @@ impl BlockBackend for ReplicatedBackend {
 
 /// The replicated disks' replica states as JSON, one object per disk (empty when none).
 pub fn replication_json() -> serde_json::Value {
-    let disks = DISK_REPLICATION.lock().expect("disk registry lock poisoned");
+    let disks = DISK_REPLICATION
+        .lock()
+        .expect("disk registry lock poisoned");
     disks
         .iter()
         .map(|(disk, h)| {
