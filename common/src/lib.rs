@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod cred;
+pub mod deadline;
 pub mod logging;
 pub mod metrics;
 pub mod ready;

@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod health;
 pub mod protocol;
 pub mod replica;
 pub mod server;
@@ -20,5 +21,6 @@ pub mod transport;
 pub use auth::{ClientAuth, ServerKeys, VnodeKey};
 pub use client::{MemClient, ReadTicket, WriteTicket};
 pub use error::ClientError;
+pub use health::{HealthSnapshot, RegionHealth, ReplicaState};
 pub use protocol::{ErrorCode, PAGE_SIZE};
 pub use replica::{ReplicaReadTicket, ReplicatedRegion, Role};
