@@ -6,12 +6,22 @@
 //! other work) and batched (up to [`MAX_BATCH`] pages per frame; longer lists are split and
 //! pipelined). The hot path reuses its buffers: a page read costs one `writev` and, usually,
 //! one `recv`, and allocates nothing.
+//!
+//! Every wait on the server has a deadline set from the measured round trip
+//! ([`vnode_common::deadline`]): the handshake seeds an EWMA of request times, and a reply
+//! that makes no progress within `max(500 ms, 16 x rtt, size allowance)` (at most 8 s) fails
+//! the call with [`ClientError::Timeout`], so a server that stops answering (`kill -STOP`, a
+//! partition) is declared failed instead of hanging the guest.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::time::{Duration, Instant};
 
+use vnode_common::deadline::{self, Rtt};
+
+use crate::auth::ClientAuth;
 use crate::error::ClientError;
-use crate::protocol::{self, ErrorCode, Header, Op, HEADER_LEN, MAX_BATCH, PAGE_SIZE};
+use crate::protocol::{self, ErrorCode, Header, Op, HEADER_LEN, MAX_BATCH, NONCE_LEN, PAGE_SIZE};
 use crate::transport::tcp::TcpConn;
 use crate::transport::Conn;
 
@@ -51,7 +61,6 @@ pub struct WriteTicket {
 enum Expect {
     Done,
     Data(usize),
-    HelloOk,
     /// An `Opened` reply: the region's size, 8 bytes.
     Opened,
 }
@@ -60,6 +69,9 @@ enum Expect {
 struct Pending {
     tag: u64,
     expect: Expect,
+    /// When the request was sent, and the bytes it moves both ways (for its deadline).
+    sent: Instant,
+    bytes: usize,
 }
 
 /// A reply read ahead of its turn (out-of-order completion, or drained to bound the pipeline).
@@ -76,7 +88,7 @@ pub struct MemClient {
     next_tag: u64,
     /// Outgoing frame bytes other than page data.
     scratch: Vec<u8>,
-    /// Incoming bodies that are not page data (errors, HelloOk).
+    /// Incoming bodies that are not page data (errors, handshake frames).
     body: Vec<u8>,
     pending: VecDeque<Pending>,
     stash: Vec<Stashed>,
@@ -84,8 +96,15 @@ pub struct MemClient {
     capacity_pages: u64,
     free_pages: u64,
     /// Kept to open the same session elsewhere (following a migrated region).
-    secret: Vec<u8>,
-    timeout: Option<std::time::Duration>,
+    auth: ClientAuth,
+    /// A fixed timeout set with `set_timeout`, instead of the adaptive deadline.
+    fixed: Option<Option<Duration>>,
+    /// The timeout now set on the socket.
+    armed: Option<Duration>,
+    rtt: Rtt,
+    /// The last reply received: a pipelined request's time is counted from here or its
+    /// sending, whichever is later.
+    last_reply: Instant,
 }
 
 impl std::fmt::Debug for MemClient {
@@ -99,32 +118,23 @@ impl std::fmt::Debug for MemClient {
 }
 
 impl MemClient {
-    /// Connects over TCP and authenticates as `vnode_id` with the shared `secret`.
-    pub fn connect(addr: &str, vnode_id: u64, secret: &[u8]) -> Result<Self, ClientError> {
+    /// Connects over TCP and authenticates (mutually) as `auth` says.
+    /// The connection and the handshake must succeed within [`deadline::HANDSHAKE`] each.
+    pub fn connect(addr: &str, auth: &ClientAuth) -> Result<Self, ClientError> {
         let conn = TcpConn::connect(addr).map_err(|source| ClientError::Connect {
             addr: addr.to_string(),
             source,
         })?;
-        Self::with_conn(Box::new(conn), vnode_id, secret)
+        Self::with_conn(Box::new(conn), auth)
     }
 
     /// Authenticates over an already established connection of any transport.
-    pub fn with_conn(
-        conn: Box<dyn Conn>,
-        vnode_id: u64,
-        secret: &[u8],
-    ) -> Result<Self, ClientError> {
+    pub fn with_conn(conn: Box<dyn Conn>, auth: &ClientAuth) -> Result<Self, ClientError> {
         let addr = conn.peer().to_string();
-        if secret.is_empty() || secret.len() > protocol::MAX_SECRET {
-            return Err(ClientError::BadArgument {
-                addr,
-                what: "secret must be 1..=256 bytes",
-            });
-        }
         let mut c = MemClient {
             conn,
             addr,
-            vnode_id,
+            vnode_id: auth.vnode_id(),
             next_tag: 1,
             scratch: Vec::with_capacity(HEADER_LEN + protocol::BATCH_FIXED + 8 * MAX_BATCH),
             body: Vec::with_capacity(HEADER_LEN + protocol::MAX_ERROR_MSG),
@@ -133,30 +143,122 @@ impl MemClient {
             broken: false,
             capacity_pages: 0,
             free_pages: 0,
-            secret: secret.to_vec(),
-            timeout: None,
+            auth: auth.clone(),
+            fixed: None,
+            armed: None,
+            rtt: Rtt::new(deadline::FLOOR),
+            last_reply: Instant::now(),
         };
-        let tag = c.take_tag();
-        c.scratch.clear();
-        protocol::encode_hello(&mut c.scratch, tag, vnode_id, secret);
-        c.send_scratch(&[], Expect::HelloOk, tag)?;
-        c.wait(tag, &mut [])?;
+        // A server that never sends its challenge (an older vnode-memd waits for the client to
+        // speak first) fails the handshake at this deadline.
+        c.set_socket_timeout(Some(deadline::HANDSHAKE))?;
+        let start = Instant::now();
+        c.handshake()?;
+        // Two round trips: the challenge arrives with the connection, the reply one trip later.
+        c.rtt = Rtt::new(start.elapsed());
         Ok(c)
     }
 
-    /// Bounds how long any call may wait on the server (default: no bound). A server that
-    /// stops answering then fails the call with a transport error (and a [`crate::ReplicatedRegion`]
-    /// fails over) instead of hanging the caller. Leave it off, or generous, around
-    /// `migrate_region`, which waits for the whole copy.
-    pub fn set_timeout(&mut self, timeout: Option<std::time::Duration>) -> Result<(), ClientError> {
-        self.conn
-            .set_timeout(timeout)
-            .map_err(|source| ClientError::Io {
+    /// Challenge, hello, hello-ok: see "Authentication" in `protocol.rs`.
+    fn handshake(&mut self) -> Result<(), ClientError> {
+        self.recv_handshake_frame(Op::Challenge, 0)?;
+        let mut server_nonce = [0u8; NONCE_LEN];
+        server_nonce.copy_from_slice(&self.body);
+        let hello = self
+            .auth
+            .hello(&server_nonce)
+            .map_err(|e| ClientError::Auth {
                 addr: self.addr.clone(),
-                source,
+                what: e.to_string(),
             })?;
-        self.timeout = timeout;
+        let tag = self.take_tag();
+        self.scratch.clear();
+        hello.encode(&mut self.scratch, tag);
+        if let Err(e) = self.conn.send(&mut [IoSlice::new(&self.scratch)]) {
+            return Err(self.io_failed(e));
+        }
+        self.recv_handshake_frame(Op::HelloOk, tag)?;
+        let (cap, free, proof) =
+            protocol::decode_hello_ok(&self.body).map_err(|e| self.protocol_failed(e))?;
+        if !self.auth.server_proved(&server_nonce, &hello, &proof) {
+            self.broken = true;
+            return Err(ClientError::Auth {
+                addr: self.addr.clone(),
+                what: "the server did not prove it holds the cluster key (an impostor, or a \
+                       server started --insecure)"
+                    .into(),
+            });
+        }
+        self.capacity_pages = cap;
+        self.free_pages = free;
         Ok(())
+    }
+
+    /// Reads one handshake frame of kind `want` (its body into `self.body`), or the server's
+    /// `Error`.
+    fn recv_handshake_frame(&mut self, want: Op, tag: u64) -> Result<(), ClientError> {
+        let mut hb = [0u8; HEADER_LEN];
+        if let Err(e) = self.conn.recv_exact(&mut hb) {
+            return Err(self.io_failed(e));
+        }
+        let h = Header::decode(&hb).map_err(|e| self.protocol_failed(e))?;
+        if h.op == Op::Error {
+            return self.recv_small_reply(&h);
+        }
+        if h.op != want || h.tag != tag || h.len != want.max_body() {
+            self.broken = true;
+            return Err(self.unexpected(format!(
+                "{:?} of {} bytes during the handshake, expected {want:?}",
+                h.op, h.len
+            )));
+        }
+        self.body.resize(h.len, 0);
+        if let Err(e) = self.conn.recv_exact(&mut self.body) {
+            return Err(self.io_failed(e));
+        }
+        Ok(())
+    }
+
+    /// The round-trip estimate (handshake, then an EWMA of request times).
+    pub fn rtt(&self) -> Duration {
+        self.rtt.get()
+    }
+
+    fn set_socket_timeout(&mut self, t: Option<Duration>) -> Result<(), ClientError> {
+        if self.armed == t {
+            return Ok(());
+        }
+        self.conn.set_timeout(t).map_err(|source| ClientError::Io {
+            addr: self.addr.clone(),
+            source,
+        })?;
+        self.armed = t;
+        Ok(())
+    }
+
+    /// Sets the socket's timeout for a wait on a request moving `bytes`: the fixed one if set,
+    /// else the adaptive deadline (the syscall is skipped while it changes by under 1/8).
+    fn arm(&mut self, bytes: usize) -> Result<(), ClientError> {
+        let want = match self.fixed {
+            Some(t) => t,
+            None => Some(self.rtt.deadline(bytes)),
+        };
+        let close = match (self.armed, want) {
+            (Some(a), Some(w)) if self.fixed.is_none() => a.abs_diff(w) <= a / 8,
+            _ => false,
+        };
+        if close {
+            return Ok(());
+        }
+        self.set_socket_timeout(want)
+    }
+
+    /// Replaces the adaptive deadline with a fixed bound on how long any call may wait on the
+    /// server (`None`: wait forever). A server that stops answering then fails the call with a
+    /// transport error (and a [`crate::ReplicatedRegion`] fails over).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.fixed = Some(timeout);
+        self.set_socket_timeout(timeout)
     }
 
     /// Busy-polls up to `spin` for each reply before sleeping (default: never). Trades a
@@ -166,11 +268,13 @@ impl MemClient {
         self.conn.set_spin(spin);
     }
 
-    /// Opens a new connection to `addr` (TCP) as the same vNode, with the same secret and
+    /// Opens a new connection to `addr` (TCP) as the same vNode, with the same credential and
     /// timeout: how a client follows a region that moved.
     pub fn connect_like(&self, addr: &str) -> Result<MemClient, ClientError> {
-        let mut c = MemClient::connect(addr, self.vnode_id, &self.secret)?;
-        c.set_timeout(self.timeout)?;
+        let mut c = MemClient::connect(addr, &self.auth)?;
+        if let Some(t) = self.fixed {
+            c.set_timeout(t)?;
+        }
         Ok(c)
     }
 
@@ -207,6 +311,15 @@ impl MemClient {
         Ok(u64::from_le_bytes(size))
     }
 
+    /// Keeps an idle connection open (servers close connections idle past their
+    /// `--idle-timeout`): one round trip, answered `Done`.
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        let tag = self.begin(0)?;
+        protocol::encode_ping(&mut self.scratch, tag);
+        self.send_scratch(&[], Expect::Done, tag)?;
+        self.wait(tag, &mut [])
+    }
+
     /// Frees `region` and its pages.
     pub fn free_region(&mut self, region: u64) -> Result<(), ClientError> {
         let tag = self.begin(8)?;
@@ -217,7 +330,8 @@ impl MemClient {
 
     /// Asks the server to copy `region` to the server at `target` and hand it over. Once this
     /// returns, the region lives on `target` (same vNode id and region number) and the old
-    /// server refuses it with [`ErrorCode::Moved`]; connect to `target` to go on.
+    /// server refuses it with [`ErrorCode::Moved`]; connect to `target` to go on. The reply
+    /// comes after the whole copy: this call waits without a deadline.
     pub fn migrate_region(&mut self, region: u64, target: &str) -> Result<(), ClientError> {
         if target.is_empty() || target.len() > protocol::MAX_ADDR {
             return Err(self.bad("target address must be 1..=256 bytes"));
@@ -225,7 +339,10 @@ impl MemClient {
         let tag = self.begin(10 + target.len())?;
         protocol::encode_migrate(&mut self.scratch, tag, region, target);
         self.send_scratch(&[], Expect::Done, tag)?;
-        self.wait(tag, &mut [])
+        let fixed = self.fixed.replace(None);
+        let r = self.wait(tag, &mut []);
+        self.fixed = fixed;
+        r
     }
 
     /// Reads `pages` of `region` into `out` (`out.len() == 4096 * pages.len()`, in order).
@@ -378,6 +495,12 @@ impl MemClient {
     }
 
     fn send_scratch(&mut self, data: &[u8], expect: Expect, tag: u64) -> Result<(), ClientError> {
+        let reply = match expect {
+            Expect::Data(n) => n * PAGE_SIZE,
+            _ => 0,
+        };
+        let bytes = self.scratch.len() + data.len() + reply;
+        self.arm(bytes)?;
         let r = if data.is_empty() {
             self.conn.send(&mut [IoSlice::new(&self.scratch)])
         } else {
@@ -387,7 +510,12 @@ impl MemClient {
         if let Err(e) = r {
             return Err(self.io_failed(e));
         }
-        self.pending.push_back(Pending { tag, expect });
+        self.pending.push_back(Pending {
+            tag,
+            expect,
+            sent: Instant::now(),
+            bytes,
+        });
         Ok(())
     }
 
@@ -398,7 +526,10 @@ impl MemClient {
             io::ErrorKind::UnexpectedEof
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::BrokenPipe => ClientError::Closed { addr },
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout { addr },
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout {
+                addr,
+                after_ms: self.armed.map_or(0, |d| d.as_millis() as u64),
+            },
             _ => ClientError::Io { addr, source: e },
         }
     }
@@ -458,10 +589,14 @@ impl MemClient {
                 addr: self.addr.clone(),
             });
         }
+        self.arm(p.bytes)?;
         let mut hb = [0u8; HEADER_LEN];
         if let Err(e) = self.conn.recv_exact(&mut hb) {
             return Err(self.io_failed(e));
         }
+        let now = Instant::now();
+        self.rtt.observe(now - p.sent.max(self.last_reply));
+        self.last_reply = now;
         let h = Header::decode(&hb).map_err(|e| self.protocol_failed(e))?;
         if h.tag != p.tag {
             self.broken = true;
@@ -481,7 +616,7 @@ impl MemClient {
                 }
                 Ok(())
             }
-            (Op::HelloOk, Expect::HelloOk) | (Op::Error, _) => self.recv_small_reply(&h),
+            (Op::Error, _) => self.recv_small_reply(&h),
             (op, expect) => {
                 self.broken = true;
                 Err(self.unexpected(format!("{op:?} of {} bytes, expected {expect:?}", h.len)))
@@ -489,28 +624,17 @@ impl MemClient {
         }
     }
 
-    /// Reads and acts on a `HelloOk` or `Error` body (bounded by the header check).
+    /// Reads an `Error` body (bounded by the header check) and returns it as the error.
     fn recv_small_reply(&mut self, h: &Header) -> Result<(), ClientError> {
         self.body.resize(h.len, 0);
         let mut body = std::mem::take(&mut self.body);
         let r = self.conn.recv_exact(&mut body);
-        let parsed = r.map(|()| {
-            if h.op == Op::Error {
-                protocol::decode_error(&body).map(Err)
-            } else {
-                protocol::decode_hello_ok(&body).map(Ok)
-            }
-        });
+        let parsed = r.map(|()| protocol::decode_error(&body));
         self.body = body;
         match parsed {
             Err(e) => Err(self.io_failed(e)),
             Ok(Err(source)) => Err(self.protocol_failed(source)),
-            Ok(Ok(Ok((cap, free)))) => {
-                self.capacity_pages = cap;
-                self.free_pages = free;
-                Ok(())
-            }
-            Ok(Ok(Err((code, msg)))) => Err(ClientError::Refused {
+            Ok(Ok((code, msg))) => Err(ClientError::Refused {
                 addr: self.addr.clone(),
                 code,
                 msg,
@@ -537,14 +661,10 @@ impl MemClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::encode_hello_ok;
 
     fn client(replies: Vec<u8>) -> Result<MemClient, ClientError> {
-        let mut all = Vec::new();
-        encode_hello_ok(&mut all, 1, 100, 50);
-        all.extend_from_slice(&replies);
-        let conn = crate::transport::Scripted::new(all, "mock:1");
-        MemClient::with_conn(Box::new(conn), 7, b"secret")
+        let conn = crate::transport::Scripted::after_insecure_handshake(&replies, "mock:1");
+        MemClient::with_conn(Box::new(conn), &ClientAuth::insecure(7))
     }
 
     fn data_reply(tag: u64, pages: usize, byte: u8) -> Vec<u8> {

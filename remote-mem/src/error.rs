@@ -23,8 +23,8 @@ pub enum ClientError {
     },
     #[error("memory server {addr}: connection closed by the server")]
     Closed { addr: String },
-    #[error("memory server {addr}: no reply within the timeout")]
-    Timeout { addr: String },
+    #[error("memory server {addr}: no reply within its {after_ms} ms deadline: server failed")]
+    Timeout { addr: String, after_ms: u64 },
     #[error("memory server {addr}: connection unusable after an earlier failure")]
     Poisoned { addr: String },
     #[error("memory server {addr}: {code}: {msg}")]
@@ -41,6 +41,8 @@ pub enum ClientError {
     },
     #[error("memory server {addr}: unexpected reply: {what}")]
     UnexpectedReply { addr: String, what: String },
+    #[error("memory server {addr}: authentication failed: {what}")]
+    Auth { addr: String, what: String },
     #[error("memory server {addr}: bad request: {what}")]
     BadArgument { addr: String, what: &'static str },
     /// Both replicas of a region failed; each string is that failure with its causes.
@@ -74,6 +76,12 @@ impl ClientError {
         }
     }
 
+    /// True when a replica should be dropped: its connection failed, or its server could not
+    /// do the request (an internal error, such as a page its memory log found damaged).
+    pub fn replica_failed(&self) -> bool {
+        self.is_transport() || self.code() == Some(ErrorCode::Internal)
+    }
+
     /// True when the connection itself failed (as opposed to a refused request): the server
     /// is gone or not speaking the protocol, so a replica should be failed over.
     pub fn is_transport(&self) -> bool {
@@ -85,7 +93,9 @@ impl ClientError {
             | ClientError::Poisoned { .. }
             | ClientError::Protocol { .. }
             | ClientError::UnexpectedReply { .. } => true,
-            ClientError::Refused { .. } | ClientError::BadArgument { .. } => false,
+            ClientError::Refused { .. }
+            | ClientError::BadArgument { .. }
+            | ClientError::Auth { .. } => false,
             ClientError::BothFailed { .. } => true,
         }
     }

@@ -51,11 +51,12 @@ pub fn spin_until_readable(s: &TcpStream, limit: Duration) -> bool {
 }
 
 impl TcpConn {
-    /// Connects to `addr`.
+    /// Connects to `addr`, giving up after [`vnode_common::deadline::HANDSHAKE`] (an
+    /// unreachable host would otherwise hold the caller for the kernel's SYN retries, minutes).
     pub fn connect(addr: &str) -> io::Result<TcpConn> {
         let mut last = io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing");
         for sa in addr.to_socket_addrs()? {
-            match TcpStream::connect(sa) {
+            match TcpStream::connect_timeout(&sa, vnode_common::deadline::HANDSHAKE) {
                 Ok(s) => return TcpConn::from_stream(s, addr.to_string()),
                 Err(e) => last = e,
             }
@@ -101,6 +102,24 @@ impl Conn for TcpConn {
             }
         }
         self.reader.read_exact(buf)
+    }
+
+    fn recv_exact_by(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.writer.set_read_timeout(Some(left))?;
+            match self.reader.read(&mut buf[filled..]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn set_spin(&mut self, spin: Option<Duration>) {

@@ -336,6 +336,52 @@ impl super::Vm {
     }
 }
 
+/// A second handle on a vCPU whose thread owns the [`super::Vcpu`], to save its state while
+/// that thread is parked (the VM paused). KVM serializes vCPU ioctls on its own lock, and a
+/// parked vCPU is not in KVM_RUN, so reading its state from another thread is safe.
+pub struct VcpuStateHandle {
+    fd: VcpuFd,
+    index: u32,
+}
+
+impl VcpuStateHandle {
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Saves the vCPU (the VM is paused and its pending I/O completed: see `Vcpu::run`).
+    pub fn save_state(
+        &self,
+        msr_list: &[u32],
+        skipped: &mut Skipped,
+    ) -> Result<VcpuState, KvmError> {
+        save_vcpu(&self.fd, self.index, msr_list, skipped)
+    }
+}
+
+impl super::Vm {
+    /// A state handle on `vcpu` (a duplicate of its descriptor).
+    pub fn state_handle(&self, vcpu: &super::Vcpu) -> Result<VcpuStateHandle, KvmError> {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: dup of a descriptor this process owns; the result is checked below.
+        let fd = unsafe { libc::dup(vcpu.fd.as_raw_fd()) };
+        if fd < 0 {
+            return Err(KvmError::Ioctl {
+                op: "dup of a vCPU descriptor",
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+        // SAFETY: `fd` is a fresh duplicate nothing else owns; VcpuFd takes it over (and maps
+        // its own view of the vCPU's run structure, which this handle never uses).
+        let fd = unsafe { self.fd.create_vcpu_from_rawfd(fd) }
+            .map_err(ioctl_err("mapping a vCPU's run structure"))?;
+        Ok(VcpuStateHandle {
+            fd,
+            index: vcpu.index(),
+        })
+    }
+}
+
 impl super::Vcpu {
     /// Saves this vCPU (not in KVM_RUN: the VM is paused).
     pub fn save_state(
@@ -388,6 +434,10 @@ mod tests {
         vcpu
     }
 
+    fn list_for_thread() -> Vec<u32> {
+        vm().msr_index_list().expect("msr list")
+    }
+
     #[test]
     fn vcpu_and_vm_state_move_into_a_new_vm() {
         let vm1 = vm();
@@ -403,6 +453,16 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
         let saved_vm: VmState =
             serde_json::from_str(&serde_json::to_string(&saved_vm).unwrap()).unwrap();
+
+        let handle = vm1.state_handle(&vcpu1).expect("state handle");
+        let from_handle = std::thread::spawn(move || {
+            handle.save_state(&list_for_thread(), &mut Skipped::default())
+        })
+        .join()
+        .unwrap()
+        .expect("save through the handle, from another thread");
+        assert_eq!(json(&from_handle.regs), json(&saved.regs));
+        assert_eq!(json(&from_handle.lapic), json(&saved.lapic));
 
         let vm2 = vm();
         let vcpu2 = vm2.create_vcpu(0).expect("vcpu");

@@ -17,6 +17,9 @@ use fault::{ExCacheStats, FaultError, FaultServer, EXCACHE_STATS};
 use source::{LocalSource, PageSource, RemoteSource, SourceError};
 use uffd::{GuestUffd, UffdError, PAGE};
 
+/// This process's vNode id, once remote memory is set up (for the stats).
+pub static VNODE_ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 /// Where remote guest RAM lives and how much of it may be resident here.
 #[derive(Clone, Debug)]
 pub struct RemoteMemConfig {
@@ -28,8 +31,8 @@ pub struct RemoteMemConfig {
     pub policy: Policy,
     /// Largest prefetch window in pages (0 turns prefetching off).
     pub prefetch_max: u32,
-    pub vnode_id: u64,
-    pub secret: Vec<u8>,
+    /// Who this vNode is to its memory servers, and the credential it proves that with.
+    pub auth: remote_mem::ClientAuth,
     /// The fault thread busy-polls its userfaultfd instead of sleeping.
     pub spin: bool,
 }
@@ -86,15 +89,27 @@ pub fn remote_memory(
     cfg: &RemoteMemConfig,
     vm_stop: &StopSignal,
 ) -> Result<RemoteMemory, RemoteMemError> {
+    remote_memory_with(mem_size, cfg, vm_stop, false)
+}
+
+/// As [`remote_memory`], but with `attach` guest RAM is the region an earlier VMM of this vNode
+/// left on the servers (a restore): opened, not allocated, and every page fetched from there.
+pub fn remote_memory_with(
+    mem_size: u64,
+    cfg: &RemoteMemConfig,
+    vm_stop: &StopSignal,
+    attach: bool,
+) -> Result<RemoteMemory, RemoteMemError> {
     if cfg.local_mem < (1 << 20) || cfg.local_mem > mem_size {
         return Err(RemoteMemError::LocalMem(cfg.local_mem));
     }
     let pages = (mem_size as usize) / PAGE;
+    let _ = VNODE_ID.set(cfg.auth.vnode_id());
     let source: Box<dyn PageSource> = if cfg.servers.len() == 1 && cfg.servers[0] == "local" {
         Box::new(LocalSource::new(pages))
     } else {
         Box::new(
-            RemoteSource::connect(&cfg.servers, cfg.vnode_id, &cfg.secret, pages as u64)
+            RemoteSource::connect(&cfg.servers, &cfg.auth, pages as u64, attach)
                 .map_err(RemoteMemError::Connect)?,
         )
     };
@@ -150,7 +165,13 @@ pub fn remote_memory(
     let server = FaultServer::new(
         uffd,
         base,
-        ExCache::new(pages, limit, cfg.policy),
+        {
+            let mut cache = ExCache::new(pages, limit, cfg.policy);
+            if attach {
+                cache.assume_all_on_server();
+            }
+            cache
+        },
         Prefetcher::new(4.min(cfg.prefetch_max), cfg.prefetch_max),
         source,
         stats.clone(),
