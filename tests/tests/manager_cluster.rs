@@ -56,6 +56,7 @@ fn usage_zero(hosts: &Value) -> bool {
 }
 
 #[test]
+#[ignore = "needs `vnode run --api-socket` (the control API server), not on main yet"]
 fn three_hosts_two_vnodes_manager_restart_and_cleanup() {
     let c = Cluster::up(
         "mgr-e2e",
@@ -184,6 +185,7 @@ fn three_hosts_two_vnodes_manager_restart_and_cleanup() {
 }
 
 #[test]
+#[ignore = "needs `vnode run --api-socket` (the control API server), not on main yet"]
 fn killed_vmm_is_reclaimed_and_a_restarted_agent_finds_its_vnode() {
     let c = Cluster::up("mgr-reclaim", &["--mem-capacity", "512M"]);
     let d = c.d();

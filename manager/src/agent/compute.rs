@@ -228,7 +228,7 @@ impl Compute {
             a.mem_servers.join(","),
             "--local-mem".into(),
             s.local_mem.0.to_string(),
-            "--mem-secret-file".into(),
+            "--mem-credential-file".into(),
             dir.join("mem.cred").display().to_string(),
         ];
         if let Some(d) = &a.disk {
