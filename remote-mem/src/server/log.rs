@@ -16,7 +16,7 @@
 //! Recovery checks every record and reports torn records and damaged pages (in the log and in
 //! [`LoggedRegion::recovery`]). Why two slots per page rather than an append-only log: the VMM
 //! writes the same pages over and over (every eviction of a hot page), so a log would grow
-//! without bound and need compaction; two slots bound the file at twice the region (sparse)
+//! without bound and need compaction; two slots bound the file at twice the region
 //! and keep the previous version of every page until its replacement is complete. A region's
 //! creation is made atomic by creating it under a temporary name and renaming it.
 
@@ -41,6 +41,14 @@ pub enum LogError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error(
+        "memory log {path}: no room for {bytes} bytes in the data directory ({available} bytes available)"
+    )]
+    NoSpace {
+        path: PathBuf,
+        bytes: u64,
+        available: u64,
     },
     #[error("memory log {path}: cannot remove region file")]
     Remove {
@@ -137,7 +145,7 @@ impl MemLog {
         self.dir.join(format!("{vnode:016x}-{region:016x}.mlog"))
     }
 
-    /// Creates the (sparse) file of a new region, formatted and mapped.
+    /// Creates the file of a new region (its blocks reserved), formatted and mapped.
     pub fn create(&self, vnode: u64, region: u64, pages: u64) -> Result<PageFile, LogError> {
         let path = self.path(vnode, region);
         let tmp = path.with_extension("tmp");
@@ -155,6 +163,19 @@ impl MemLog {
             .open(&tmp)
             .map_err(create_err)?;
         file.set_len(len).map_err(create_err)?;
+        // Reserve the blocks now: a sparse file that later cannot grow would turn a page write
+        // into SIGBUS for the whole server.
+        if let Err(e) = reserve(&file, &self.dir, len) {
+            let _ = fs::remove_file(&tmp);
+            return Err(match e {
+                Reserve::NoSpace(available) => LogError::NoSpace {
+                    path,
+                    bytes: len,
+                    available,
+                },
+                Reserve::Io(source) => LogError::Create { path, source },
+            });
+        }
         let pf = PageFile::create(file, pages).map_err(|source| LogError::Map {
             path: path.clone(),
             source,
@@ -203,6 +224,48 @@ fn report(path: &Path, r: &Recovery) {
             damaged = r.damaged.len(),
             "memory log recovery found bad records"
         );
+    }
+}
+
+enum Reserve {
+    NoSpace(u64),
+    Io(io::Error),
+}
+
+/// Bytes the unprivileged user can still write in the filesystem holding `dir`.
+pub fn available_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` points at a statvfs the call fills.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the struct.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Allocates `len` bytes of `file`'s blocks (fallocate); where the filesystem cannot, checks
+/// that the free space could hold them.
+fn reserve(file: &File, dir: &Path, len: u64) -> Result<(), Reserve> {
+    use std::os::fd::AsRawFd;
+    let Ok(off_len) = libc::off_t::try_from(len) else {
+        return Err(Reserve::Io(io::ErrorKind::InvalidInput.into()));
+    };
+    // SAFETY: `file` is open for writing for the duration of the call; no memory is passed.
+    let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, off_len) };
+    let available = || available_bytes(dir).unwrap_or(0);
+    match r {
+        0 => Ok(()),
+        libc::ENOSPC | libc::EFBIG => Err(Reserve::NoSpace(available())),
+        libc::EOPNOTSUPP | libc::EINVAL => match available_bytes(dir) {
+            Ok(a) if a >= len => Ok(()),
+            Ok(a) => Err(Reserve::NoSpace(a)),
+            Err(e) => Err(Reserve::Io(e)),
+        },
+        e => Err(Reserve::Io(io::Error::from_raw_os_error(e))),
     }
 }
 
