@@ -96,6 +96,11 @@ impl ReplicatedRegion {
         self.on_both(|c| c.alloc_region(region, pages))
     }
 
+    /// Pings both servers, so an idle region's connections outlive the servers' idle timeout.
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        self.on_both(MemClient::ping)
+    }
+
     /// Frees the region on both servers.
     pub fn free(&mut self) -> Result<(), ClientError> {
         let region = self.region;

@@ -118,5 +118,8 @@ pub fn stats_json() -> String {
     let excache = crate::memory::fault::EXCACHE_STATS
         .get()
         .map(|s| s.to_json());
-    serde_json::json!({ "vmm": &METRICS, "excache": excache }).to_string()
+    let vnode_id = crate::memory::VNODE_ID
+        .get()
+        .map(|id| format!("{id:#018x}"));
+    serde_json::json!({ "vmm": &METRICS, "vnode_id": vnode_id, "excache": excache }).to_string()
 }

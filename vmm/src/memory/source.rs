@@ -3,7 +3,7 @@
 //! keeps pages in this process, so the fault path can be measured without a network (the
 //! platform's userfaultfd floor) and tested without servers.
 
-use remote_mem::{ClientError, MemClient, ReplicatedRegion};
+use remote_mem::{ClientAuth, ClientError, MemClient, ReplicatedRegion};
 
 use super::uffd::PAGE;
 
@@ -28,6 +28,11 @@ pub trait PageSource: Send {
     /// The guest is gone: give its pages back (free the region on the servers). Not called when
     /// the VMM dies, so a crash leaves the pages where they are.
     fn release(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+    /// Nothing has been asked of the source for a while: keep its connections open (memory
+    /// servers close connections idle past their `--idle-timeout`).
+    fn keepalive(&mut self) -> Result<(), SourceError> {
         Ok(())
     }
 }
@@ -88,13 +93,12 @@ impl RemoteSource {
     /// Connects to `servers` (one, or primary then backup) and allocates `pages` pages.
     pub fn connect(
         servers: &[String],
-        vnode_id: u64,
-        secret: &[u8],
+        auth: &ClientAuth,
         pages: u64,
     ) -> Result<Self, SourceError> {
         let mut clients = Vec::with_capacity(servers.len());
         for s in servers {
-            clients.push(MemClient::connect(s, vnode_id, secret)?);
+            clients.push(MemClient::connect(s, auth)?);
         }
         let mut src = match clients.len() {
             1 => RemoteSource::Single(Box::new(clients.pop().expect("one client"))),
@@ -148,6 +152,14 @@ impl PageSource for RemoteSource {
         match self {
             RemoteSource::Single(c) => c.free_region(GUEST_RAM_REGION)?,
             RemoteSource::Replicated(r) => r.free()?,
+        }
+        Ok(())
+    }
+
+    fn keepalive(&mut self) -> Result<(), SourceError> {
+        match self {
+            RemoteSource::Single(c) => c.ping()?,
+            RemoteSource::Replicated(r) => r.ping()?,
         }
         Ok(())
     }
