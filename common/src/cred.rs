@@ -194,7 +194,12 @@ mod tests {
         assert!(check_proof(&c, b"client", &[b"n1", b"n2"], &p));
         assert!(!check_proof(&c, b"server", &[b"n1", b"n2"], &p));
         assert!(!check_proof(&c, b"client", &[b"n1", b"n3"], &p));
-        assert!(!check_proof(&mem_credential(&key(), 8), b"client", &[b"n1", b"n2"], &p));
+        assert!(!check_proof(
+            &mem_credential(&key(), 8),
+            b"client",
+            &[b"n1", b"n2"],
+            &p
+        ));
         assert!(!check_proof(&c, b"client", &[b"n1", b"n2"], &p[..31]));
         assert_ne!(nonce().unwrap(), nonce().unwrap());
         assert_ne!(random_id().unwrap(), 0);

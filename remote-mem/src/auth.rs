@@ -117,11 +117,7 @@ impl ServerKeys {
     }
 
     /// Checks a `Hello`; on success returns the server's proof for the `HelloOk`.
-    pub fn check(
-        &self,
-        server_nonce: &[u8; NONCE_LEN],
-        hello: &Hello,
-    ) -> Option<[u8; PROOF_LEN]> {
+    pub fn check(&self, server_nonce: &[u8; NONCE_LEN], hello: &Hello) -> Option<[u8; PROOF_LEN]> {
         let Some((cluster, server)) = &self.cluster else {
             return Some([0; PROOF_LEN]);
         };
@@ -129,7 +125,12 @@ impl ServerKeys {
             AuthRole::Vnode => cred::mem_credential(cluster, hello.vnode_id),
             AuthRole::Server => server.clone(),
         };
-        let parts = proof_parts(server_nonce, &hello.client_nonce, hello.vnode_id, hello.role);
+        let parts = proof_parts(
+            server_nonce,
+            &hello.client_nonce,
+            hello.vnode_id,
+            hello.role,
+        );
         if !cred::check_proof(&key, CLIENT_PROOF_LABEL, &[&parts], &hello.proof) {
             return None;
         }

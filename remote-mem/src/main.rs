@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use vnode_common::secret::{self, Secret};
 use remote_mem::server::{Server, ServerConfig};
 use remote_mem::transport::rdma;
 use remote_mem::PAGE_SIZE;
+use vnode_common::secret::{self, Secret};
 
 const SECRET_ENV: &str = vnode_common::CLUSTER_KEY_ENV;
 
@@ -115,17 +115,24 @@ fn parse_region(s: &str) -> Result<(u64, u64), String> {
 
 /// `vnode-memd migrate`: asks `server` to migrate the region, authenticated as a memory server
 /// (role 1) with the servers' credential derived from the cluster key.
-fn run_migrate(server: &str, region: (u64, u64), to: &str, secret_file: Option<&Path>) -> Result<()> {
+fn run_migrate(
+    server: &str,
+    region: (u64, u64),
+    to: &str,
+    secret_file: Option<&Path>,
+) -> Result<()> {
     let Some(key) = secret::load(secret_file, SECRET_ENV)? else {
         bail!("no cluster key: give --secret-file PATH or set {SECRET_ENV}");
     };
     let (vnode, region) = region;
-    let auth = remote_mem::ClientAuth::server(vnode, vnode_common::cred::mem_server_credential(&key));
+    let auth =
+        remote_mem::ClientAuth::server(vnode, vnode_common::cred::mem_server_credential(&key));
     let mut c = remote_mem::MemClient::connect(server, &auth)
         .with_context(|| format!("cannot reach memory server {server}"))?;
     let t = std::time::Instant::now();
-    c.migrate_region(region, to)
-        .with_context(|| format!("migration of region {vnode:#x}:{region} from {server} to {to} failed"))?;
+    c.migrate_region(region, to).with_context(|| {
+        format!("migration of region {vnode:#x}:{region} from {server} to {to} failed")
+    })?;
     println!(
         "region {vnode:#x}:{region} migrated from {server} to {to} in {:.3} s",
         t.elapsed().as_secs_f64()

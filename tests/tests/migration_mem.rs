@@ -35,6 +35,11 @@ struct Guest {
 impl Guest {
     /// 32 MiB of working set through an 8 MiB ExCache, half the accesses writes.
     fn start(servers: &str, vnode: u64) -> Guest {
+        Self::start_passes(servers, vnode, 3)
+    }
+
+    /// The same guest, with `passes` passes over its working set (3 take ~10 s here).
+    fn start_passes(servers: &str, vnode: u64, passes: u32) -> Guest {
         let dir = temp_dir("mig-guest");
         let serial = dir.join("serial.out");
         let stderr = dir.join("vnode.stderr");
@@ -42,7 +47,7 @@ impl Guest {
         let mut cmd = vnode_testguest(
             "64M",
             1,
-            "test=mem bytes=32M pattern=random seed=21 writes=50 passes=3",
+            &format!("test=mem bytes=32M pattern=random seed=21 writes=50 passes={passes}"),
             &[
                 "--mem-server",
                 servers,
@@ -181,7 +186,11 @@ fn guest_ram_migrates_live_between_servers_without_a_backup() {
     let f = g.finish();
     assert_ok(&f, "unreplicated");
     // It followed its RAM to b: it freed it there when it exited.
-    assert_eq!(held(&b.addr), 0, "the guest freed its RAM on the new server");
+    assert_eq!(
+        held(&b.addr),
+        0,
+        "the guest freed its RAM on the new server"
+    );
     assert!(a.stderr().contains("region migrated"), "{}", a.stderr());
 }
 
@@ -237,17 +246,31 @@ fn crash_at(step: &str, victim: Victim) {
     let what = format!("{victim:?} killed at {step}");
     // Who owns the migrating replica now: exactly one of a and b (among those alive).
     let on = |m: &Memd, alive: bool| if alive { held(&m.addr) } else { 0 };
-    let (on_a, on_b) = (on(&a, victim != Victim::Source), on(&b, victim != Victim::Target));
+    let (on_a, on_b) = (
+        on(&a, victim != Victim::Source),
+        on(&b, victim != Victim::Target),
+    );
     match victim {
         Victim::Source => {
-            assert!(!migrated, "{what}: the operator is told the migration failed");
+            assert!(
+                !migrated,
+                "{what}: the operator is told the migration failed"
+            );
             // Before the commit the target drops its incoming copy; after it, the target owns
             // the region.
-            let want = if step == "after-switch" { GUEST_PAGES } else { 0 };
+            let want = if step == "after-switch" {
+                GUEST_PAGES
+            } else {
+                0
+            };
             assert_eq!(on_b, want, "{what}: target holds {on_b} pages");
         }
         Victim::Target => {
-            let want = if step == "after-switch" { 0 } else { GUEST_PAGES };
+            let want = if step == "after-switch" {
+                0
+            } else {
+                GUEST_PAGES
+            };
             assert_eq!(migrated, step == "after-switch", "{what}");
             assert_eq!(on_a, want, "{what}: source holds {on_a} pages");
         }
@@ -276,7 +299,10 @@ fn crash_at(step: &str, victim: Victim) {
 fn wait_file(p: &Path) {
     let t = Instant::now();
     while !p.exists() {
-        assert!(t.elapsed() < DEADLINE, "migration never reached its pause point");
+        assert!(
+            t.elapsed() < DEADLINE,
+            "migration never reached its pause point"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -314,7 +340,7 @@ fn a_failed_migration_can_be_retried_and_a_silent_target_times_out() {
     let a = server(&[]);
     let b = server(&[]);
     let vnode = 0x53;
-    let mut g = Guest::start(&a.addr, vnode);
+    let mut g = Guest::start_passes(&a.addr, vnode, 15);
     // A target that accepts TCP but never speaks: the migration fails within the handshake
     // timeout, and the region is served all along.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -336,10 +362,12 @@ fn a_failed_migration_can_be_retried_and_a_silent_target_times_out() {
     let mut cmd = migrate_cmd(&a.addr, vnode, &b_addr);
     // Kill the target as soon as the incoming copy exists on its disk.
     let t = Instant::now();
-    while !std::fs::read_dir(&dir)
-        .expect("read data dir")
-        .any(|e| e.expect("entry").file_name().to_string_lossy().ends_with(".incoming"))
-    {
+    while !std::fs::read_dir(&dir).expect("read data dir").any(|e| {
+        e.expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".incoming")
+    }) {
         assert!(t.elapsed() < DEADLINE, "no incoming file appeared");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -354,4 +382,17 @@ fn a_failed_migration_can_be_retried_and_a_silent_target_times_out() {
     assert_eq!(held(&b.addr), GUEST_PAGES);
     let f = g.finish();
     assert_ok(&f, "after a failed migration and a retry");
+}
+
+#[test]
+fn only_servers_may_push_a_region_in() {
+    let a = server(&[]);
+    let mut c = MemClient::connect(&a.addr, &auth(0x54)).expect("connect as the vNode");
+    let e = c
+        .migrate_in(0, 16)
+        .expect_err("a vNode cannot create incoming regions");
+    assert_eq!(e.code(), Some(remote_mem::ErrorCode::Auth), "{e}");
+    let e = c.commit_region(0).expect_err("nor commit one");
+    assert_eq!(e.code(), Some(remote_mem::ErrorCode::Auth), "{e}");
+    assert_eq!(held(&a.addr), 0);
 }

@@ -22,12 +22,7 @@ impl Memd {
 
     fn with_capacity(capacity: &str) -> Memd {
         let mut child = Command::new(bin("vnode-memd"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--capacity",
-                capacity,
-            ])
+            .args(["--listen", "127.0.0.1:0", "--capacity", capacity])
             .env("VNODE_SECRET", "test-secret")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -127,9 +127,9 @@ fn mem_auth(args: &RunArgs, local: bool) -> anyhow::Result<remote_mem::ClientAut
     use vnode_common::{cred::Credential, secret};
     let cred = Credential::load(args.mem_credential_file.as_deref(), MEM_CREDENTIAL_ENV)?;
     if let Some(cred) = cred {
-        let id = args.vnode_id.context(
-            "a memory credential is bound to one vNode id: give --vnode-id with it",
-        )?;
+        let id = args
+            .vnode_id
+            .context("a memory credential is bound to one vNode id: give --vnode-id with it")?;
         return Ok(remote_mem::ClientAuth::vnode(id, cred));
     }
     let id = match args.vnode_id {

@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand};
 use vnode_common::{cred, secret, CLUSTER_KEY_ENV};
 
 #[derive(Debug, Parser)]
-#[command(name = "vnode-cred", version, about = "Derive a vNode credential from the cluster key")]
+#[command(
+    name = "vnode-cred",
+    version,
+    about = "Derive a vNode credential from the cluster key"
+)]
 struct Args {
     /// File holding the cluster key (else $VNODE_SECRET).
     #[arg(long, global = true)]

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use remote_mem::server::{Server, ServerConfig};
-use remote_mem::ClientAuth;
-use vnode_common::secret::Secret;
 use remote_mem::transport::tcp::spin_until_readable;
+use remote_mem::ClientAuth;
 use remote_mem::{MemClient, PAGE_SIZE};
+use vnode_common::secret::Secret;
 
 const SECRET: &[u8] = b"bench-secret";
 

@@ -2,9 +2,9 @@
 //! in `protocol.rs`). Buffers are per connection and reused, so a steady stream of page reads
 //! and writes allocates nothing.
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::net::TcpStream;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,8 +12,8 @@ use super::metrics::Metrics;
 use super::store::{Region, StoreError};
 use super::Shared;
 use crate::protocol::{
-    self, AuthRole, ErrorCode, Header, Op, PageList, ProtocolError, Request, HEADER_LEN,
-    PAGE_SIZE, VERSION,
+    self, AuthRole, ErrorCode, Header, Op, PageList, ProtocolError, Request, HEADER_LEN, PAGE_SIZE,
+    VERSION,
 };
 use crate::transport::Conn;
 
@@ -62,7 +62,12 @@ pub(super) fn serve<C: Conn>(conn: C, shared: &Shared) {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             tracing::debug!(%peer, "connection closed")
         }
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
             Metrics::add(&shared.metrics.timeouts, 1);
             tracing::debug!(%peer, "connection timed out (handshake deadline or idle timeout)")
         }
@@ -98,7 +103,8 @@ impl<C: Conn> ConnState<'_, C> {
         let nonce = vnode_common::cred::nonce().map_err(io::Error::other)?;
         self.out.clear();
         protocol::encode_challenge(&mut self.out, &nonce);
-        self.conn.set_timeout(Some(self.shared.cfg.handshake_timeout))?;
+        self.conn
+            .set_timeout(Some(self.shared.cfg.handshake_timeout))?;
         self.conn.send(&mut [IoSlice::new(&self.out)])?;
         let mut hb = [0u8; HEADER_LEN];
         self.conn.recv_exact_by(&mut hb, deadline)?;
@@ -286,7 +292,13 @@ impl<C: Conn> ConnState<'_, C> {
             return Err(StoreError::Migrating { region });
         }
         let r = self.shared.store.alloc_incoming(vnode, region, pages)?;
-        tracing::info!(peer = self.conn.peer(), vnode, region, pages, "region migrating in");
+        tracing::info!(
+            peer = self.conn.peer(),
+            vnode,
+            region,
+            pages,
+            "region migrating in"
+        );
         self.incoming.insert(region, r);
         Ok(())
     }
@@ -305,7 +317,12 @@ impl<C: Conn> ConnState<'_, C> {
             store.abort_incoming(vnode, r);
             return Err(e);
         }
-        tracing::info!(peer = self.conn.peer(), vnode, region, "migrated region committed here");
+        tracing::info!(
+            peer = self.conn.peer(),
+            vnode,
+            region,
+            "migrated region committed here"
+        );
         Ok(())
     }
 }

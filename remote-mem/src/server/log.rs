@@ -143,7 +143,12 @@ impl MemLog {
 
     /// Creates the file of a region migrating in: ignored (and deleted) at the next start
     /// until [`MemLog::commit_incoming`] gives it its real name.
-    pub fn create_incoming(&self, vnode: u64, region: u64, pages: u64) -> Result<Mapping, LogError> {
+    pub fn create_incoming(
+        &self,
+        vnode: u64,
+        region: u64,
+        pages: u64,
+    ) -> Result<Mapping, LogError> {
         self.create_at(self.incoming_path(vnode, region), pages)
     }
 

@@ -68,7 +68,13 @@ pub(super) fn migrate_out(
     let store = &shared.store;
     let r = store.region(vnode, region)?;
     r.start_tracking()?;
-    tracing::info!(vnode, region, target, pages = r.pages, "live migration starting");
+    tracing::info!(
+        vnode,
+        region,
+        target,
+        pages = r.pages,
+        "live migration starting"
+    );
     let t0 = Instant::now();
     let report = match copy_and_switch(shared, &r, vnode, target) {
         Ok(rep) => rep,
@@ -268,9 +274,16 @@ fn free_on_target(shared: &Shared, vnode: u64, region: u64, target: &str) {
     let freed = connect_target(shared, vnode, target)
         .and_then(|mut c| c.free_region(region).map_err(MigrateError::from));
     match freed {
-        Ok(()) => tracing::warn!(vnode, region, target, "freed the target's copy of a migration that did not finish"),
+        Ok(()) => tracing::warn!(
+            vnode,
+            region,
+            target,
+            "freed the target's copy of a migration that did not finish"
+        ),
         Err(MigrateError::Client(e)) if e.code() == Some(crate::protocol::ErrorCode::NoRegion) => {}
-        Err(e) => tracing::error!(vnode, region, target, error = %e, "cannot free the target's copy of a migration that did not finish: it may hold an orphan"),
+        Err(e) => {
+            tracing::error!(vnode, region, target, error = %e, "cannot free the target's copy of a migration that did not finish: it may hold an orphan")
+        }
     }
 }
 
@@ -294,7 +307,11 @@ fn test_pause(step: &str) {
         tracing::warn!(error = %e, file, "test hook cannot write its pause file");
         return;
     }
-    tracing::warn!(step, file, "test hook: migration paused until the pause file is removed");
+    tracing::warn!(
+        step,
+        file,
+        "test hook: migration paused until the pause file is removed"
+    );
     let t = Instant::now();
     while path.exists() && t.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(5));

@@ -9,10 +9,10 @@
 //! by side.
 
 mod conn;
-mod migrate;
 pub mod log;
 pub mod mapping;
 pub mod metrics;
+mod migrate;
 pub mod store;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -119,8 +119,13 @@ impl Server {
             regions_per_vnode: cfg.max_regions_per_vnode,
             pages_per_vnode: cfg.max_pages_per_vnode,
         };
-        let store = Store::open(cfg.capacity_pages, cfg.data_dir.as_deref(), cfg.sync, limits)
-            .map_err(ServerError::Store)?;
+        let store = Store::open(
+            cfg.capacity_pages,
+            cfg.data_dir.as_deref(),
+            cfg.sync,
+            limits,
+        )
+        .map_err(ServerError::Store)?;
         let listener = TcpListener::bind(addr).map_err(|source| ServerError::Bind {
             addr: addr.to_string(),
             source,

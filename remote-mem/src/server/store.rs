@@ -93,9 +93,7 @@ impl StoreError {
             | StoreError::Log(_)
             | StoreError::Migrate { .. }
             | StoreError::TooLarge { .. }
-            | StoreError::Room { .. } => {
-                ErrorCode::Internal
-            }
+            | StoreError::Room { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -211,7 +209,7 @@ impl Region {
     /// Returns the dirty pages and marks them clean; a later write marks a page again.
     pub fn take_dirty(&self) -> Vec<u64> {
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-        st.dirty.as_mut().map_or_else(Vec::new, take_bits)
+        st.dirty.as_deref_mut().map_or_else(Vec::new, take_bits)
     }
 
     /// Appends the contents of `pages` (in range) to `out` and their numbers to `copied`,
@@ -249,7 +247,10 @@ impl Region {
     ) -> Result<Result<(), E>, StoreError> {
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
-        let dirty = st.dirty.take().map_or_else(Vec::new, |mut b| take_bits(&mut b));
+        let dirty = st
+            .dirty
+            .take()
+            .map_or_else(Vec::new, |mut b| take_bits(&mut b));
         let r = finish(st.mem.as_slice(), &dirty);
         if r.is_ok() {
             st.moved_to = Some(target.to_string());
@@ -265,7 +266,7 @@ fn is_zero(page: &[u8]) -> bool {
 }
 
 /// The set bits of a page bitmap as page numbers, clearing them.
-fn take_bits(bits: &mut Vec<u64>) -> Vec<u64> {
+fn take_bits(bits: &mut [u64]) -> Vec<u64> {
     let mut pages = Vec::new();
     for (i, w) in bits.iter_mut().enumerate() {
         let mut word = std::mem::take(w);
@@ -328,7 +329,12 @@ impl Store {
         };
         let log = match data_dir {
             None => {
-                check_room(capacity_pages, 0, host_memory_bytes(), "this host's RAM and swap")?;
+                check_room(
+                    capacity_pages,
+                    0,
+                    host_memory_bytes(),
+                    "this host's RAM and swap",
+                )?;
                 None
             }
             Some(dir) => {
@@ -684,5 +690,60 @@ mod tests {
         s.free(1, 1).expect("free");
         assert!(matches!(s.alloc(1, 1, 5), Err(StoreError::Limit { .. })));
         s.alloc(1, 1, 4).expect("within the page limit");
+    }
+
+    #[test]
+    fn live_migration_tracks_writes_and_incoming_regions_stay_hidden() {
+        let s = Store::open(100, None, false, Limits::NONE).expect("open");
+        s.alloc(1, 0, 70).expect("alloc");
+        let r = s.region(1, 0).expect("region");
+        let page = vec![7u8; PAGE_SIZE];
+        with_pages(&[3], |p| r.write(p, &page, false)).expect("write");
+        r.start_tracking().expect("track");
+        assert!(matches!(
+            r.start_tracking(),
+            Err(StoreError::Migrating { .. })
+        ));
+        // Zero pages are left out of a copy; written ones are copied.
+        let (mut idx, mut out) = (Vec::new(), Vec::new());
+        r.copy_pages(&[2, 3], true, &mut idx, &mut out)
+            .expect("copy");
+        assert_eq!(idx, [3]);
+        assert_eq!(out, page);
+        with_pages(&[65, 1], |p| {
+            r.write(p, &[page.clone(), page.clone()].concat(), false)
+        })
+        .expect("write while tracked");
+        assert_eq!(r.dirty_count(), 2);
+        assert_eq!(r.take_dirty(), [1, 65]);
+        assert_eq!(r.dirty_count(), 0);
+        with_pages(&[9], |p| r.write(p, &page, false)).expect("write");
+        // An incoming copy takes capacity but is invisible until committed.
+        let inc = s
+            .alloc_incoming(1, 0, 70)
+            .err()
+            .expect("the region exists here");
+        assert_eq!(inc.code(), ErrorCode::Exists);
+        let inc = s.alloc_incoming(2, 0, 20).expect("incoming");
+        assert!(matches!(s.region(2, 0), Err(StoreError::NoRegion { .. })));
+        assert_eq!(s.free_pages(), 10);
+        s.abort_incoming(2, inc);
+        assert_eq!(s.free_pages(), 30);
+        let inc = s.alloc_incoming(2, 0, 20).expect("a retry works");
+        s.commit_incoming(2, inc).expect("commit");
+        s.region(2, 0).expect("committed region is served");
+        // The switch hands over the last dirty pages and marks the region moved.
+        let got = r
+            .switch("b:1", |_, dirty| {
+                assert_eq!(dirty, [9]);
+                Ok::<(), ()>(())
+            })
+            .expect("switch");
+        assert_eq!(got, Ok(()));
+        let mut out = Vec::new();
+        assert!(matches!(
+            with_pages(&[0], |p| r.read(p, &mut out)),
+            Err(StoreError::Moved { .. })
+        ));
     }
 }

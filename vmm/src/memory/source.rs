@@ -91,11 +91,7 @@ pub const GUEST_RAM_REGION: u64 = 0;
 
 impl RemoteSource {
     /// Connects to `servers` (one, or primary then backup) and allocates `pages` pages.
-    pub fn connect(
-        servers: &[String],
-        auth: &ClientAuth,
-        pages: u64,
-    ) -> Result<Self, SourceError> {
+    pub fn connect(servers: &[String], auth: &ClientAuth, pages: u64) -> Result<Self, SourceError> {
         let mut clients = Vec::with_capacity(servers.len());
         for s in servers {
             clients.push(MemClient::connect(s, auth)?);
