@@ -34,6 +34,7 @@ declare -A need=(
     [nftables]=/usr/sbin/nft                              # partitions and loss between namespaces
     [etcd-server]=/usr/bin/etcd                           # the manager's HA store
     [etcd-client]=/usr/bin/etcdctl
+    [python3]=/usr/bin/python3                             # guest-image scripts, summaries (stdlib only)
     [python3-prometheus-client]=/usr/lib/python3/dist-packages/prometheus_client/openmetrics/parser.py  # tests parse /metrics
 )
 tools=(clang-14:/usr/lib/llvm-14/lib/libclang.so qemu-img:/usr/bin/qemu-img qemu-nbd:/usr/bin/qemu-nbd

@@ -1,11 +1,12 @@
 //! What every vNode binary (vnode, vnode-memd, vnode-blkd, the manager, the agent, vnodectl)
-//! does the same way, written once: size parsing, secret loading, per-vNode credentials, the CLI
-//! contract (`cli`: error line, exit codes, `--generate`), logging set-up, `--version` with the
-//! commit, metrics exposition, and the readiness line servers print (with the helper tests use to
-//! wait for it). Links no KVM.
+//! does the same way, written once: size parsing, secret loading, per-vNode credentials (`cred`),
+//! the CLI contract (`cli`: error line, exit codes, `--generate`), logging set-up, `--version`
+//! with the commit, metrics exposition, and the readiness line servers print (with the helper
+//! tests use to wait for it). Links no KVM.
 
 pub mod cli;
 pub mod cred;
+pub mod deadline;
 pub mod logging;
 pub mod metrics;
 pub mod ready;

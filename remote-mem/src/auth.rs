@@ -89,6 +89,25 @@ impl ClientAuth {
     }
 }
 
+/// What a vNode holds to authenticate: its own credential (bound to one vNode id), or, on one
+/// machine, the cluster key to derive a credential for any id from.
+#[derive(Clone, Debug)]
+pub enum VnodeKey {
+    Credential(Credential),
+    ClusterKey(Secret),
+}
+
+impl VnodeKey {
+    /// How vNode `vnode_id` authenticates with this key. A credential only works for the id it
+    /// was derived for: the server refuses any other.
+    pub fn auth(&self, vnode_id: u64) -> ClientAuth {
+        match self {
+            VnodeKey::Credential(c) => ClientAuth::vnode(vnode_id, c.clone()),
+            VnodeKey::ClusterKey(k) => ClientAuth::from_cluster_key(vnode_id, k),
+        }
+    }
+}
+
 /// What a server checks proofs with: the cluster key, or nothing (`--insecure`).
 pub struct ServerKeys {
     cluster: Option<(Secret, Credential)>,

@@ -12,13 +12,15 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod health;
 pub mod protocol;
 pub mod replica;
 pub mod server;
 pub mod transport;
 
-pub use auth::{ClientAuth, ServerKeys};
+pub use auth::{ClientAuth, ServerKeys, VnodeKey};
 pub use client::{MemClient, ReadTicket, WriteTicket};
 pub use error::ClientError;
+pub use health::{HealthSnapshot, RegionHealth, ReplicaState};
 pub use protocol::{ErrorCode, PAGE_SIZE};
 pub use replica::{ReplicaReadTicket, ReplicatedRegion, Role};

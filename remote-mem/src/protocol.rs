@@ -26,6 +26,7 @@
 //! | `Read` | region u64, count u32, reserved u32 (0), count x page u64 |
 //! | `Write` | region u64, count u32, reserved u32 (0), count x page u64, count x 4096 bytes |
 //! | `Migrate` | region u64, addr_len u16, target server address (UTF-8) |
+//! | `Open` | region u64, pages u64 (the size the client expects; 0: any) |
 //! | `Ping` | empty (keeps an idle connection alive; answered `Done`) |
 //! | `MigrateIn` | region u64, pages u64 (role 1 only: a region migrating in, see below) |
 //! | `Commit` | region u64 (role 1 only: the migrated region becomes this server's) |
@@ -37,6 +38,7 @@
 //! | `Challenge` | server_nonce [32]: the first frame of every connection, tag 0 |
 //! | `HelloOk` | capacity_pages u64, free_pages u64, server_proof [32] |
 //! | `Done` | empty (Alloc, Free, Write, Migrate, Ping succeeded) |
+//! | `Opened` | pages u64: the size of the region opened |
 //! | `Data` | count x 4096 bytes, in the order the pages were asked for |
 //! | `Error` | code u16, msg_len u16, msg (UTF-8) |
 //!
@@ -63,7 +65,15 @@
 //! `server_proof`; only a client that is itself insecure accepts that.
 //!
 //! Regions are named by (vNode id of the connection, region number): one vNode never sees
-//! another's regions.
+//! another's regions. A region outlives the connection that allocated it: `Alloc` creates one
+//! (refused if it exists), `Open` attaches to one that exists (refused with `NoRegion` if it
+//! does not, `Moved` if it was migrated, `SizeMismatch` if its size is not the one asked for),
+//! which is how a restored or migrated VMM takes over its guest RAM; `Free` ends it.
+//!
+//! A version grows by new ops only, never by changing a frame that exists: `Open`/`Opened` and
+//! `SizeMismatch` were added to version 1 this way. Version 2 changed the handshake (the
+//! challenge-response above), which old clients cannot speak, hence the new version number. A server that predates an op refuses it as an unknown
+//! op (`Malformed`) and closes the connection, so a client learns the server is too old.
 //!
 //! `Migrate` makes this server connect to `target` as role 1 for the connection's vNode, check
 //! that `target` proves it holds the cluster key, create the region there and copy it. The
@@ -166,13 +176,15 @@ pub enum Op {
     Read = 0x04,
     Write = 0x05,
     Migrate = 0x06,
-    Ping = 0x07,
+    Open = 0x07,
+    Ping = 0x08,
     MigrateIn = 0x0a,
     Commit = 0x0b,
     Challenge = 0x80,
     HelloOk = 0x81,
     Done = 0x82,
     Data = 0x84,
+    Opened = 0x87,
     Error = 0xff,
 }
 
@@ -185,13 +197,15 @@ impl Op {
             0x04 => Op::Read,
             0x05 => Op::Write,
             0x06 => Op::Migrate,
-            0x07 => Op::Ping,
+            0x07 => Op::Open,
+            0x08 => Op::Ping,
             0x0a => Op::MigrateIn,
             0x0b => Op::Commit,
             0x80 => Op::Challenge,
             0x81 => Op::HelloOk,
             0x82 => Op::Done,
             0x84 => Op::Data,
+            0x87 => Op::Opened,
             0xff => Op::Error,
             _ => return None,
         })
@@ -206,6 +220,7 @@ impl Op {
             Op::Read => BATCH_FIXED + 8 * MAX_BATCH,
             Op::Write => BATCH_FIXED + (8 + PAGE_SIZE) * MAX_BATCH,
             Op::Migrate => 10 + MAX_ADDR,
+            Op::Open => 16,
             Op::Ping => 0,
             Op::MigrateIn => 16,
             Op::Commit => 8,
@@ -213,6 +228,7 @@ impl Op {
             Op::HelloOk => HELLO_OK_LEN,
             Op::Done => 0,
             Op::Data => PAGE_SIZE * MAX_BATCH,
+            Op::Opened => 8,
             Op::Error => 4 + MAX_ERROR_MSG,
         }
     }
@@ -248,10 +264,12 @@ pub enum ErrorCode {
     Internal = 10,
     /// Too many connections; try again later or elsewhere.
     Busy = 11,
+    /// `Open` of a region whose size is not the one asked for.
+    SizeMismatch = 12,
     /// A per-vNode limit (regions, pages) would be exceeded.
-    Limit = 12,
+    Limit = 13,
     /// The data directory has no room for the region.
-    NoSpace = 13,
+    NoSpace = 14,
 }
 
 impl ErrorCode {
@@ -267,8 +285,9 @@ impl ErrorCode {
             8 => ErrorCode::OutOfRange,
             9 => ErrorCode::Moved,
             11 => ErrorCode::Busy,
-            12 => ErrorCode::Limit,
-            13 => ErrorCode::NoSpace,
+            12 => ErrorCode::SizeMismatch,
+            13 => ErrorCode::Limit,
+            14 => ErrorCode::NoSpace,
             _ => ErrorCode::Internal,
         }
     }
@@ -288,6 +307,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Moved => "region moved",
             ErrorCode::Internal => "internal error",
             ErrorCode::Busy => "server busy",
+            ErrorCode::SizeMismatch => "region size mismatch",
             ErrorCode::Limit => "per-vNode limit reached",
             ErrorCode::NoSpace => "no space in the data directory",
         };
@@ -412,6 +432,10 @@ pub enum Request<'a> {
         region: u64,
         target: &'a str,
     },
+    Open {
+        region: u64,
+        pages: u64,
+    },
     Ping,
     MigrateIn {
         region: u64,
@@ -514,13 +538,14 @@ impl<'a> Request<'a> {
                     proof,
                 }))
             }
-            Op::Alloc | Op::MigrateIn => {
+            Op::Alloc | Op::Open | Op::MigrateIn => {
                 if body.len() != 16 {
                     return Err(bad("body is not 16 bytes"));
                 }
                 let (region, pages) = (u64_at(body, 0), u64_at(body, 8));
                 Ok(match op {
                     Op::Alloc => Request::Alloc { region, pages },
+                    Op::Open => Request::Open { region, pages },
                     _ => Request::MigrateIn { region, pages },
                 })
             }
@@ -552,7 +577,7 @@ impl<'a> Request<'a> {
             }
             Op::Ping if body.is_empty() => Ok(Request::Ping),
             Op::Ping => Err(bad("ping takes no body")),
-            Op::Challenge | Op::HelloOk | Op::Done | Op::Data | Op::Error => {
+            Op::Challenge | Op::HelloOk | Op::Done | Op::Data | Op::Opened | Op::Error => {
                 Err(bad("reply op in a request"))
             }
         }
@@ -624,6 +649,30 @@ pub fn encode_region_pages(buf: &mut Vec<u8>, op: Op, tag: u64, region: u64, pag
     buf.extend_from_slice(&Header::new(op, 16, tag).encode());
     buf.extend_from_slice(&region.to_le_bytes());
     buf.extend_from_slice(&pages.to_le_bytes());
+}
+
+/// Appends a whole `Open` frame (`pages` 0: any size).
+pub fn encode_open(buf: &mut Vec<u8>, tag: u64, region: u64, pages: u64) {
+    buf.extend_from_slice(&Header::new(Op::Open, 16, tag).encode());
+    buf.extend_from_slice(&region.to_le_bytes());
+    buf.extend_from_slice(&pages.to_le_bytes());
+}
+
+/// Appends a whole `Opened` reply.
+pub fn encode_opened(buf: &mut Vec<u8>, tag: u64, pages: u64) {
+    buf.extend_from_slice(&Header::new(Op::Opened, 8, tag).encode());
+    buf.extend_from_slice(&pages.to_le_bytes());
+}
+
+/// Decodes an `Opened` body into the region's size in pages.
+pub fn decode_opened(body: &[u8]) -> Result<u64, ProtocolError> {
+    if body.len() != 8 {
+        return Err(ProtocolError::Malformed {
+            op: Op::Opened,
+            what: "body is not 8 bytes",
+        });
+    }
+    Ok(u64_at(body, 0))
 }
 
 /// Appends a whole `Free` frame.
@@ -858,6 +907,29 @@ mod tests {
                 target: "127.0.0.1:9"
             })
         );
+    }
+
+    #[test]
+    fn open_and_opened_round_trip() {
+        let mut buf = Vec::new();
+        encode_open(&mut buf, 4, 0, 1 << 18);
+        assert_eq!(
+            decode_frame(&buf).map(|f| f.1),
+            Ok(Request::Open {
+                region: 0,
+                pages: 1 << 18
+            })
+        );
+        let mut short = buf.clone();
+        short.truncate(buf.len() - 1);
+        short[4] = 15;
+        assert!(decode_frame(&short).is_err());
+        let mut buf = Vec::new();
+        encode_opened(&mut buf, 4, 77);
+        assert!(decode_frame(&buf).is_err(), "a reply is not a request");
+        assert_eq!(decode_opened(&buf[HEADER_LEN..]), Ok(77));
+        assert!(decode_opened(&buf[HEADER_LEN..HEADER_LEN + 4]).is_err());
+        assert_eq!(ErrorCode::from_u16(12), ErrorCode::SizeMismatch);
     }
 
     #[test]

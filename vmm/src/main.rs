@@ -130,14 +130,14 @@ fn mem_auth(args: &RunArgs, local: bool) -> anyhow::Result<remote_mem::ClientAut
         let id = args
             .vnode_id
             .context("a memory credential is bound to one vNode id: give --vnode-id with it")?;
-        return Ok(remote_mem::ClientAuth::vnode(id, cred));
+        return Ok(remote_mem::VnodeKey::Credential(cred).auth(id));
     }
     let id = match args.vnode_id {
         Some(id) => id,
         None => vnode_common::cred::random_id()?,
     };
     match secret::load(args.mem_secret_file.as_deref(), vnode_common::CLUSTER_KEY_ENV)? {
-        Some(key) => Ok(remote_mem::ClientAuth::from_cluster_key(id, &key)),
+        Some(key) => Ok(remote_mem::VnodeKey::ClusterKey(key).auth(id)),
         None if local => Ok(remote_mem::ClientAuth::insecure(id)),
         None => anyhow::bail!(
             "no memory credential: give --mem-credential-file (or {MEM_CREDENTIAL_ENV}), or the cluster key with --mem-secret-file (or VNODE_SECRET)"

@@ -18,6 +18,7 @@ fn reencode(h: &Header, req: &Request<'_>) -> Vec<u8> {
             protocol::encode_region_pages(&mut b, Op::MigrateIn, h.tag, region, pages)
         }
         Request::Commit { region } => protocol::encode_region(&mut b, Op::Commit, h.tag, region),
+        Request::Open { region, pages } => protocol::encode_open(&mut b, h.tag, region, pages),
         Request::Migrate { region, target } => {
             protocol::encode_migrate(&mut b, h.tag, region, target)
         }
@@ -47,5 +48,6 @@ fuzz_target!(|data: &[u8]| {
         let body = &data[HEADER_LEN..];
         let _ = protocol::decode_error(body);
         let _ = protocol::decode_hello_ok(body);
+        let _ = protocol::decode_opened(body);
     }
 });
