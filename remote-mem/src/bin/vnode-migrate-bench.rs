@@ -60,7 +60,9 @@ fn loopback(bytes: u64) -> Result<f64> {
         sent += chunk.len() as u64;
     }
     drop(s);
-    let got = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    let got = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
     Ok(got as f64 / t.elapsed().as_secs_f64())
 }
 
@@ -74,7 +76,11 @@ fn fill(c: &mut MemClient, pages: u64) -> Result<()> {
     let batch: Vec<u64> = (0..256).collect();
     let mut data = vec![0u8; 256 * PAGE_SIZE];
     for first in (0..pages).step_by(256) {
-        let idx: Vec<u64> = batch.iter().map(|i| first + i).filter(|&p| p < pages).collect();
+        let idx: Vec<u64> = batch
+            .iter()
+            .map(|i| first + i)
+            .filter(|&p| p < pages)
+            .collect();
         for (i, b) in data.iter_mut().enumerate() {
             *b = (first as usize + i / PAGE_SIZE) as u8 | 1;
         }
@@ -153,7 +159,10 @@ fn bench(bytes: u64) -> Result<()> {
     let a = server(pages + 1024)?;
     let b = server(pages + 1024)?;
     let (a_addr, b_addr) = (a.addr().to_string(), b.addr().to_string());
-    let mut c = MemClient::connect(&a_addr, &ClientAuth::from_cluster_key(VNODE, &cluster_key()))?;
+    let mut c = MemClient::connect(
+        &a_addr,
+        &ClientAuth::from_cluster_key(VNODE, &cluster_key()),
+    )?;
     c.alloc_region(REGION, pages)?;
     fill(&mut c, pages)?;
     drop(c);

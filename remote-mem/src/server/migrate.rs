@@ -138,10 +138,7 @@ fn copy_and_switch(
         rep.switch_pages = dirty.len();
         for chunk in dirty.chunks(MAX_BATCH) {
             s.buf.clear();
-            for &p in chunk {
-                let off = p as usize * PAGE_SIZE;
-                s.buf.extend_from_slice(&mem[off..off + PAGE_SIZE]);
-            }
+            mem.read_list(chunk, &mut s.buf)?;
             s.submit(chunk)?;
         }
         s.drain()?;

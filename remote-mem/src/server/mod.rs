@@ -13,6 +13,7 @@ pub mod log;
 pub mod mapping;
 pub mod metrics;
 mod migrate;
+pub mod pagefile;
 pub mod store;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use super::log::{LogError, MemLog};
 use super::mapping::Mapping;
+use super::pagefile::PageFile;
 use crate::protocol::{ErrorCode, PageList, PAGE_SIZE};
 
 #[derive(Debug, Error)]
@@ -40,6 +41,14 @@ pub enum StoreError {
     OutOfRange { region: u64, page: u64, pages: u64 },
     #[error("cannot map memory for region {region}")]
     Map {
+        region: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("page {page} of region {region} is damaged in the memory log (no valid version)")]
+    Damaged { region: u64, page: u64 },
+    #[error("cannot write region {region} to the memory log")]
+    LogWrite {
         region: u64,
         #[source]
         source: std::io::Error,
@@ -95,6 +104,8 @@ impl StoreError {
             StoreError::Map { .. }
             | StoreError::Log(_)
             | StoreError::Migrate { .. }
+            | StoreError::Damaged { .. }
+            | StoreError::LogWrite { .. }
             | StoreError::TooLarge { .. }
             | StoreError::Room { .. } => ErrorCode::Internal,
         }
@@ -108,8 +119,45 @@ pub struct Region {
     state: RwLock<RegionState>,
 }
 
+/// Where a region's pages are: in memory, or in the memory log.
+enum Backing {
+    Memory(Mapping),
+    Log(PageFile),
+}
+
+impl Backing {
+    fn read(&self, region: u64, page: u64, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        match self {
+            Backing::Memory(m) => {
+                let off = page as usize * PAGE_SIZE;
+                out.extend_from_slice(&m.as_slice()[off..off + PAGE_SIZE]);
+                Ok(())
+            }
+            Backing::Log(f) => f
+                .read(page, out)
+                .map_err(|_| StoreError::Damaged { region, page }),
+        }
+    }
+}
+
+/// A region's pages, read-only, while it is being migrated.
+pub struct Pages<'a> {
+    backing: &'a Backing,
+    region: u64,
+    pub count: u64,
+}
+
+impl Pages<'_> {
+    /// Appends `pages` (in range) to `out`, in order.
+    pub fn read_list(&self, pages: &[u64], out: &mut Vec<u8>) -> Result<(), StoreError> {
+        pages
+            .iter()
+            .try_for_each(|&p| self.backing.read(self.region, p, out))
+    }
+}
+
 struct RegionState {
-    mem: Mapping,
+    mem: Backing,
     /// Set, under the write lock, when the region has been migrated: a request that was
     /// already waiting for the lock must not touch the stale copy.
     moved_to: Option<String>,
@@ -147,40 +195,37 @@ impl Region {
         self.check(pages)?;
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
-        let m = st.mem.as_slice();
-        for p in pages.iter() {
-            let off = p as usize * PAGE_SIZE;
-            out.extend_from_slice(&m[off..off + PAGE_SIZE]);
-        }
-        Ok(())
+        pages.iter().try_for_each(|p| st.mem.read(self.id, p, out))
     }
 
-    /// Stores `data` (one page per entry of `pages`); with `sync`, writes it back to the log.
+    /// Stores `data` (one page per entry of `pages`); with `sync`, the memory log is durable
+    /// before this returns.
     pub fn write(&self, pages: PageList<'_>, data: &[u8], sync: bool) -> Result<(), StoreError> {
         self.check(pages)?;
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
-        let m = st.mem.as_mut_slice();
-        for (p, d) in pages.iter().zip(data.chunks_exact(PAGE_SIZE)) {
-            let off = p as usize * PAGE_SIZE;
-            m[off..off + PAGE_SIZE].copy_from_slice(d);
-        }
         if let Some(bits) = st.dirty.as_mut() {
             for p in pages.iter() {
                 bits[(p / 64) as usize] |= 1 << (p % 64);
             }
         }
-        if sync {
-            for p in pages.iter() {
-                st.mem
-                    .sync_range(p as usize * PAGE_SIZE, PAGE_SIZE)
-                    .map_err(|source| StoreError::Map {
+        match &mut st.mem {
+            Backing::Memory(m) => {
+                let m = m.as_mut_slice();
+                for (p, d) in pages.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+                    let off = p as usize * PAGE_SIZE;
+                    m[off..off + PAGE_SIZE].copy_from_slice(d);
+                }
+                Ok(())
+            }
+            Backing::Log(f) => {
+                f.write(pages.iter(), data, sync)
+                    .map_err(|source| StoreError::LogWrite {
                         region: self.id,
                         source,
-                    })?;
+                    })
             }
         }
-        Ok(())
     }
 
     /// Starts tracking writes for a live migration (every page clean). Refused when the
@@ -227,15 +272,14 @@ impl Region {
     ) -> Result<(), StoreError> {
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
-        let m = st.mem.as_slice();
         for &p in pages {
-            let off = p as usize * PAGE_SIZE;
-            let page = &m[off..off + PAGE_SIZE];
-            if skip_zero && is_zero(page) {
+            let at = out.len();
+            st.mem.read(self.id, p, out)?;
+            if skip_zero && is_zero(&out[at..]) {
+                out.truncate(at);
                 continue;
             }
             copied.push(p);
-            out.extend_from_slice(page);
         }
         Ok(())
     }
@@ -246,7 +290,7 @@ impl Region {
     pub fn switch<E>(
         &self,
         target: &str,
-        finish: impl FnOnce(&[u8], &[u64]) -> Result<(), E>,
+        finish: impl FnOnce(&Pages<'_>, &[u64]) -> Result<(), E>,
     ) -> Result<Result<(), E>, StoreError> {
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
@@ -254,7 +298,14 @@ impl Region {
             .dirty
             .take()
             .map_or_else(Vec::new, |mut b| take_bits(&mut b));
-        let r = finish(st.mem.as_slice(), &dirty);
+        let r = finish(
+            &Pages {
+                backing: &st.mem,
+                region: self.id,
+                count: self.pages,
+            },
+            &dirty,
+        );
         if r.is_ok() {
             st.moved_to = Some(target.to_string());
         }
@@ -356,7 +407,7 @@ impl Store {
                             id: r.region,
                             pages: r.pages,
                             state: RwLock::new(RegionState {
-                                mem: r.mem,
+                                mem: Backing::Log(r.file),
                                 moved_to: None,
                                 dirty: None,
                             }),
@@ -366,7 +417,8 @@ impl Store {
                 check_room(
                     capacity_pages,
                     table.used_pages,
-                    super::log::available_bytes(dir),
+                    // Each page has two slots and two records in the log.
+                    super::log::available_bytes(dir).map(|b| b / 2),
                     &format!("the data directory {}", dir.display()),
                 )?;
                 if table.used_pages > capacity_pages {
@@ -522,13 +574,15 @@ impl Store {
         region: u64,
         pages: u64,
         incoming: bool,
-    ) -> Result<Mapping, StoreError> {
+    ) -> Result<Backing, StoreError> {
         // pages <= capacity, and --capacity is bounded by what usize can address.
         let len = pages as usize * PAGE_SIZE;
         Ok(match &self.log {
-            Some(log) if incoming => log.create_incoming(vnode, region, pages)?,
-            Some(log) => log.create(vnode, region, pages)?,
-            None => Mapping::anonymous(len).map_err(|source| StoreError::Map { region, source })?,
+            Some(log) if incoming => Backing::Log(log.create_incoming(vnode, region, pages)?),
+            Some(log) => Backing::Log(log.create(vnode, region, pages)?),
+            None => Backing::Memory(
+                Mapping::anonymous(len).map_err(|source| StoreError::Map { region, source })?,
+            ),
         })
     }
 
@@ -604,7 +658,8 @@ impl Store {
     }
 }
 
-/// Refuses a capacity larger than `room` (bytes free) plus what the store already holds.
+/// Refuses a capacity larger than `room` (bytes free, in page-size units: the memory log
+/// passes half its free space, for its two slots per page) plus what the store already holds.
 fn check_room(
     capacity_pages: u64,
     held_pages: u64,
