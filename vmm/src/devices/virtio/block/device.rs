@@ -12,7 +12,7 @@ use super::backend::BlockBackend;
 use super::handler::{DiskParams, Handler};
 use super::request::{Limits, ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, DeviceThread, Interrupt, VirtioDevice,
+    read_config_bytes, ActivateError, DeviceThread, DeviceWorker, Interrupt, VirtioDevice,
 };
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -38,19 +38,27 @@ pub struct Block {
     name: String,
     backend: Arc<dyn BlockBackend>,
     read_only: bool,
+    worker: DeviceWorker,
     running: Option<DeviceThread<()>>,
 }
 
 impl Block {
-    /// Disk `index` (its thread is `blk<index>`); read-only if asked or if the backend is.
-    pub fn new(index: usize, backend: Arc<dyn BlockBackend>, read_only: bool) -> Self {
+    /// Disk `index` (its thread, started now, is `blk<index>`); read-only if asked or if the
+    /// backend is.
+    pub fn new(
+        index: usize,
+        backend: Arc<dyn BlockBackend>,
+        read_only: bool,
+    ) -> std::io::Result<Self> {
         let read_only = read_only || backend.read_only();
-        Self {
-            name: format!("blk{index}"),
+        let name = format!("blk{index}");
+        Ok(Self {
+            worker: DeviceWorker::new(&name)?,
+            name,
             backend,
             read_only,
             running: None,
-        }
+        })
     }
 
     fn capacity_sectors(&self) -> u64 {
@@ -131,9 +139,7 @@ impl VirtioDevice for Block {
             },
             name: self.name.clone(),
         };
-        self.running = Some(DeviceThread::spawn(&self.name, stop, wake, move || {
-            handler.run()
-        })?);
+        self.running = Some(self.worker.start(stop, wake, move || handler.run())?);
         Ok(())
     }
 
@@ -164,7 +170,7 @@ mod tests {
 
     #[test]
     fn config_space_and_features() {
-        let b = Block::new(0, Arc::new(Fixed(1 << 20, false)), false);
+        let b = Block::new(0, Arc::new(Fixed(1 << 20, false)), false).unwrap();
         let mut cap = [0u8; 8];
         b.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 2048);
@@ -180,7 +186,7 @@ mod tests {
         assert_eq!(bs, [0; 4]);
         assert_eq!(b.features() & (1 << VIRTIO_BLK_F_RO), 0);
         assert_ne!(b.features() & (1 << VIRTIO_BLK_F_FLUSH), 0);
-        let ro = Block::new(1, Arc::new(Fixed(4096, true)), false);
+        let ro = Block::new(1, Arc::new(Fixed(4096, true)), false).unwrap();
         assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
         assert_eq!(&ro.id()[..11], b"vnode-blk1\0");
     }

@@ -564,8 +564,11 @@ mod tests {
             .flat_map(|i| {
                 let h = 0x1_0000 + u64::from(i) * 0x1000;
                 header(&m, h, 1, u64::from(i) * 2);
-                m.write_slice(&[i as u8 + 1; 1024], GuestAddress(0x2_0000 + u64::from(i) * 0x1000))
-                    .unwrap();
+                m.write_slice(
+                    &[i as u8 + 1; 1024],
+                    GuestAddress(0x2_0000 + u64::from(i) * 0x1000),
+                )
+                .unwrap();
                 [
                     raw(h, 16, N, 3 * i + 1),
                     raw(0x2_0000 + u64::from(i) * 0x1000, 1024, N, 3 * i + 2),
@@ -603,7 +606,11 @@ mod tests {
         assert_eq!(run(&m, &descs, d.clone(), 2), 0);
         assert_eq!(status_at(&m, h0), S_IOERR);
         assert_eq!(status_at(&m, h1), S_OK);
-        assert_eq!(d.most.load(Ordering::SeqCst), 0, "nothing reached the backend");
+        assert_eq!(
+            d.most.load(Ordering::SeqCst),
+            0,
+            "nothing reached the backend"
+        );
     }
 
     #[test]

@@ -1,0 +1,218 @@
+//! The system calls each kind of `vnode` thread may make once the guest runs. Drawn up by
+//! running the real workloads (the test guest's mem, blk and net tests, remote memory with a
+//! replicated region, the hostile-guest tests) with `VNODE_SECCOMP=log` and reading what the
+//! kernel logged, then keeping what each kind needs; `ioctl` is limited to the request numbers
+//! the KVM and userfaultfd modules declare.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+
+use super::ThreadKind;
+
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+/// What every thread does: memory management for the allocator, locks, its own stack and
+/// signals, time, logging to stderr, closing what it drops, ending itself, and aborting on a
+/// panic (SIGABRT to itself only).
+const COMMON: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_futex,
+    libc::SYS_getpid,
+    libc::SYS_getrandom,
+    libc::SYS_gettid,
+    libc::SYS_madvise,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_munmap,
+    libc::SYS_nanosleep,
+    libc::SYS_restart_syscall,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sched_yield,
+    libc::SYS_sigaltstack,
+    libc::SYS_write,
+];
+
+/// Calls that get an error instead of a kill, from a second filter stacked on the first (the
+/// kernel takes the stricter answer, and ERRNO beats ALLOW): `openat`, because glibc's malloc
+/// opens /proc/sys/vm/overcommit_memory once, from whichever thread first shrinks a heap, and
+/// copes with not being able to. No thread opens anything else once the guest runs.
+pub const REFUSED_WITH_EACCES: &[i64] = &[libc::SYS_openat];
+
+/// Network I/O on sockets opened at set-up.
+const SOCKET_IO: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_writev,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
+fn extra(kind: ThreadKind) -> &'static [i64] {
+    match kind {
+        // Waits for the VM to stop (futex), prints stats, joins the others, tears down.
+        ThreadKind::Main => &[libc::SYS_fsync, libc::SYS_fdatasync],
+        // The serial output (stdout or a file), eventfds (irqfd, queue notify), a device's
+        // DRIVER_OK or reset (dup of the notify eventfd, handing the loop to its worker).
+        ThreadKind::Vcpu => &[libc::SYS_read, libc::SYS_writev, libc::SYS_dup],
+        // Queue notify and TAP through epoll; NBD requests on the client's socket.
+        ThreadKind::Device => &[
+            libc::SYS_epoll_create1,
+            libc::SYS_epoll_ctl,
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_read,
+            libc::SYS_readv,
+            libc::SYS_writev,
+            libc::SYS_sendto,
+            libc::SYS_sendmsg,
+        ],
+        ThreadKind::BlockIo => &[
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_fdatasync,
+            libc::SYS_fsync,
+        ],
+        ThreadKind::NbdReader => SOCKET_IO,
+        // Fault events, installs and drops; memory servers over TCP, including following a
+        // migrated region to a new server (socket, connect, options).
+        ThreadKind::Fault => &[
+            libc::SYS_read,
+            libc::SYS_readv,
+            libc::SYS_recvfrom,
+            libc::SYS_recvmsg,
+            libc::SYS_sendmsg,
+            libc::SYS_sendto,
+            libc::SYS_writev,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_process_madvise,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_setsockopt,
+            libc::SYS_getsockopt,
+            libc::SYS_getsockname,
+            libc::SYS_getpeername,
+        ],
+        ThreadKind::Events => &[
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_epoll_ctl,
+            libc::SYS_read,
+        ],
+        // An async HTTP server on a Unix socket (tokio, axum): its runtime, connections, and
+        // the blocking pool tokio may start threads in.
+        ThreadKind::Api => &[
+            libc::SYS_accept4,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_epoll_create1,
+            libc::SYS_epoll_ctl,
+            libc::SYS_epoll_pwait,
+            libc::SYS_epoll_wait,
+            libc::SYS_eventfd2,
+            libc::SYS_getsockname,
+            libc::SYS_getpeername,
+            libc::SYS_getsockopt,
+            libc::SYS_setsockopt,
+            libc::SYS_read,
+            libc::SYS_readv,
+            libc::SYS_recvfrom,
+            libc::SYS_recvmsg,
+            libc::SYS_rseq,
+            libc::SYS_sched_getaffinity,
+            libc::SYS_sendmsg,
+            libc::SYS_sendto,
+            libc::SYS_set_robust_list,
+            libc::SYS_shutdown,
+            libc::SYS_writev,
+        ],
+    }
+}
+
+/// `fcntl` commands a kind may make besides F_GETFD (which Rust's debug builds use to check a
+/// descriptor before closing it).
+fn fcntls(kind: ThreadKind) -> &'static [u64] {
+    match kind {
+        // Cloning an eventfd (F_DUPFD_CLOEXEC) when a device starts.
+        ThreadKind::Vcpu => &[libc::F_DUPFD_CLOEXEC as u64],
+        // Reconnecting to a memory server; tokio's sockets.
+        ThreadKind::Fault | ThreadKind::Api => &[
+            libc::F_DUPFD_CLOEXEC as u64,
+            libc::F_GETFL as u64,
+            libc::F_SETFL as u64,
+            libc::F_SETFD as u64,
+        ],
+        _ => &[],
+    }
+}
+
+/// `ioctl` requests a kind may make; None: no ioctl at all.
+fn ioctls(kind: ThreadKind) -> Option<&'static [u64]> {
+    match kind {
+        ThreadKind::Vcpu => Some(&crate::kvm::VCPU_RUN_TIME_IOCTLS),
+        ThreadKind::Fault => Some(&crate::memory::uffd::RUN_TIME_IOCTLS),
+        // FIONBIO, as tokio sets sockets non-blocking.
+        ThreadKind::Api => Some(&[libc::FIONBIO]),
+        _ => None,
+    }
+}
+
+/// The rules of `kind`'s filter: each allowed call, with conditions where it has some.
+pub fn rules(kind: ThreadKind) -> Rules {
+    let mut r: Rules = COMMON
+        .iter()
+        .chain(extra(kind))
+        .chain(REFUSED_WITH_EACCES)
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
+    // tgkill: only SIGABRT, which a panic's abort sends to its own thread.
+    r.insert(libc::SYS_tgkill, vec![arg_eq(2, libc::SIGABRT as u64)]);
+    let f = std::iter::once(libc::F_GETFD as u64).chain(fcntls(kind).iter().copied());
+    r.insert(libc::SYS_fcntl, f.map(|cmd| arg_eq(1, cmd)).collect());
+    if let Some(reqs) = ioctls(kind) {
+        let per_request = reqs.iter().map(|&req| arg_eq(1, req)).collect();
+        r.insert(libc::SYS_ioctl, per_request);
+    }
+    r
+}
+
+/// A rule matching calls whose argument `index` (compared as 32 bits) is `value`.
+fn arg_eq(index: u8, value: u64) -> SeccompRule {
+    let cond = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        .expect("argument index below 6");
+    SeccompRule::new(vec![cond]).expect("one condition")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_and_vcpu_threads_cannot_exec_or_open_sockets() {
+        for kind in [ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::BlockIo] {
+            let r = rules(kind);
+            for nr in [libc::SYS_execve, libc::SYS_socket, libc::SYS_clone3] {
+                assert!(!r.contains_key(&nr), "{kind:?} allows {nr}");
+            }
+        }
+        assert_eq!(
+            rules(ThreadKind::Vcpu)[&libc::SYS_ioctl].len(),
+            crate::kvm::VCPU_RUN_TIME_IOCTLS.len()
+        );
+        assert!(!rules(ThreadKind::Device).contains_key(&libc::SYS_ioctl));
+    }
+}
