@@ -43,10 +43,10 @@ const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
 /// The userfaultfd ioctls the fault thread makes once the guest runs (UFFDIO_UNREGISTER,
 /// UFFDIO_WAKE, UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WRITEPROTECT, from linux/userfaultfd.h):
 /// its seccomp filter (`sandbox`) allows these and no other.
-pub const RUN_TIME_IOCTLS: [u64; 5] = [
+pub const RUN_TIME_IOCTLS: [libc::c_ulong; 5] = [
     0x8010_aa01,
     0x8010_aa02,
-    UFFDIO_COPY as u64,
+    UFFDIO_COPY,
     0xc020_aa04,
     0xc018_aa06,
 ];
