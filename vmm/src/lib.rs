@@ -15,3 +15,4 @@ pub mod memory;
 pub mod metrics;
 pub mod runner;
 pub mod sandbox;
+pub mod snapshot;

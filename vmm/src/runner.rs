@@ -46,6 +46,7 @@ pub fn run(vmm: Vmm) -> Result<Outcome, RunError> {
         serial,
         boot: _,
         remote,
+        virtio: _,
     } = vmm;
     for mut vcpu in vcpus {
         let name = format!("vcpu{}", vcpu.index());

@@ -6,6 +6,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod worker;
 
 pub use worker::{DeviceThread, DeviceWorker};
