@@ -296,7 +296,11 @@ mod tests {
         for kind in ThreadKind::ALL {
             let r = rules(kind);
             let ioctls = r.get(&libc::SYS_ioctl).map(Vec::len);
-            eprintln!("{}: {} system calls, ioctl requests {ioctls:?}", kind.name(), r.len());
+            eprintln!(
+                "{}: {} system calls, ioctl requests {ioctls:?}",
+                kind.name(),
+                r.len()
+            );
             assert!(!filter(kind, Mode::Enforce).unwrap().is_empty(), "{kind:?}");
             assert!(!eacces_filter(kind).unwrap().is_empty());
             assert_eq!(ThreadKind::parse(kind.name()), Some(kind));
