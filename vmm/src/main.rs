@@ -116,6 +116,7 @@ struct RunArgs {
 /// Turns the sandbox on before anything starts a thread: `--no-seccomp` leaves the filters
 /// out, `VNODE_SECCOMP=log` only logs what they would refuse (how the lists were drawn up).
 fn init_sandbox(args: &RunArgs) -> anyhow::Result<()> {
+    use remote_blk::threads::ClientThread;
     use vmm::sandbox::{self, Mode, ThreadKind};
     let mode = if args.no_seccomp {
         Mode::Off
@@ -130,7 +131,12 @@ fn init_sandbox(args: &RunArgs) -> anyhow::Result<()> {
         .map(|k| ThreadKind::parse(k).with_context(|| format!("no thread kind {k}")))
         .transpose()?;
     sandbox::init(mode, probe)?;
-    remote_blk::nbd::client::on_reader_start(|| sandbox::enter_thread(ThreadKind::NbdReader));
+    remote_blk::threads::on_thread_start(|t| {
+        sandbox::enter_thread(match t {
+            ClientThread::Reader => ThreadKind::NbdReader,
+            ClientThread::Resync => ThreadKind::DiskResync,
+        })
+    });
     Ok(())
 }
 

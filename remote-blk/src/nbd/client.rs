@@ -228,15 +228,6 @@ impl Default for ConnectOptions {
     }
 }
 
-/// Called first on every reader thread the client starts: how a user that sandboxes its
-/// threads (vnode's seccomp filters) gets this one too. Set once, before connecting.
-static READER_START: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
-
-/// Sets the function every reader thread calls at its start (later calls are ignored).
-pub fn on_reader_start(f: fn()) {
-    let _ = READER_START.set(f);
-}
-
 /// One request for [`NbdClient::submit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -460,9 +451,7 @@ impl NbdClient {
         let rx = thread::Builder::new()
             .name("nbd-client-rx".into())
             .spawn(move || {
-                if let Some(f) = READER_START.get() {
-                    f();
-                }
+                crate::threads::started(crate::threads::ClientThread::Reader);
                 receive(&rx_inner, reader)
             })?;
         Ok(Self {

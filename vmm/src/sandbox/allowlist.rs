@@ -93,6 +93,26 @@ fn extra(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_fsync,
         ],
         ThreadKind::NbdReader => SOCKET_IO,
+        // Reconnects (socket, connect, timeouts) and copies between replicas; the new readers
+        // it starts enter their own sandbox ([`SPAWN`]).
+        ThreadKind::DiskResync => &[
+            libc::SYS_read,
+            libc::SYS_readv,
+            libc::SYS_recvfrom,
+            libc::SYS_recvmsg,
+            libc::SYS_sendmsg,
+            libc::SYS_sendto,
+            libc::SYS_writev,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_setsockopt,
+            libc::SYS_getsockopt,
+            libc::SYS_getsockname,
+            libc::SYS_getpeername,
+            libc::SYS_shutdown,
+        ],
         // Fault events, installs and drops; memory servers over TCP, including following a
         // migrated region to a new server (socket, connect, options).
         ThreadKind::Fault => &[
@@ -138,8 +158,6 @@ fn extra(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_unlink,
             libc::SYS_unlinkat,
             libc::SYS_accept4,
-            libc::SYS_clone,
-            libc::SYS_clone3,
             libc::SYS_epoll_create1,
             libc::SYS_epoll_ctl,
             libc::SYS_epoll_pwait,
@@ -153,15 +171,37 @@ fn extra(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_readv,
             libc::SYS_recvfrom,
             libc::SYS_recvmsg,
-            libc::SYS_rseq,
             libc::SYS_sched_getaffinity,
             libc::SYS_sendmsg,
             libc::SYS_sendto,
-            libc::SYS_set_robust_list,
             libc::SYS_shutdown,
             libc::SYS_writev,
         ],
     }
+}
+
+/// What a thread that starts threads at run time needs: the clone, the new thread's own set-up
+/// (robust futex list, rseq, its name), and entering its sandbox (capabilities, which are
+/// already gone, then no_new_privs and one more filter: nothing that widens anything).
+const SPAWN: &[i64] = &[
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_capget,
+    libc::SYS_capset,
+];
+
+/// `prctl` options allowed with [`SPAWN`]: a thread's name, dropping ambient capabilities and
+/// setting no_new_privs.
+const SPAWN_PRCTLS: &[u64] = &[
+    libc::PR_SET_NAME as u64,
+    libc::PR_CAP_AMBIENT as u64,
+    libc::PR_SET_NO_NEW_PRIVS as u64,
+];
+
+fn spawns_threads(kind: ThreadKind) -> bool {
+    matches!(kind, ThreadKind::DiskResync | ThreadKind::Api)
 }
 
 /// `fcntl` commands a kind may make besides F_GETFD (which Rust's debug builds use to check a
@@ -171,7 +211,7 @@ fn fcntls(kind: ThreadKind) -> &'static [u64] {
         // Cloning an eventfd (F_DUPFD_CLOEXEC) when a device starts.
         ThreadKind::Vcpu => &[libc::F_DUPFD_CLOEXEC as u64],
         // Reconnecting to a memory server; tokio's sockets.
-        ThreadKind::Fault | ThreadKind::Api => &[
+        ThreadKind::Fault | ThreadKind::Api | ThreadKind::DiskResync => &[
             libc::F_DUPFD_CLOEXEC as u64,
             libc::F_GETFL as u64,
             libc::F_SETFL as u64,
@@ -205,6 +245,13 @@ pub fn rules(kind: ThreadKind) -> Rules {
     if let Some(reqs) = ioctls(kind) {
         let per_request = reqs.iter().map(|&req| arg_eq(1, req)).collect();
         r.insert(libc::SYS_ioctl, per_request);
+    }
+    if spawns_threads(kind) {
+        r.extend(SPAWN.iter().map(|&nr| (nr, Vec::new())));
+        let prctls = SPAWN_PRCTLS.iter().map(|&op| arg_eq(0, op)).collect();
+        r.insert(libc::SYS_prctl, prctls);
+        let filter_mode = libc::SECCOMP_SET_MODE_FILTER as u64;
+        r.insert(libc::SYS_seccomp, vec![arg_eq(0, filter_mode)]);
     }
     if kind == ThreadKind::Api {
         // Any ioctl: tokio's FIONBIO, and the KVM_GET_* of a snapshot, which is not wired to

@@ -43,6 +43,9 @@ pub enum ThreadKind {
     BlockIo,
     /// The NBD client's reply reader (`nbd-client-rx`).
     NbdReader,
+    /// A replicated disk's `blk-resync`: reconnects failed replicas (starting their readers,
+    /// which enter [`ThreadKind::NbdReader`] on top of this) and copies data to them.
+    DiskResync,
     /// The ExCache fault thread (`excache-fault`): userfaultfd, memory servers over TCP.
     Fault,
     /// The event loop for serial input (`vmm-events`).
@@ -52,12 +55,13 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Device,
         ThreadKind::BlockIo,
         ThreadKind::NbdReader,
+        ThreadKind::DiskResync,
         ThreadKind::Fault,
         ThreadKind::Events,
         ThreadKind::Api,
@@ -70,6 +74,7 @@ impl ThreadKind {
             ThreadKind::Device => "device",
             ThreadKind::BlockIo => "block-io",
             ThreadKind::NbdReader => "nbd-reader",
+            ThreadKind::DiskResync => "disk-resync",
             ThreadKind::Fault => "fault",
             ThreadKind::Events => "events",
             ThreadKind::Api => "api",
