@@ -52,8 +52,9 @@ pub fn opens_files(kind: ThreadKind) -> bool {
     kind == ThreadKind::Api
 }
 
-/// Network I/O on sockets opened at set-up.
+/// Network I/O on sockets opened at set-up, and shutting one down when its peer failed.
 const SOCKET_IO: &[i64] = &[
+    libc::SYS_shutdown,
     libc::SYS_read,
     libc::SYS_readv,
     libc::SYS_recvfrom,
@@ -68,7 +69,8 @@ const SOCKET_IO: &[i64] = &[
 fn extra(kind: ThreadKind) -> &'static [i64] {
     match kind {
         // Waits for the VM to stop (futex), prints stats, joins the others, tears down.
-        ThreadKind::Main => &[libc::SYS_fsync, libc::SYS_fdatasync],
+        // Closing the disks' connections (shutdown) at exit.
+        ThreadKind::Main => &[libc::SYS_fsync, libc::SYS_fdatasync, libc::SYS_shutdown],
         // The serial output (stdout or a file), eventfds (irqfd, queue notify), a device's
         // DRIVER_OK or reset (dup of the notify eventfd, handing the loop to its worker).
         ThreadKind::Vcpu => &[libc::SYS_read, libc::SYS_writev, libc::SYS_dup],
@@ -83,6 +85,7 @@ fn extra(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_writev,
             libc::SYS_sendto,
             libc::SYS_sendmsg,
+            libc::SYS_shutdown,
         ],
         ThreadKind::BlockIo => &[
             libc::SYS_pread64,
@@ -132,6 +135,7 @@ fn extra(kind: ThreadKind) -> &'static [i64] {
             libc::SYS_getsockopt,
             libc::SYS_getsockname,
             libc::SYS_getpeername,
+            libc::SYS_shutdown,
         ],
         ThreadKind::Events => &[
             libc::SYS_epoll_wait,
