@@ -225,11 +225,20 @@ fn fcntls(kind: ThreadKind) -> &'static [u64] {
     }
 }
 
+/// The fault thread's: userfaultfd's, and FIONBIO for connecting to a memory server with a
+/// deadline (TcpStream::connect_timeout) when it follows a migrated or failed-over region.
+const FAULT_IOCTLS: [u64; 6] = {
+    let u = crate::memory::uffd::RUN_TIME_IOCTLS;
+    [u[0], u[1], u[2], u[3], u[4], libc::FIONBIO]
+};
+
 /// `ioctl` requests a kind may make; None: no ioctl at all.
 fn ioctls(kind: ThreadKind) -> Option<&'static [u64]> {
     match kind {
         ThreadKind::Vcpu => Some(&crate::kvm::VCPU_RUN_TIME_IOCTLS),
-        ThreadKind::Fault => Some(&crate::memory::uffd::RUN_TIME_IOCTLS),
+        ThreadKind::Fault => Some(&FAULT_IOCTLS),
+        // FIONBIO: connecting with a deadline (TcpStream::connect_timeout) to a replica.
+        ThreadKind::DiskResync => Some(&[libc::FIONBIO]),
         _ => None,
     }
 }
