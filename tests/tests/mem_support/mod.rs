@@ -107,6 +107,10 @@ impl Memd {
         panic!("vnode-memd {pid} did not stop");
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
