@@ -3,6 +3,7 @@
 //! and writes allocates nothing.
 
 use std::io::{self, IoSlice};
+use std::time::Instant;
 
 use super::metrics::Metrics;
 use super::store::StoreError;
@@ -155,6 +156,23 @@ impl<C: Conn> ConnState<'_, C> {
             (Some(v), _) => v,
         };
         self.out.clear();
+        let started = Instant::now();
+        let shared = self.shared;
+        let lat = &shared.metrics.latency;
+        let hist = match &req {
+            Request::Read { .. } => &lat.read,
+            Request::Write { .. } => &lat.write,
+            Request::Alloc { .. } => &lat.alloc,
+            Request::Free { .. } => &lat.free,
+            Request::Migrate { .. } | Request::Hello { .. } => &lat.migrate,
+        };
+        let next = self.execute(tag, vnode, req);
+        hist.record(started.elapsed());
+        next
+    }
+
+    /// Serves an authenticated request and sends its reply.
+    fn execute(&mut self, tag: u64, vnode: u64, req: Request<'_>) -> io::Result<Next> {
         let store = &self.shared.store;
         let result = match req {
             Request::Read { region, pages } => self.read(tag, vnode, region, pages),

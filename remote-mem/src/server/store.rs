@@ -232,6 +232,20 @@ impl Store {
         self.capacity_pages.saturating_sub(t.used_pages)
     }
 
+    /// Per vNode: its regions here and their pages.
+    pub fn usage_by_vnode(&self) -> Vec<(u64, u64, u64)> {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let mut by: HashMap<u64, (u64, u64)> = HashMap::new();
+        for ((vnode, _), r) in &t.regions {
+            let e = by.entry(*vnode).or_default();
+            e.0 += 1;
+            e.1 += r.pages;
+        }
+        let mut v: Vec<_> = by.into_iter().map(|(n, (r, p))| (n, r, p)).collect();
+        v.sort_unstable();
+        v
+    }
+
     pub fn sync(&self) -> bool {
         self.sync
     }
