@@ -196,13 +196,16 @@ pub fn command<C: CommandFactory>(program: Program) -> Command {
         ExitTable::Guest => GUEST_EXITS,
         ExitTable::Standard => STANDARD_EXITS,
     };
-    let cmd = C::command();
-    let after = match cmd.get_after_help() {
-        Some(own) => format!("{own}\n\n{table}\n\n{LOG_HELP}"),
-        None => format!("{table}\n\n{LOG_HELP}"),
-    };
+    let mut cmd = with_after_help(C::command(), table);
+    // `vnode run --help` shows the table too.
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .collect();
+    for name in subs {
+        cmd = cmd.mut_subcommand(name, |s| with_after_help(s, table));
+    }
     cmd.version(crate::version::VERSION)
-        .after_help(after)
         .arg(
             Arg::new(LOG_FORMAT)
                 .long(LOG_FORMAT)
@@ -223,6 +226,14 @@ pub fn command<C: CommandFactory>(program: Program) -> Command {
                 .hide(true)
                 .help("Print shell completions or a man page and exit"),
         )
+}
+
+fn with_after_help(cmd: Command, table: &str) -> Command {
+    let after = match cmd.get_after_help() {
+        Some(own) => format!("{own}\n\n{table}\n\n{LOG_HELP}"),
+        None => format!("{table}\n\n{LOG_HELP}"),
+    };
+    cmd.after_help(after)
 }
 
 /// What the command line asks for.

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use vnode_common::cli::{self, Exit, ExitTable, Failure, Program, ResultExt};
 
 use vmm::config::{self, SerialOut, VmConfig};
 use vmm::runner::{self, Outcome};
@@ -22,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a guest and run it until it exits. vnode exits with the guest's status (0 = success).
+    /// Boot a guest and run it until it exits. vnode exits with the guest's status (0 = success;
+    /// 250-253 are vnode's own, see below).
     Run(RunArgs),
 }
 
@@ -184,36 +186,27 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
     Ok((cfg, args.stats))
 }
 
-fn run(args: RunArgs) -> anyhow::Result<Outcome> {
-    let (cfg, stats) = vm_config(args)?;
+/// Configuration errors exit 250, set-up errors 251, a fatal VM error 252; otherwise the guest's
+/// status (`vnode_common::cli`).
+fn run(args: RunArgs) -> Result<Exit, Failure> {
+    let (cfg, stats) = vm_config(args).usage()?;
     let vmm = vmm::builder::build(&cfg).context("cannot build the VM")?;
     let outcome = runner::run(vmm)?;
     if stats {
         eprintln!("{}", runner::stats_json());
     }
-    Ok(outcome)
+    match outcome {
+        Outcome::Guest(status) => Ok(Exit::Guest(status)),
+        Outcome::Fatal(msg) => Err(Failure::new(Exit::Runtime, anyhow::anyhow!(msg))),
+    }
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VNODE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Run(args) => match run(args) {
-            Ok(Outcome::Guest(status)) => ExitCode::from(status),
-            Ok(Outcome::Fatal(msg)) => {
-                eprintln!("vnode: error: {msg}");
-                ExitCode::from(1)
-            }
-            Err(e) => {
-                eprintln!("vnode: error: {e:#}");
-                ExitCode::from(1)
-            }
-        },
-    }
+    let program = Program {
+        default_log: "warn",
+        exits: ExitTable::Guest,
+    };
+    cli::main(program, |cli: Cli| match cli.command {
+        Command::Run(args) => run(args),
+    })
 }
