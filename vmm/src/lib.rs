@@ -14,3 +14,4 @@ pub mod kvm;
 pub mod memory;
 pub mod metrics;
 pub mod runner;
+pub mod snapshot;

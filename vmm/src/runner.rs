@@ -45,6 +45,7 @@ pub fn run(vmm: Vmm) -> Result<Outcome, RunError> {
         serial,
         boot: _,
         remote,
+        virtio: _,
     } = vmm;
     for mut vcpu in vcpus {
         let name = format!("vcpu{}", vcpu.index());
@@ -113,10 +114,13 @@ fn install_stats_signal() {
     }
 }
 
-/// The VM's counters as one JSON object: `vmm`, and `excache` when guest RAM is remote.
+/// The VM's counters as one JSON object: `vmm`, `excache` when guest RAM is remote (with
+/// `replication` when it is replicated), and `replicated_disks` (one entry per replicated disk).
 pub fn stats_json() -> String {
     let excache = crate::memory::fault::EXCACHE_STATS
         .get()
         .map(|s| s.to_json());
-    serde_json::json!({ "vmm": &METRICS, "excache": excache }).to_string()
+    let disks = crate::devices::virtio::block::backend::replication_json();
+    serde_json::json!({ "vmm": &METRICS, "excache": excache, "replicated_disks": disks })
+        .to_string()
 }

@@ -25,7 +25,7 @@ const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 const BP_VECTOR: u8 = 3;
 
 pub struct Vcpu {
-    fd: VcpuFd,
+    pub(super) fd: VcpuFd,
     index: u32,
 }
 

@@ -117,6 +117,7 @@ impl ExCacheStats {
             "max_resident_pages": self.max_resident_pages.get(),
             "limit_pages": self.limit_pages.get(),
             "time_us": self.time.to_json(),
+            "replication": super::source::replication_json(),
         })
     }
 }

@@ -3,7 +3,9 @@
 //! keeps pages in this process, so the fault path can be measured without a network (the
 //! platform's userfaultfd floor) and tested without servers.
 
-use remote_mem::{ClientError, MemClient, ReplicatedRegion};
+use std::sync::{Arc, OnceLock};
+
+use remote_mem::{ClientError, MemClient, RegionHealth, ReplicatedRegion};
 
 use super::uffd::PAGE;
 
@@ -85,12 +87,15 @@ pub enum RemoteSource {
 pub const GUEST_RAM_REGION: u64 = 0;
 
 impl RemoteSource {
-    /// Connects to `servers` (one, or primary then backup) and allocates `pages` pages.
+    /// Connects to `servers` (one, or primary then backup) and allocates `pages` pages, or,
+    /// with `attach`, opens the region of `pages` pages that an earlier VMM of this vNode left
+    /// there (a restore).
     pub fn connect(
         servers: &[String],
         vnode_id: u64,
         secret: &[u8],
         pages: u64,
+        attach: bool,
     ) -> Result<Self, SourceError> {
         let mut clients = Vec::with_capacity(servers.len());
         for s in servers {
@@ -101,19 +106,52 @@ impl RemoteSource {
             _ => {
                 let backup = clients.pop().expect("two clients");
                 let primary = clients.pop().expect("two clients");
-                RemoteSource::Replicated(Box::new(ReplicatedRegion::new(
-                    GUEST_RAM_REGION,
-                    primary,
-                    backup,
-                )))
+                let r = ReplicatedRegion::new(GUEST_RAM_REGION, primary, backup);
+                let _ = MEM_REPLICATION.set(r.health());
+                RemoteSource::Replicated(Box::new(r))
             }
         };
-        match &mut src {
-            RemoteSource::Single(c) => c.alloc_region(GUEST_RAM_REGION, pages)?,
-            RemoteSource::Replicated(r) => r.alloc(pages)?,
+        match (&mut src, attach) {
+            (RemoteSource::Single(c), false) => c.alloc_region(GUEST_RAM_REGION, pages)?,
+            (RemoteSource::Single(c), true) => {
+                c.open_region(GUEST_RAM_REGION, pages)?;
+            }
+            (RemoteSource::Replicated(r), false) => r.alloc(pages)?,
+            (RemoteSource::Replicated(r), true) => r.open(pages)?,
         }
         Ok(src)
     }
+}
+
+/// The health of replicated guest RAM, when it is replicated (for the VM's stats).
+pub static MEM_REPLICATION: OnceLock<Arc<RegionHealth>> = OnceLock::new();
+
+/// Guest RAM's replica states, fail-overs and degraded time as JSON (null when unreplicated).
+pub fn replication_json() -> serde_json::Value {
+    let Some(h) = MEM_REPLICATION.get() else {
+        return serde_json::Value::Null;
+    };
+    let s = h.snapshot();
+    let replicas: Vec<_> = s
+        .replicas
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "role": r.role,
+                "server": r.server,
+                "state": r.state.as_str(),
+                "failure": r.failure,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "region": s.region,
+        "state": s.state,
+        "replicas": replicas,
+        "failovers": s.failovers,
+        "degraded_since_unix_ms": s.degraded_since_unix_ms,
+        "degraded_ms": s.degraded_ms,
+    })
 }
 
 impl PageSource for RemoteSource {
