@@ -125,6 +125,10 @@ fn remote_mem_config(
         .map(config::parse_size)
         .transpose()?
         .unwrap_or(mem_size);
+    // Checked here too (the builder checks it again) so that it is a usage error (250).
+    if !(1 << 20..=mem_size).contains(&local_mem) {
+        anyhow::bail!("--local-mem {local_mem} must be at least 1 MiB and at most --mem");
+    }
     let secret = match &args.mem_secret_file {
         Some(f) => std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?,
         None => std::env::var("VNODE_SECRET")

@@ -156,23 +156,22 @@ impl<C: Conn> ConnState<'_, C> {
             (Some(v), _) => v,
         };
         self.out.clear();
+        self.execute(tag, vnode, req)
+    }
+
+    /// Serves an authenticated request and sends its reply; its service time is recorded
+    /// before the reply goes out, so a client that got its reply finds it in the metrics.
+    fn execute(&mut self, tag: u64, vnode: u64, req: Request<'_>) -> io::Result<Next> {
         let started = Instant::now();
-        let shared = self.shared;
-        let lat = &shared.metrics.latency;
+        let lat = &self.shared.metrics.latency;
         let hist = match &req {
             Request::Read { .. } => &lat.read,
             Request::Write { .. } => &lat.write,
             Request::Alloc { .. } => &lat.alloc,
+            Request::Open { .. } => &lat.open,
             Request::Free { .. } => &lat.free,
             Request::Migrate { .. } | Request::Hello { .. } => &lat.migrate,
         };
-        let next = self.execute(tag, vnode, req);
-        hist.record(started.elapsed());
-        next
-    }
-
-    /// Serves an authenticated request and sends its reply.
-    fn execute(&mut self, tag: u64, vnode: u64, req: Request<'_>) -> io::Result<Next> {
         let store = &self.shared.store;
         let result = match req {
             Request::Read { region, pages } => self.read(tag, vnode, region, pages),
@@ -204,6 +203,7 @@ impl<C: Conn> ConnState<'_, C> {
                 protocol::encode_error(&mut self.out, tag, e.code(), &e.to_string());
             }
         }
+        hist.record(started.elapsed());
         self.conn.send(&mut [IoSlice::new(&self.out)])?;
         Ok(Next::Continue)
     }

@@ -149,12 +149,13 @@ impl Server {
         LatencyFamily::register(
             &mut r,
             "vnode_memd_request_duration",
-            "Service time of requests by kind, until the reply is sent",
+            "Service time of requests by kind, until the reply is ready to send",
             "op",
             vec![
                 ("read", lat.read.clone()),
                 ("write", lat.write.clone()),
                 ("alloc", lat.alloc.clone()),
+                ("open", lat.open.clone()),
                 ("free", lat.free.clone()),
                 ("migrate", lat.migrate.clone()),
             ],

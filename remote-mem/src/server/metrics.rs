@@ -18,7 +18,7 @@ pub struct Metrics {
     pub pages_read: AtomicU64,
     pub pages_written: AtomicU64,
     pub regions_migrated: AtomicU64,
-    /// Service time of each request by kind, from its decoding to its reply being sent.
+    /// Service time of each request by kind, from its decoding to its reply being ready to send.
     pub latency: OpLatency,
 }
 
@@ -28,6 +28,7 @@ pub struct OpLatency {
     pub read: LatencyHistogram,
     pub write: LatencyHistogram,
     pub alloc: LatencyHistogram,
+    pub open: LatencyHistogram,
     pub free: LatencyHistogram,
     pub migrate: LatencyHistogram,
 }

@@ -123,7 +123,7 @@ pub fn spawn_memd(args: &[&str], log: &Path) -> Child {
     Command::new(memd_bin())
         .args(args)
         .env("VNODE_SECRET", SECRET_STR)
-        .env("RUST_LOG", "info")
+        .env("VNODE_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).expect("create stderr log"))
