@@ -17,16 +17,19 @@ use remote_mem::server::{Server, ServerConfig};
 use remote_mem::transport::rdma;
 use remote_mem::PAGE_SIZE;
 use vnode_common::cli::{self, Exit, ExitTable, Failure, Program, ResultExt};
+use vnode_common::secret::{self, Secret};
 use vnode_common::size::{format_size, parse_size};
 use vnode_common::{host, metrics, ready};
 
-const SECRET_ENV: &str = "VNODE_SECRET";
+const SECRET_ENV: &str = vnode_common::CLUSTER_KEY_ENV;
 
 /// vNode memory server: stores the pages of remote guest RAM.
 ///
-/// Clients must present the shared secret, read from --secret-file PATH or else from the
-/// environment variable VNODE_SECRET (a trailing newline is ignored). Without either the server
-/// refuses to start, unless --insecure is given, in which case any credential is accepted.
+/// The server holds the cluster key, read from --secret-file PATH or else from the environment
+/// variable VNODE_SECRET (trailing line endings are ignored). Each vNode proves it holds its
+/// own credential, derived from that key and its vNode id (`vnode-cred mem --vnode-id ID`),
+/// and reaches only its own regions. Without a key the server refuses to start, unless
+/// --insecure is given, in which case any client is accepted.
 #[derive(Parser, Debug)]
 #[command(name = "vnode-memd", version)]
 struct Args {
@@ -40,7 +43,7 @@ struct Args {
     /// Without it, pages live in memory only.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// File holding the shared secret (else env VNODE_SECRET).
+    /// File holding the cluster key (else env VNODE_SECRET).
     #[arg(long)]
     secret_file: Option<PathBuf>,
     /// Run without a secret: accept any credential. For experiments only.
@@ -55,6 +58,16 @@ struct Args {
     /// Most connections served at once (each is a thread); more are refused.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Close an authenticated connection silent for this many seconds (0: never). Clients
+    /// that wait longer (the VMM's fault thread) send pings.
+    #[arg(long, default_value_t = 900)]
+    idle_timeout: u64,
+    /// Regions one vNode may hold on this server.
+    #[arg(long, default_value_t = 64)]
+    max_regions_per_vnode: usize,
+    /// Memory one vNode may hold on this server (default: all of --capacity).
+    #[arg(long, value_parser = parse_size)]
+    max_mem_per_vnode: Option<u64>,
     /// Log the server's counters as one line every this many seconds (0: never).
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     stats_interval: u64,
@@ -68,29 +81,17 @@ struct Args {
     sync: bool,
 }
 
-fn load_secret(args: &Args) -> Result<Option<Vec<u8>>> {
-    let raw = match (&args.secret_file, std::env::var_os(SECRET_ENV)) {
-        (Some(p), _) => std::fs::read(p).with_context(|| format!("cannot read secret file {}", p.display()))?,
-        (None, Some(v)) => v.into_encoded_bytes(),
-        (None, None) if args.insecure => {
-            tracing::warn!("running --insecure: any client credential is accepted");
-            return Ok(None);
+fn load_secret(args: &Args) -> Result<Option<Secret>> {
+    match secret::load(args.secret_file.as_deref(), SECRET_ENV)? {
+        Some(s) => Ok(Some(s)),
+        None if args.insecure => {
+            tracing::warn!("running --insecure: any client is accepted, and clients cannot tell this server from an impostor");
+            Ok(None)
         }
-        (None, None) => bail!(
+        None => bail!(
             "no secret: give --secret-file PATH or set {SECRET_ENV} (or --insecure to accept any client)"
         ),
-    };
-    let mut s = raw.as_slice();
-    while let Some(rest) = s.strip_suffix(b"\n").or_else(|| s.strip_suffix(b"\r")) {
-        s = rest;
     }
-    if s.is_empty() || s.len() > remote_mem::protocol::MAX_SECRET {
-        bail!(
-            "the secret must be 1 to {} bytes",
-            remote_mem::protocol::MAX_SECRET
-        );
-    }
-    Ok(Some(s.to_vec()))
 }
 
 /// `--data-dir`: an existing directory, or a new one whose parent exists (only the last
@@ -166,13 +167,16 @@ fn check_capacity(capacity: u64, data_dir: Option<&Path>) -> Result<u64> {
 fn plan(args: &Args) -> Result<ServerConfig> {
     let secret = load_secret(args)?;
     let capacity_pages = check_capacity(args.capacity, args.data_dir.as_deref())?;
-    Ok(ServerConfig {
-        capacity_pages,
-        data_dir: args.data_dir.clone(),
-        secret,
-        sync: args.sync,
-        max_connections: args.max_connections,
-    })
+    let mut cfg = ServerConfig::new(capacity_pages, secret);
+    cfg.data_dir = args.data_dir.clone();
+    cfg.sync = args.sync;
+    cfg.max_connections = args.max_connections;
+    cfg.idle_timeout = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
+    cfg.max_regions_per_vnode = args.max_regions_per_vnode;
+    if let Some(m) = args.max_mem_per_vnode {
+        cfg.max_pages_per_vnode = m / PAGE_SIZE as u64;
+    }
+    Ok(cfg)
 }
 
 fn run(args: Args) -> Result<Exit, Failure> {

@@ -12,8 +12,9 @@ use std::time::Duration;
 use vnode_common::ready::spawn_and_wait;
 use vnode_tests::{bin, guest_image, run_with_deadline, Finished};
 
-const BINARIES: [&str; 6] = [
+const BINARIES: [&str; 7] = [
     "vnode",
+    "vnode-cred",
     "vnodectl",
     "vnode-memd",
     "vnode-blkd",

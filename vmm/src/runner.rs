@@ -120,7 +120,10 @@ pub fn stats_json() -> String {
     let excache = crate::memory::fault::EXCACHE_STATS
         .get()
         .map(|s| s.to_json());
+    let vnode_id = crate::memory::VNODE_ID
+        .get()
+        .map(|id| format!("{id:#018x}"));
     let disks = crate::devices::virtio::block::backend::replication_json();
-    serde_json::json!({ "vmm": &METRICS, "excache": excache, "replicated_disks": disks })
+    serde_json::json!({ "vmm": &METRICS, "vnode_id": vnode_id, "excache": excache, "replicated_disks": disks })
         .to_string()
 }

@@ -34,6 +34,14 @@ pub enum LogError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "memory log {path}: no room for {bytes} bytes in the data directory ({available} bytes available)"
+    )]
+    NoSpace {
+        path: PathBuf,
+        bytes: u64,
+        available: u64,
+    },
     #[error("memory log {path}: cannot remove region file")]
     Remove {
         path: PathBuf,
@@ -146,6 +154,19 @@ impl MemLog {
             .open(&tmp)
             .map_err(create_err)?;
         file.set_len(len).map_err(create_err)?;
+        // Reserve the blocks now: a sparse file that later cannot grow would turn a page write
+        // into SIGBUS for the whole server.
+        if let Err(e) = reserve(&file, &self.dir, len) {
+            let _ = fs::remove_file(&tmp);
+            return Err(match e {
+                Reserve::NoSpace(available) => LogError::NoSpace {
+                    path,
+                    bytes: len,
+                    available,
+                },
+                Reserve::Io(source) => LogError::Create { path, source },
+            });
+        }
         if self.sync {
             file.sync_all().map_err(create_err)?;
         }
@@ -171,6 +192,48 @@ impl MemLog {
             File::open(&self.dir)?.sync_all()?;
         }
         Ok(())
+    }
+}
+
+enum Reserve {
+    NoSpace(u64),
+    Io(io::Error),
+}
+
+/// Bytes the unprivileged user can still write in the filesystem holding `dir`.
+pub fn available_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` points at a statvfs the call fills.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the struct.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Allocates `len` bytes of `file`'s blocks (fallocate); where the filesystem cannot, checks
+/// that the free space could hold them.
+fn reserve(file: &File, dir: &Path, len: u64) -> Result<(), Reserve> {
+    use std::os::fd::AsRawFd;
+    let Ok(off_len) = libc::off_t::try_from(len) else {
+        return Err(Reserve::Io(io::ErrorKind::InvalidInput.into()));
+    };
+    // SAFETY: `file` is open for writing for the duration of the call; no memory is passed.
+    let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, off_len) };
+    let available = || available_bytes(dir).unwrap_or(0);
+    match r {
+        0 => Ok(()),
+        libc::ENOSPC | libc::EFBIG => Err(Reserve::NoSpace(available())),
+        libc::EOPNOTSUPP | libc::EINVAL => match available_bytes(dir) {
+            Ok(a) if a >= len => Ok(()),
+            Ok(a) => Err(Reserve::NoSpace(a)),
+            Err(e) => Err(Reserve::Io(e)),
+        },
+        e => Err(Reserve::Io(io::Error::from_raw_os_error(e))),
     }
 }
 

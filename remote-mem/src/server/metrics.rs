@@ -18,6 +18,10 @@ pub struct Metrics {
     pub pages_read: AtomicU64,
     pub pages_written: AtomicU64,
     pub regions_migrated: AtomicU64,
+    /// Connections refused at accept because `--max-connections` were open.
+    pub busy_refused: AtomicU64,
+    /// Connections closed for missing the handshake deadline or the idle timeout.
+    pub timeouts: AtomicU64,
     /// Service time of each request by kind, from its decoding to its reply being ready to send.
     pub latency: OpLatency,
 }
@@ -42,7 +46,7 @@ impl Metrics {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "connections={} auth_failures={} bad_frames={} requests_refused={} pages_read={} pages_written={} regions_migrated={}",
+            "connections={} auth_failures={} bad_frames={} requests_refused={} pages_read={} pages_written={} regions_migrated={} busy_refused={} timeouts={}",
             g(&self.connections),
             g(&self.auth_failures),
             g(&self.bad_frames),
@@ -50,6 +54,8 @@ impl Metrics {
             g(&self.pages_read),
             g(&self.pages_written),
             g(&self.regions_migrated),
+            g(&self.busy_refused),
+            g(&self.timeouts),
         )
     }
 }

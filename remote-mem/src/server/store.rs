@@ -44,6 +44,24 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("vnode {vnode:#x} would hold {what}, over this server's per-vNode limit of {limit}")]
+    Limit {
+        vnode: u64,
+        what: String,
+        limit: u64,
+    },
+    #[error("--capacity of {capacity} bytes is more than {place} can hold ({room} bytes)")]
+    TooLarge {
+        capacity: u64,
+        room: u64,
+        place: String,
+    },
+    #[error("cannot tell how much {place} can hold")]
+    Room {
+        place: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("migration to {target} failed: {reason}")]
     Migrate { target: String, reason: String },
     #[error(transparent)]
@@ -60,9 +78,13 @@ impl StoreError {
             StoreError::Capacity { .. } => ErrorCode::Capacity,
             StoreError::Empty => ErrorCode::Malformed,
             StoreError::OutOfRange { .. } => ErrorCode::OutOfRange,
-            StoreError::Map { .. } | StoreError::Log(_) | StoreError::Migrate { .. } => {
-                ErrorCode::Internal
-            }
+            StoreError::Limit { .. } => ErrorCode::Limit,
+            StoreError::Log(LogError::NoSpace { .. }) => ErrorCode::NoSpace,
+            StoreError::Map { .. }
+            | StoreError::Log(_)
+            | StoreError::Migrate { .. }
+            | StoreError::TooLarge { .. }
+            | StoreError::Room { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -165,9 +187,25 @@ struct Table {
     used_pages: u64,
 }
 
+/// What one vNode may hold on this server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub regions_per_vnode: usize,
+    pub pages_per_vnode: u64,
+}
+
+impl Limits {
+    /// No limit beyond the server's capacity.
+    pub const NONE: Limits = Limits {
+        regions_per_vnode: usize::MAX,
+        pages_per_vnode: u64::MAX,
+    };
+}
+
 pub struct Store {
     table: RwLock<Table>,
     capacity_pages: u64,
+    limits: Limits,
     log: Option<MemLog>,
     sync: bool,
     /// Serializes allocation and free against the log, so file creation and the table agree.
@@ -181,6 +219,7 @@ impl Store {
         capacity_pages: u64,
         data_dir: Option<&Path>,
         sync: bool,
+        limits: Limits,
     ) -> Result<Store, StoreError> {
         let mut table = Table {
             regions: HashMap::new(),
@@ -188,7 +227,15 @@ impl Store {
             used_pages: 0,
         };
         let log = match data_dir {
-            None => None,
+            None => {
+                check_room(
+                    capacity_pages,
+                    0,
+                    host_memory_bytes(),
+                    "this host's RAM and swap",
+                )?;
+                None
+            }
             Some(dir) => {
                 let (log, found) = MemLog::open(dir, sync)?;
                 for r in found {
@@ -211,6 +258,12 @@ impl Store {
                         }),
                     );
                 }
+                check_room(
+                    capacity_pages,
+                    table.used_pages,
+                    super::log::available_bytes(dir),
+                    &format!("the data directory {}", dir.display()),
+                )?;
                 if table.used_pages > capacity_pages {
                     tracing::warn!(used = table.used_pages, capacity_pages, "memory log holds more than --capacity; no allocation will succeed until regions are freed");
                 }
@@ -220,6 +273,7 @@ impl Store {
         Ok(Store {
             table: RwLock::new(table),
             capacity_pages,
+            limits,
             log,
             sync,
             alloc_lock: Mutex::new(()),
@@ -288,6 +342,7 @@ impl Store {
                     capacity: self.capacity_pages,
                 });
             }
+            self.check_limits(&t, vnode, pages)?;
         }
         // pages <= capacity, and --capacity is bounded by what usize can address.
         let len = pages as usize * PAGE_SIZE;
@@ -309,6 +364,32 @@ impl Store {
                 }),
             }),
         );
+        Ok(())
+    }
+
+    /// Refuses an allocation of `pages` more pages that would take `vnode` over its limits.
+    fn check_limits(&self, t: &Table, vnode: u64, pages: u64) -> Result<(), StoreError> {
+        let (mut regions, mut held) = (0usize, 0u64);
+        for ((v, _), r) in &t.regions {
+            if *v == vnode {
+                regions += 1;
+                held += r.pages;
+            }
+        }
+        if regions >= self.limits.regions_per_vnode {
+            return Err(StoreError::Limit {
+                vnode,
+                what: format!("{} regions", regions + 1),
+                limit: self.limits.regions_per_vnode as u64,
+            });
+        }
+        if held.saturating_add(pages) > self.limits.pages_per_vnode {
+            return Err(StoreError::Limit {
+                vnode,
+                what: format!("{} pages", held.saturating_add(pages)),
+                limit: self.limits.pages_per_vnode,
+            });
+        }
         Ok(())
     }
 
@@ -358,6 +439,43 @@ impl Store {
     }
 }
 
+/// Refuses a capacity larger than `room` (bytes free) plus what the store already holds.
+fn check_room(
+    capacity_pages: u64,
+    held_pages: u64,
+    room: std::io::Result<u64>,
+    place: &str,
+) -> Result<(), StoreError> {
+    let room = room.map_err(|source| StoreError::Room {
+        place: place.to_string(),
+        source,
+    })?;
+    let page = PAGE_SIZE as u64;
+    let can_hold = room.saturating_add(held_pages.saturating_mul(page));
+    let capacity = capacity_pages.saturating_mul(page);
+    if capacity > can_hold {
+        return Err(StoreError::TooLarge {
+            capacity,
+            room: can_hold,
+            place: place.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// MemTotal + SwapTotal from /proc/meminfo: what anonymous regions could ever use.
+fn host_memory_bytes() -> std::io::Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo")?;
+    let kib = |key: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((kib("MemTotal:") + kib("SwapTotal:")) * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,7 +492,7 @@ mod tests {
 
     #[test]
     fn write_read_capacity_and_namespaces() {
-        let s = Store::open(10, None, false).expect("open");
+        let s = Store::open(10, None, false, Limits::NONE).expect("open");
         s.alloc(1, 0, 4).expect("alloc");
         assert!(matches!(s.alloc(1, 0, 1), Err(StoreError::Exists { .. })));
         assert!(matches!(
@@ -417,5 +535,34 @@ mod tests {
             s.open_region(1, 0, 4),
             Err(StoreError::Moved { .. })
         ));
+    }
+
+    #[test]
+    fn capacity_beyond_the_host_is_refused() {
+        let e = Store::open(u64::MAX / 8192, None, false, Limits::NONE)
+            .err()
+            .expect("an exabyte of RAM is refused");
+        assert!(e.to_string().contains("RAM and swap"), "{e}");
+        assert!(check_room(10, 0, Ok(10 * PAGE_SIZE as u64), "x").is_ok());
+        assert!(check_room(10, 5, Ok(5 * PAGE_SIZE as u64), "x").is_ok());
+        assert!(check_room(10, 0, Ok(9 * PAGE_SIZE as u64), "x").is_err());
+    }
+
+    #[test]
+    fn per_vnode_limits() {
+        let limits = Limits {
+            regions_per_vnode: 2,
+            pages_per_vnode: 5,
+        };
+        let s = Store::open(100, None, false, limits).expect("open");
+        s.alloc(1, 0, 1).expect("first");
+        s.alloc(1, 1, 1).expect("second");
+        let e = s.alloc(1, 2, 1).expect_err("third region");
+        assert_eq!(e.code(), ErrorCode::Limit);
+        assert!(e.to_string().contains("3 regions"), "{e}");
+        s.alloc(2, 0, 5).expect("another vNode has its own budget");
+        s.free(1, 1).expect("free");
+        assert!(matches!(s.alloc(1, 1, 5), Err(StoreError::Limit { .. })));
+        s.alloc(1, 1, 4).expect("within the page limit");
     }
 }

@@ -94,6 +94,9 @@ fn timed<T>(c: &Counter, f: impl FnOnce() -> T) -> T {
 
 /// Pages evicted at once when the ExCache is full (at most an eighth of its capacity).
 const EVICT_BATCH: usize = 32;
+/// A fault thread that has served nothing for this long pings its memory servers, well
+/// inside vnode-memd's default 15-minute idle timeout.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl ExCacheStats {
     /// All counters as JSON, with fault service latency p50/p99 in microseconds.
@@ -184,14 +187,31 @@ impl FaultServer {
                 revents: 0,
             },
         ];
+        let mut last_activity = std::time::Instant::now();
         loop {
             // Spinning polls without sleeping (timeout 0): it saves the wake-up of a sleeping
-            // thread on every fault at the price of a busy core.
-            let timeout = if self.spin { 0 } else { -1 };
+            // thread on every fault at the price of a busy core. A sleeping poll wakes every
+            // KEEPALIVE to keep the servers' connections alive through a quiet guest.
+            let timeout = if self.spin {
+                0
+            } else {
+                KEEPALIVE.as_millis() as libc::c_int
+            };
             // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
             let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
             if r < 0 {
                 continue; // EINTR
+            }
+            if r > 0 {
+                last_activity = std::time::Instant::now();
+            } else if last_activity.elapsed() >= KEEPALIVE {
+                last_activity = std::time::Instant::now();
+                if let Err(e) = self.source.keepalive() {
+                    let msg = format!("guest memory from {}: {e}", self.source.describe());
+                    tracing::error!("{msg}");
+                    vm_stop.stop(StopReason::Fatal(msg));
+                    return;
+                }
             }
             if fds[1].revents != 0 {
                 // The VM has stopped: its guest RAM is garbage now, so give it back.
