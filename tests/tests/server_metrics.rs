@@ -7,12 +7,18 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use remote_blk::nbd::client::{ConnectOptions, NbdClient};
-use remote_mem::MemClient;
+use remote_mem::{ClientAuth, MemClient};
 use vnode_common::ready::{spawn_and_wait, Started};
+use vnode_common::secret::Secret;
 use vnode_tests::bin;
 use vnode_tests::prom::{http_get, parse_openmetrics, sample};
 
 const SECRET: &str = "metrics-test-secret";
+
+fn auth(vnode: u64, key: &str) -> ClientAuth {
+    let key = Secret::from_bytes(key.as_bytes().to_vec()).expect("a valid key");
+    ClientAuth::from_cluster_key(vnode, &key)
+}
 
 fn start(name: &str, args: &[&str]) -> Started {
     let mut c = Command::new(bin(name));
@@ -44,7 +50,7 @@ fn memd_metrics_count_what_clients_did() {
         "vnode-memd",
         &["--listen", "127.0.0.1:0", "--capacity", "16M"],
     );
-    let mut c = MemClient::connect(&s.addr, 42, SECRET.as_bytes()).expect("connect");
+    let mut c = MemClient::connect(&s.addr, &auth(42, SECRET)).expect("connect");
     c.alloc_region(0, 256).expect("alloc");
     let data = vec![7u8; 4096 * 8];
     c.write_pages(0, &[0, 1, 2, 3, 4, 5, 6, 7], &data)
@@ -81,7 +87,7 @@ fn memd_metrics_count_what_clients_did() {
         assert_eq!(inf, n, "{op}");
     }
     // A wrong credential is counted.
-    assert!(MemClient::connect(&s.addr, 1, b"wrong").is_err());
+    assert!(MemClient::connect(&s.addr, &auth(1, "wrong-key")).is_err());
     drop(c);
     std::thread::sleep(Duration::from_millis(200));
     let m = scrape(&s);
