@@ -15,12 +15,25 @@ pub enum HostError {
     },
 }
 
+fn meminfo_kib(info: &str, key: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
 /// The host's memory (MemTotal), or `None` if /proc/meminfo cannot be read.
 pub fn mem_total_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    Some(meminfo_kib(&info, "MemTotal:")? * 1024)
+}
+
+/// The host's memory and swap (MemTotal + SwapTotal): what a process's anonymous memory can
+/// take at most.
+pub fn mem_and_swap_bytes() -> std::io::Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo")?;
+    let kib = |key| meminfo_kib(&info, key).unwrap_or(0);
+    Ok((kib("MemTotal:") + kib("SwapTotal:")) * 1024)
 }
 
 /// Bytes an unprivileged writer can still allocate on the file system holding `path`.
@@ -49,6 +62,7 @@ mod tests {
     fn this_host_has_memory_and_free_space() {
         let mem = mem_total_bytes().expect("/proc/meminfo");
         assert!(mem > 64 << 20, "{mem}");
+        assert!(mem_and_swap_bytes().expect("/proc/meminfo") >= mem);
         let free = fs_available_bytes(&std::env::temp_dir()).expect("statvfs");
         assert!(free > 0);
         assert!(fs_available_bytes(Path::new("/nonexistent/vnode")).is_err());

@@ -240,7 +240,7 @@ fn memd_checks_data_dir_and_capacity_first() {
     assert_eq!(f.status.code(), Some(250), "{}", f.stderr);
     assert!(
         f.stderr
-            .contains("--capacity 100 TiB is more than this host's memory ("),
+            .contains("--capacity 100 TiB is more than this host's RAM and swap ("),
         "{}",
         f.stderr
     );
@@ -256,7 +256,11 @@ fn memd_checks_data_dir_and_capacity_first() {
     .arg(dir.join("new"));
     let f = run_with_deadline(&mut c, Duration::from_secs(60));
     assert_eq!(f.status.code(), Some(250), "{}", f.stderr);
-    assert!(f.stderr.contains("free there)"), "{}", f.stderr);
+    assert!(
+        f.stderr.contains("free there, two slots per page)"),
+        "{}",
+        f.stderr
+    );
     assert!(!dir.join("new").exists());
     // A new last component under an existing parent is created.
     let mut c = Command::new(bin("vnode-memd"));

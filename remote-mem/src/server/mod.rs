@@ -13,6 +13,7 @@ mod exposition;
 pub mod log;
 pub mod mapping;
 pub mod metrics;
+pub mod pagefile;
 pub mod store;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
