@@ -7,7 +7,7 @@ mod manager_support;
 use manager_support::*;
 use vnode_manager_client::types::HostKind;
 
-fn setup(tag: &str) -> (Proc, String, std::path::PathBuf) {
+fn setup(tag: &str) -> (Proc, String, Scratch) {
     let dir = tempdir(tag);
     let (p, url) = manager(
         &dir,

@@ -22,11 +22,27 @@ impl Drop for Proc {
     }
 }
 
-pub fn tempdir(tag: &str) -> PathBuf {
+/// A scratch directory, deleted when dropped (etcd's WAL alone preallocates 64 MiB).
+pub struct Scratch(pub PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn tempdir(tag: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("vnode-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Scratch(d)
 }
 
 fn wait_file(p: &Path, what: &str, child: &mut Child) -> String {
@@ -220,13 +236,13 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
 
 /// A cluster from `vnodectl up`, brought down when dropped.
 pub struct Cluster {
-    pub dir: PathBuf,
+    pub dir: Scratch,
 }
 
 impl Cluster {
     pub fn up(tag: &str, extra: &[&str]) -> Cluster {
         let dir = tempdir(tag);
-        let d = dir.display().to_string();
+        let d = dir.0.display().to_string();
         let mut args = vec!["up", "--dir", &d, "--heartbeat-ms", "300"];
         args.extend(extra);
         let c = Cluster { dir };
