@@ -93,11 +93,12 @@ pub struct NetInfo {
     pub mac: String,
 }
 
-/// Every counter of the VM: the VMM's, and the ExCache's when guest RAM is remote.
+/// Every counter of the VM: the ExCache's when guest RAM is remote (null otherwise), and the
+/// VMM's. (`excache` first: the `--stats` line has always started with it.)
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Counters {
-    pub vmm: VmmCounters,
     pub excache: Option<ExCacheCounters>,
+    pub vmm: VmmCounters,
 }
 
 /// VM exits and device counters. Everything the guest can trigger is counted here.

@@ -5,6 +5,7 @@
 //! `builder` assembles a VM from a [`config::VmConfig`] as an ordered list of steps; `kvm` is the
 //! only module that speaks kvm-ioctls.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;
@@ -13,4 +14,4 @@ pub mod devices;
 pub mod kvm;
 pub mod memory;
 pub mod metrics;
-pub mod runner;
+pub mod vm;

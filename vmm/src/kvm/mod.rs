@@ -4,7 +4,7 @@ mod vcpu;
 mod vm;
 
 pub use exit::{handle_exit, ExitAction};
-pub use vcpu::{Vcpu, VcpuBoot};
+pub use vcpu::{install_kick_handler, kick_signal, Vcpu, VcpuBoot, VcpuControl, VcpuWant};
 pub use vm::Vm;
 
 use std::path::PathBuf;
