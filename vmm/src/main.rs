@@ -29,7 +29,7 @@ struct Cli {
 enum Command {
     /// Boot a guest and run it until it exits. vnode exits with the guest's status (0 = success),
     /// 0 when stopped through the API or by SIGTERM/SIGINT, 1 on an error.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the control API's OpenAPI document (JSON).
     Openapi,
 }
@@ -311,7 +311,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => match run(args) {
+        Command::Run(args) => match run(*args) {
             Ok(Outcome::Guest(status)) => ExitCode::from(status),
             Ok(Outcome::Stopped(why)) => {
                 tracing::info!("{why}");

@@ -1,6 +1,8 @@
-//! `vnodectl`: run a benchmark inside a vNode guest and print one JSON document.
+//! `vnodectl`: run a benchmark inside a vNode guest and print one JSON document; control a
+//! running vnode through its API.
 //!
 //! ```text
+//! vnodectl vm --api-socket PATH [-o table|json] info|counters|metrics|pause|resume|shutdown|stop|resize-excache SIZE
 //! vnodectl bench fio-randread|fio|fio-verify|memcached|memtier|JOB [--runtime S]
 //!     [--guest-ip ADDR[/PREFIX] --net-host-ip ADDR/PREFIX] [--json-out FILE] -- <vnode run args>
 //! ```
@@ -37,6 +39,8 @@ enum Cmd {
     /// serves memcached on its TAP network and vnodectl runs the load client; any other name is
     /// passed to the guest's init as vnode.job=NAME.
     Bench(BenchArgs),
+    /// Control one running vnode through its API socket (`vnode run --api-socket PATH`).
+    Vm(ctl::vmcmd::VmArgs),
 }
 
 #[derive(clap::Args)]
@@ -126,6 +130,16 @@ fn bench(a: BenchArgs) -> anyhow::Result<bool> {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Cmd::Vm(a) => match ctl::vmcmd::run(&a) {
+            Ok(text) => {
+                println!("{}", text.trim_end());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vnodectl: error: {e}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::Bench(a) => match bench(a) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),

@@ -33,6 +33,8 @@ pub enum FaultError {
 const EVICT_BATCH: usize = 32;
 /// Pages evicted per round of a background shrink, between rounds of faults.
 const SHRINK_BATCH: usize = 1024;
+/// Pages written back per call to the source (a shrink's round, or a flush).
+const WRITEBACK_BATCH: usize = SHRINK_BATCH;
 
 /// What the VM asks of its fault thread.
 pub enum FaultCmd {
@@ -81,7 +83,7 @@ impl FaultServer {
             stats,
             zero: vec![0; PAGE],
             buf: vec![0; MAX_BATCH * PAGE],
-            wb_buf: vec![0; MAX_BATCH * PAGE],
+            wb_buf: vec![0; WRITEBACK_BATCH * PAGE],
             spin: false,
             target: cache_limit,
         }
@@ -369,9 +371,10 @@ impl FaultServer {
         Ok(())
     }
 
-    /// Write-protects `sorted` resident pages and sends their content to the source, in batches.
+    /// Write-protects `sorted` resident pages and sends their content to the source, in batches
+    /// (the source pipelines each batch MAX_BATCH pages per request).
     fn write_back(&mut self, sorted: &[u32]) -> Result<(), FaultError> {
-        for chunk in sorted.chunks(MAX_BATCH) {
+        for chunk in sorted.chunks(WRITEBACK_BATCH) {
             let t = Instant::now();
             for (start, len) in runs(chunk) {
                 self.uffd

@@ -21,7 +21,8 @@ pub enum SourceError {
 pub trait PageSource: Send {
     /// Reads `pages` (at most MAX_BATCH) into `out` (PAGE bytes each, in order).
     fn read_pages(&mut self, pages: &[u64], out: &mut [u8]) -> Result<(), SourceError>;
-    /// Stores `data` (PAGE bytes per page) as the content of `pages` (at most MAX_BATCH).
+    /// Stores `data` (PAGE bytes per page) as the content of `pages` (any number: a remote
+    /// source pipelines them MAX_BATCH at a time).
     fn write_pages(&mut self, pages: &[u64], data: &[u8]) -> Result<(), SourceError>;
     /// Where the pages live, for messages.
     fn describe(&self) -> String;
