@@ -176,8 +176,15 @@ impl RunningVm {
             .ctl
             .wait_parked(self.vcpu_count, PAUSE_TIMEOUT, || self.kick_vcpus());
         let devices_parked = DEVICE_PAUSE.pause(PAUSE_TIMEOUT);
+        // The faults the vCPUs and devices left behind are served before the pause returns, so
+        // nothing moves while paused.
+        let drained = self
+            .remote
+            .as_ref()
+            .map_or(Ok(()), |r| r.drain(PAUSE_TIMEOUT));
         self.set_state(VmState::Paused);
         tracing::info!("VM paused");
+        drained?;
         match (vcpus_parked, devices_parked) {
             (false, _) => Err(LifecycleError::PauseTimeout("some vCPUs")),
             (_, false) => Err(LifecycleError::PauseTimeout("some device threads")),

@@ -43,6 +43,9 @@ pub enum FaultCmd {
     SetLimit(usize),
     /// Write every dirty resident page back to the servers; the reply says how many.
     FlushDirty(Sender<Result<usize, String>>),
+    /// Serve every fault already raised, then reply: after a pause, the faults the vCPUs left
+    /// behind when they were kicked out of KVM_RUN are done before the pause returns.
+    Drain(Sender<()>),
     /// Stop serving faults, freeing guest RAM's region on the servers or keeping it (a
     /// snapshot or migration hands it over).
     Stop { free_region: bool },
@@ -173,6 +176,10 @@ impl FaultServer {
                 let _ = reply.send(r.as_ref().map(|n| *n).map_err(|e| e.to_string()));
                 r?;
             }
+            FaultCmd::Drain(reply) => {
+                self.drain()?;
+                let _ = reply.send(());
+            }
             FaultCmd::Stop { free_region } => {
                 // With `free_region` the guest is gone and its RAM garbage: give it back. A
                 // hand-over (snapshot, migration) keeps it for the next owner.
@@ -185,6 +192,28 @@ impl FaultServer {
             }
         }
         Ok(false)
+    }
+
+    /// Serves the faults that are queued now, without waiting for more.
+    fn drain(&mut self) -> Result<(), FaultError> {
+        let mut events = EventBuffer::new(64);
+        let mut faults = Vec::with_capacity(64);
+        loop {
+            let mut fd = libc::pollfd {
+                fd: self.uffd.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let r = unsafe { libc::poll(&mut fd, 1, 0) };
+            if r <= 0 || fd.revents == 0 {
+                return Ok(());
+            }
+            self.uffd.read_faults(&mut events, &mut faults)?;
+            for f in &faults {
+                self.serve(*f)?;
+            }
+        }
     }
 
     /// One batch of a shrink: evicts towards the target, and lowers the limit as it goes so

@@ -108,6 +108,13 @@ impl RemoteMemory {
             .map_err(RemoteMemError::Flush)
     }
 
+    /// Waits until the fault server has served every fault raised so far.
+    pub fn drain(&self, timeout: Duration) -> Result<(), RemoteMemError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(FaultCmd::Drain(tx))?;
+        rx.recv_timeout(timeout).map_err(|_| RemoteMemError::Gone)
+    }
+
     /// Stops the fault server thread, which frees guest RAM on the memory servers if
     /// `free_region` (else leaves it for a hand-over), and waits for that a little (a dead
     /// server must not hold up the VMM's exit).
