@@ -34,6 +34,8 @@ declare -A need=(
     [nftables]=/usr/sbin/nft                              # partitions and loss between namespaces
     [etcd-server]=/usr/bin/etcd                           # the manager's HA store
     [etcd-client]=/usr/bin/etcdctl
+    [python3]=/usr/bin/python3                             # guest-image scripts, summaries (stdlib only)
+    [python3-prometheus-client]=/usr/lib/python3/dist-packages/prometheus_client/openmetrics/parser.py  # tests parse /metrics
 )
 tools=(clang-14:/usr/lib/llvm-14/lib/libclang.so qemu-img:/usr/bin/qemu-img qemu-nbd:/usr/bin/qemu-nbd
        qemu-io:/usr/bin/qemu-io qemu-system-x86_64:/usr/bin/qemu-system-x86_64 nbdkit:/usr/bin/nbdkit
@@ -50,15 +52,18 @@ if [ ${#missing[@]} -gt 0 ] && [ $check_only = 0 ]; then
     # from backports) and apt would remove it: install both from one suite in one transaction.
     if printf '%s\n' "${missing[@]}" | grep -qx qemu-system-x86; then
         extra=(--allow-downgrades "qemu-utils/$(. /etc/os-release; echo "$VERSION_CODENAME")")
-        missing=("${missing[@]/qemu-utils}")
+        rest=()
+        for p in "${missing[@]}"; do [ "$p" = qemu-utils ] || rest+=("$p"); done
+        missing=("${rest[@]}")
     fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" "${extra[@]}" >/dev/null
 fi
 
 bad=0
+when=""; [ $check_only = 1 ] || when=" after the install"
 for t in "${tools[@]}"; do
-    [ -e "${t#*:}" ] || { say "error: ${t%%:*} missing (${t#*:}) after the install"; bad=1; }
+    [ -e "${t#*:}" ] || { say "error: ${t%%:*} missing (${t#*:})$when"; bad=1; }
 done
 [ "$(id -u)" = 0 ] || { say "error: not root: the tests create TAPs, namespaces and cgroups"; bad=1; }
 if [ ! -e /dev/kvm ]; then say "error: /dev/kvm missing: vNode needs KVM"; bad=1

@@ -52,6 +52,8 @@ enum Expect {
     Done,
     Data(usize),
     HelloOk,
+    /// An `Opened` reply: the region's size, 8 bytes.
+    Opened,
 }
 
 #[derive(Debug)]
@@ -192,6 +194,17 @@ impl MemClient {
         protocol::encode_alloc(&mut self.scratch, tag, region, pages);
         self.send_scratch(&[], Expect::Done, tag)?;
         self.wait(tag, &mut [])
+    }
+
+    /// Attaches to `region`, which must exist (allocated by an earlier connection of this
+    /// vNode, e.g. the VMM this one restores) and have `pages` pages (0: any). Returns its size.
+    pub fn open_region(&mut self, region: u64, pages: u64) -> Result<u64, ClientError> {
+        let tag = self.begin(16)?;
+        protocol::encode_open(&mut self.scratch, tag, region, pages);
+        self.send_scratch(&[], Expect::Opened, tag)?;
+        let mut size = [0u8; 8];
+        self.wait(tag, &mut size)?;
+        Ok(u64::from_le_bytes(size))
     }
 
     /// Frees `region` and its pages.
@@ -397,6 +410,7 @@ impl MemClient {
         };
         let mut buf = match p.expect {
             Expect::Data(n) => vec![0u8; n * PAGE_SIZE],
+            Expect::Opened => vec![0u8; 8],
             _ => Vec::new(),
         };
         let result = match self.recv_reply(&p, &mut buf) {
@@ -461,6 +475,12 @@ impl MemClient {
                 Ok(())
             }
             (Op::Done, Expect::Done) if h.len == 0 => Ok(()),
+            (Op::Opened, Expect::Opened) if h.len == 8 && out.len() == 8 => {
+                if let Err(e) = self.conn.recv_exact(out) {
+                    return Err(self.io_failed(e));
+                }
+                Ok(())
+            }
             (Op::HelloOk, Expect::HelloOk) | (Op::Error, _) => self.recv_small_reply(&h),
             (op, expect) => {
                 self.broken = true;

@@ -26,6 +26,7 @@
 //! | `Read` | region u64, count u32, reserved u32 (0), count x page u64 |
 //! | `Write` | region u64, count u32, reserved u32 (0), count x page u64, count x 4096 bytes |
 //! | `Migrate` | region u64, addr_len u16, target server address (UTF-8) |
+//! | `Open` | region u64, pages u64 (the size the client expects; 0: any) |
 //!
 //! Reply bodies (server to client):
 //!
@@ -33,11 +34,19 @@
 //! |---|---|
 //! | `HelloOk` | capacity_pages u64, free_pages u64 |
 //! | `Done` | empty (Alloc, Free, Write, Migrate succeeded) |
+//! | `Opened` | pages u64: the size of the region opened |
 //! | `Data` | count x 4096 bytes, in the order the pages were asked for |
 //! | `Error` | code u16, msg_len u16, msg (UTF-8) |
 //!
 //! Regions are named by (vNode id of the connection, region number): one vNode never sees
-//! another's regions.
+//! another's regions. A region outlives the connection that allocated it: `Alloc` creates one
+//! (refused if it exists), `Open` attaches to one that exists (refused with `NoRegion` if it
+//! does not, `Moved` if it was migrated, `SizeMismatch` if its size is not the one asked for),
+//! which is how a restored or migrated VMM takes over its guest RAM; `Free` ends it.
+//!
+//! Version 1 grows by new ops only, never by changing a frame that exists: `Open`/`Opened` and
+//! `SizeMismatch` were added this way. A server that predates an op refuses it as an unknown
+//! op (`Malformed`) and closes the connection, so a client learns the server is too old.
 //!
 //! Connection state machine (server side):
 //!
@@ -88,9 +97,11 @@ pub enum Op {
     Read = 0x04,
     Write = 0x05,
     Migrate = 0x06,
+    Open = 0x07,
     HelloOk = 0x81,
     Done = 0x82,
     Data = 0x84,
+    Opened = 0x87,
     Error = 0xff,
 }
 
@@ -103,9 +114,11 @@ impl Op {
             0x04 => Op::Read,
             0x05 => Op::Write,
             0x06 => Op::Migrate,
+            0x07 => Op::Open,
             0x81 => Op::HelloOk,
             0x82 => Op::Done,
             0x84 => Op::Data,
+            0x87 => Op::Opened,
             0xff => Op::Error,
             _ => return None,
         })
@@ -120,9 +133,11 @@ impl Op {
             Op::Read => BATCH_FIXED + 8 * MAX_BATCH,
             Op::Write => BATCH_FIXED + (8 + PAGE_SIZE) * MAX_BATCH,
             Op::Migrate => 10 + MAX_ADDR,
+            Op::Open => 16,
             Op::HelloOk => 16,
             Op::Done => 0,
             Op::Data => PAGE_SIZE * MAX_BATCH,
+            Op::Opened => 8,
             Op::Error => 4 + MAX_ERROR_MSG,
         }
     }
@@ -158,6 +173,8 @@ pub enum ErrorCode {
     Internal = 10,
     /// Too many connections; try again later or elsewhere.
     Busy = 11,
+    /// `Open` of a region whose size is not the one asked for.
+    SizeMismatch = 12,
 }
 
 impl ErrorCode {
@@ -173,6 +190,7 @@ impl ErrorCode {
             8 => ErrorCode::OutOfRange,
             9 => ErrorCode::Moved,
             11 => ErrorCode::Busy,
+            12 => ErrorCode::SizeMismatch,
             _ => ErrorCode::Internal,
         }
     }
@@ -192,6 +210,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Moved => "region moved",
             ErrorCode::Internal => "internal error",
             ErrorCode::Busy => "server busy",
+            ErrorCode::SizeMismatch => "region size mismatch",
         };
         f.write_str(s)
     }
@@ -317,6 +336,10 @@ pub enum Request<'a> {
         region: u64,
         target: &'a str,
     },
+    Open {
+        region: u64,
+        pages: u64,
+    },
 }
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
@@ -355,13 +378,15 @@ impl<'a> Request<'a> {
                     secret: &body[10..],
                 })
             }
-            Op::Alloc => {
+            Op::Alloc | Op::Open => {
                 if body.len() != 16 {
                     return Err(bad("body is not 16 bytes"));
                 }
-                Ok(Request::Alloc {
-                    region: u64_at(body, 0),
-                    pages: u64_at(body, 8),
+                let (region, pages) = (u64_at(body, 0), u64_at(body, 8));
+                Ok(if op == Op::Alloc {
+                    Request::Alloc { region, pages }
+                } else {
+                    Request::Open { region, pages }
                 })
             }
             Op::Free => {
@@ -388,7 +413,9 @@ impl<'a> Request<'a> {
                     target,
                 })
             }
-            Op::HelloOk | Op::Done | Op::Data | Op::Error => Err(bad("reply op in a request")),
+            Op::HelloOk | Op::Done | Op::Data | Op::Opened | Op::Error => {
+                Err(bad("reply op in a request"))
+            }
         }
     }
 
@@ -450,6 +477,30 @@ pub fn encode_alloc(buf: &mut Vec<u8>, tag: u64, region: u64, pages: u64) {
     buf.extend_from_slice(&Header::new(Op::Alloc, 16, tag).encode());
     buf.extend_from_slice(&region.to_le_bytes());
     buf.extend_from_slice(&pages.to_le_bytes());
+}
+
+/// Appends a whole `Open` frame (`pages` 0: any size).
+pub fn encode_open(buf: &mut Vec<u8>, tag: u64, region: u64, pages: u64) {
+    buf.extend_from_slice(&Header::new(Op::Open, 16, tag).encode());
+    buf.extend_from_slice(&region.to_le_bytes());
+    buf.extend_from_slice(&pages.to_le_bytes());
+}
+
+/// Appends a whole `Opened` reply.
+pub fn encode_opened(buf: &mut Vec<u8>, tag: u64, pages: u64) {
+    buf.extend_from_slice(&Header::new(Op::Opened, 8, tag).encode());
+    buf.extend_from_slice(&pages.to_le_bytes());
+}
+
+/// Decodes an `Opened` body into the region's size in pages.
+pub fn decode_opened(body: &[u8]) -> Result<u64, ProtocolError> {
+    if body.len() != 8 {
+        return Err(ProtocolError::Malformed {
+            op: Op::Opened,
+            what: "body is not 8 bytes",
+        });
+    }
+    Ok(u64_at(body, 0))
 }
 
 /// Appends a whole `Free` frame.
@@ -652,6 +703,29 @@ mod tests {
                 target: "127.0.0.1:9"
             })
         );
+    }
+
+    #[test]
+    fn open_and_opened_round_trip() {
+        let mut buf = Vec::new();
+        encode_open(&mut buf, 4, 0, 1 << 18);
+        assert_eq!(
+            decode_frame(&buf).map(|f| f.1),
+            Ok(Request::Open {
+                region: 0,
+                pages: 1 << 18
+            })
+        );
+        let mut short = buf.clone();
+        short.truncate(buf.len() - 1);
+        short[4] = 15;
+        assert!(decode_frame(&short).is_err());
+        let mut buf = Vec::new();
+        encode_opened(&mut buf, 4, 77);
+        assert!(decode_frame(&buf).is_err(), "a reply is not a request");
+        assert_eq!(decode_opened(&buf[HEADER_LEN..]), Ok(77));
+        assert!(decode_opened(&buf[HEADER_LEN..HEADER_LEN + 4]).is_err());
+        assert_eq!(ErrorCode::from_u16(12), ErrorCode::SizeMismatch);
     }
 
     #[test]

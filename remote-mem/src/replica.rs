@@ -96,6 +96,12 @@ impl ReplicatedRegion {
         self.on_both(|c| c.alloc_region(region, pages))
     }
 
+    /// Attaches to the existing region on both servers; both must hold `pages` pages.
+    pub fn open(&mut self, pages: u64) -> Result<(), ClientError> {
+        let region = self.region;
+        self.on_both(|c| c.open_region(region, pages).map(|_| ()))
+    }
+
     /// Frees the region on both servers.
     pub fn free(&mut self) -> Result<(), ClientError> {
         let region = self.region;

@@ -61,9 +61,14 @@ fn read(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
 
+/// Minutes under TCG: part of `tests/run.sh` and CI; `VNODE_SKIP_SANDBOX=1` skips it locally
+/// (CI never sets it).
 #[test]
-#[ignore = "needs the nested sandbox: minutes under TCG; run with cargo test -p vnode-tests --test sandbox_linux -- --ignored"]
 fn debian_cloud_kernel_runs_fio_and_memcached_on_remote_memory_and_disk() {
+    if std::env::var_os("VNODE_SKIP_SANDBOX").is_some() {
+        eprintln!("skipped: VNODE_SKIP_SANDBOX is set");
+        return;
+    }
     for b in ["vnode", "vnode-memd", "vnode-blkd", "vnodectl"] {
         bin(b);
     }

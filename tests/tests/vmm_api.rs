@@ -2,7 +2,7 @@
 //! on real KVM, and vnode's API driven through `vnode_api::client::Client` over its Unix socket.
 //! Pause stops all progress (counters stand still) and resume lets the guest finish verified;
 //! the ExCache shrinks and grows under a running guest and residency follows; SIGTERM stops the
-//! VM gracefully and frees guest RAM on the server; client mistakes are 4xx with a message; the
+//! VM gracefully (exit status 253, `vnode_common::cli::STOPPED`) and frees guest RAM on the server; client mistakes are 4xx with a message; the
 //! committed OpenAPI document passes a real validator.
 
 use std::io::{BufRead, BufReader};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use vnode_api::client::Client;
 use vnode_api::{Counters, VmState};
+use vnode_common::cli::STOPPED;
 use vnode_tests::{bin, repo_root, run_with_deadline, vnode_testguest, wait_deadline};
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -304,7 +305,7 @@ fn sigterm_stops_gracefully_and_frees_guest_ram_on_the_server() {
     assert_eq!(r, 0);
     let sock = vm.api.socket().to_owned();
     let (code, err, _) = vm.finish();
-    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(code, Some(i32::from(STOPPED)), "{err}");
     let stats = err.lines().rev().find(|l| l.starts_with('{')).expect(&err);
     let stats: Counters = serde_json::from_str(stats).unwrap();
     assert!(stats.vmm.exits_pio > 0);
@@ -390,14 +391,14 @@ fn client_mistakes_are_4xx_with_a_message_and_the_socket_is_guarded() {
     let mut cmd = vnode_testguest("64M", 1, "test=cpu iters=1", &[]);
     cmd.arg("--api-socket").arg(&sock);
     let f = run_with_deadline(&mut cmd, DEADLINE);
-    assert_eq!(f.status.code(), Some(1));
+    assert!(!f.status.success());
     assert!(f.stderr.contains("in use"), "{}", f.stderr);
     assert_eq!(vm.api.info().unwrap().state, VmState::Running);
 
     // Stop through the API: it answers once stopped, and vnode exits 0 removing the socket.
     assert_eq!(vm.api.stop().unwrap().state, VmState::Stopped);
     let (code, err, _) = vm.finish();
-    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(code, Some(i32::from(STOPPED)), "{err}");
     assert!(!sock.exists());
 }
 
@@ -432,7 +433,7 @@ fn a_stale_socket_is_replaced_and_the_shutdown_deadline_stops_the_guest() {
     assert_eq!(e.status().map(|s| s.as_u16()), Some(409), "{e}");
     assert!(api.wait_gone(Duration::from_secs(10)));
     let st = wait_deadline(&mut child, DEADLINE);
-    assert_eq!(st.code(), Some(0));
+    assert_eq!(st.code(), Some(i32::from(STOPPED)));
     assert!(start.elapsed() < Duration::from_secs(20));
 }
 

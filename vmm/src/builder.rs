@@ -86,7 +86,12 @@ pub struct Vmm {
     pub boot: BootInfo,
     /// The ExCache, when guest RAM is remote.
     pub remote: Option<RemoteMemory>,
+    /// The virtio-mmio transports, in slot order (disks, then nets): what a snapshot saves.
+    pub virtio: Vec<Transport>,
 }
+
+/// A virtio-mmio transport as the buses and the snapshot share it.
+pub type Transport = Arc<Mutex<MmioTransport>>;
 
 /// Builds the VM: memory, KVM platform, devices, guest image, vCPUs.
 pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
@@ -108,13 +113,15 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     if slots > MAX_DEVICES {
         return Err(BuildError::TooManyDevices(slots));
     }
-    let mut virtio = attach_disks(&vm, &mut buses, &mem, &config.disks)?;
+    let mut transports = Vec::new();
+    let mut virtio = attach_disks(&vm, &mut buses, &mem, &config.disks, &mut transports)?;
     virtio.extend(attach_nets(
         &vm,
         &mut buses,
         &mem,
         virtio.len(),
         &config.nets,
+        &mut transports,
     )?);
     let rsdp = attach_acpi(&mut buses, &mem, &stop, config.vcpus, &virtio)?;
     write_boot_tables(&mem)?;
@@ -136,6 +143,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         serial,
         boot,
         remote,
+        virtio: transports,
     })
 }
 
@@ -154,7 +162,7 @@ fn attach_memory(
     }
 }
 
-fn attach_serial(
+pub(crate) fn attach_serial(
     vm: &Vm,
     buses: &mut IoBuses,
     out: &SerialOut,
@@ -177,7 +185,7 @@ fn attach_serial(
     Ok(serial)
 }
 
-fn attach_i8042(buses: &mut IoBuses, stop: &StopSignal) -> Result<(), BuildError> {
+pub(crate) fn attach_i8042(buses: &mut IoBuses, stop: &StopSignal) -> Result<(), BuildError> {
     buses.pio.insert(
         I8042_BASE,
         I8042_LEN,
@@ -186,7 +194,7 @@ fn attach_i8042(buses: &mut IoBuses, stop: &StopSignal) -> Result<(), BuildError
     Ok(())
 }
 
-fn attach_debug_ports(
+pub(crate) fn attach_debug_ports(
     buses: &mut IoBuses,
     mem: &GuestMemoryMmap,
     stop: &StopSignal,
@@ -206,18 +214,19 @@ fn attach_debug_ports(
 
 /// One virtio-mmio slot per `--disk`, in order: the backend is opened (or connected) now, so a
 /// bad path or an unreachable server fails the build with a one-line reason. Returns the slots
-/// (for the ACPI DSDT).
-fn attach_disks(
+/// (for the ACPI DSDT) and adds the transports to `transports`.
+pub(crate) fn attach_disks(
     vm: &Vm,
     buses: &mut IoBuses,
     mem: &GuestMemoryMmap,
     disks: &[DiskSpec],
+    transports: &mut Vec<Transport>,
 ) -> Result<Vec<MmioDevice>, BuildError> {
     let mut slots = Vec::with_capacity(disks.len());
     for (index, spec) in disks.iter().enumerate() {
         let backend = open_disk(spec).map_err(|source| BuildError::Disk { index, source })?;
         let block = Block::new(index, backend, spec.read_only);
-        let slot = attach_virtio(vm, buses, mem, index, Box::new(block))?;
+        let slot = attach_virtio(vm, buses, mem, index, Box::new(block), transports)?;
         tracing::info!(index, base = slot.base, gsi = slot.gsi, source = ?spec.source, "virtio-blk attached");
         slots.push(slot);
     }
@@ -226,12 +235,13 @@ fn attach_disks(
 
 /// One virtio-mmio slot per `--net`, from slot `first` on: the TAP is opened (or created) now,
 /// so a bad name or a missing permission fails the build with a one-line reason.
-fn attach_nets(
+pub(crate) fn attach_nets(
     vm: &Vm,
     buses: &mut IoBuses,
     mem: &GuestMemoryMmap,
     first: usize,
     nets: &[NetSpec],
+    transports: &mut Vec<Transport>,
 ) -> Result<Vec<MmioDevice>, BuildError> {
     let mut slots = Vec::with_capacity(nets.len());
     for (index, spec) in nets.iter().enumerate() {
@@ -240,7 +250,7 @@ fn attach_nets(
             source,
         })?;
         let net = Net::new(index, tap, spec.mac);
-        let slot = attach_virtio(vm, buses, mem, first + index, Box::new(net))?;
+        let slot = attach_virtio(vm, buses, mem, first + index, Box::new(net), transports)?;
         tracing::info!(index, base = slot.base, gsi = slot.gsi, tap = %spec.tap, "virtio-net attached");
         slots.push(slot);
     }
@@ -255,6 +265,7 @@ fn attach_virtio(
     mem: &GuestMemoryMmap,
     slot: usize,
     device: Box<dyn VirtioDevice>,
+    transports: &mut Vec<Transport>,
 ) -> Result<MmioDevice, BuildError> {
     let base = MMIO_BASE + slot as u64 * MMIO_LEN;
     let gsi = FIRST_GSI + slot as u32;
@@ -263,10 +274,14 @@ fn attach_virtio(
     // Blocking: the device thread sleeps on it.
     let notify = EventFd::new(0).map_err(BuildError::EventFd)?;
     vm.register_ioevent(&notify, base + QUEUE_NOTIFY)?;
-    let transport = MmioTransport::new(device, mem.clone(), irq, notify);
-    buses
-        .mmio
-        .insert(base, MMIO_LEN, Arc::new(Mutex::new(transport)))?;
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        device,
+        mem.clone(),
+        irq,
+        notify,
+    )));
+    buses.mmio.insert(base, MMIO_LEN, transport.clone())?;
+    transports.push(transport);
     Ok(MmioDevice {
         base,
         len: MMIO_LEN,
@@ -290,10 +305,7 @@ fn attach_acpi(
     vcpus: u32,
     virtio: &[MmioDevice],
 ) -> Result<u64, BuildError> {
-    let sleep = Arc::new(Mutex::new(AcpiSleep::new(stop.clone())));
-    buses
-        .pio
-        .insert(SLEEP_CONTROL_PORT, SLEEP_PORTS_LEN, sleep)?;
+    attach_sleep_ports(buses, stop)?;
     let tables = AcpiTables::new(vcpus, virtio)?;
     tables.write_to(mem)?;
     tracing::info!(
@@ -303,6 +315,15 @@ fn attach_acpi(
         "ACPI tables"
     );
     Ok(tables.rsdp_addr())
+}
+
+/// The ACPI sleep registers (the guest's power-off).
+pub(crate) fn attach_sleep_ports(buses: &mut IoBuses, stop: &StopSignal) -> Result<(), BuildError> {
+    let sleep = Arc::new(Mutex::new(AcpiSleep::new(stop.clone())));
+    buses
+        .pio
+        .insert(SLEEP_CONTROL_PORT, SLEEP_PORTS_LEN, sleep)?;
+    Ok(())
 }
 
 fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), BuildError> {

@@ -14,4 +14,5 @@ pub mod devices;
 pub mod kvm;
 pub mod memory;
 pub mod metrics;
+pub mod snapshot;
 pub mod vm;

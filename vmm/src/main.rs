@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest and run it until it exits. vnode exits with the guest's status (0 = success),
-    /// 0 when stopped through the API or by SIGTERM/SIGINT, 1 on an error.
+    /// 253 when stopped through the API or by SIGTERM/SIGINT, 1 on an error.
     Run(Box<RunArgs>),
     /// Print the control API's OpenAPI document (JSON).
     Openapi,
@@ -265,7 +265,7 @@ fn run(args: RunArgs) -> anyhow::Result<Outcome> {
             Ok(s) => Some(s),
             Err(e) => {
                 running.stop_and_wait("the API could not start", Duration::from_secs(10));
-                let _ = running.wait(|| {}, &AtomicBool::new(false));
+                let _ = running.wait(|| {});
                 return Err(e.into());
             }
         }
@@ -290,7 +290,7 @@ fn run(args: RunArgs) -> anyhow::Result<Outcome> {
             eprintln!("{}", vm::stats_json());
         }
     };
-    let outcome = running.wait(tick, &AtomicBool::new(false));
+    let outcome = running.wait(tick);
     if let Some(api) = api {
         // Let the answer to a `PUT /vm/stop` that ended the VM go out.
         api.stop(Duration::from_secs(2));
@@ -315,7 +315,7 @@ fn main() -> ExitCode {
             Ok(Outcome::Guest(status)) => ExitCode::from(status),
             Ok(Outcome::Stopped(why)) => {
                 tracing::info!("{why}");
-                ExitCode::SUCCESS
+                ExitCode::from(vnode_common::cli::STOPPED)
             }
             Ok(Outcome::Fatal(msg)) => {
                 eprintln!("vnode: error: {msg}");

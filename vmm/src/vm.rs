@@ -15,10 +15,11 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::signal::Killable;
 use vnode_api::{VmInfo, VmState};
 
-use crate::builder::Vmm;
+use crate::builder::{Transport, Vmm};
 use crate::devices::serial::{SerialDevice, StdinInput};
 use crate::devices::virtio::DEVICE_PAUSE;
 use crate::devices::{StopReason, StopSignal};
+use crate::kvm::persist::VcpuStateHandle;
 use crate::kvm::{self, kick_signal, VcpuControl, VcpuWant};
 use crate::memory::RemoteMemory;
 
@@ -81,6 +82,20 @@ pub struct RunningVm {
     op: Mutex<()>,
     /// Kept for the VM's life; closed after the vCPUs are joined.
     kvm_vm: Mutex<Option<kvm::Vm>>,
+    /// What a snapshot reads while the VM is paused.
+    vcpu_states: Vec<VcpuStateHandle>,
+    virtio: Vec<Transport>,
+    /// Leave guest RAM's region on the memory servers at stop (a snapshot or migration hands
+    /// it over); freed otherwise.
+    keep_region: AtomicBool,
+}
+
+/// What a snapshot of a paused VM reads (`snapshot::capture::Sources` takes these).
+pub struct SnapshotParts<'a> {
+    pub vm: &'a kvm::Vm,
+    pub vcpus: &'a [VcpuStateHandle],
+    pub serial: &'a Mutex<SerialDevice>,
+    pub virtio: &'a [Transport],
 }
 
 impl RunningVm {
@@ -96,8 +111,13 @@ impl RunningVm {
             serial,
             boot: _,
             remote,
+            virtio,
         } = vmm;
         kvm::install_kick_handler()?;
+        let vcpu_states = vcpus
+            .iter()
+            .map(|v| vm.state_handle(v))
+            .collect::<Result<Vec<_>, _>>()?;
         let ctl = Arc::new(VcpuControl::default());
         let vcpu_count = vcpus.len();
         let mut handles = Vec::with_capacity(vcpu_count);
@@ -124,6 +144,9 @@ impl RunningVm {
             info: Mutex::new(info),
             op: Mutex::new(()),
             kvm_vm: Mutex::new(Some(vm)),
+            vcpu_states,
+            virtio,
+            keep_region: AtomicBool::new(false),
         }))
     }
 
@@ -273,17 +296,39 @@ impl RunningVm {
         Ok(remote.flush_dirty(timeout)?)
     }
 
+    /// Runs `f` on what a snapshot reads, if the VM is paused (None otherwise).
+    pub fn with_snapshot_parts<R>(&self, f: impl FnOnce(SnapshotParts<'_>) -> R) -> Option<R> {
+        let _op = self.op.lock().expect("op lock poisoned");
+        if self.state() != VmState::Paused {
+            return None;
+        }
+        let vm = self.kvm_vm.lock().expect("vm lock poisoned");
+        Some(f(SnapshotParts {
+            vm: vm.as_ref()?,
+            vcpus: &self.vcpu_states,
+            serial: &self.serial,
+            virtio: &self.virtio,
+        }))
+    }
+
+    /// At stop, leave guest RAM's region on the memory servers for the next owner instead of
+    /// freeing it.
+    pub fn keep_region_at_stop(&self) {
+        self.keep_region.store(true, Ordering::Release);
+    }
+
     /// Waits until something stops the VM (the guest, a fatal error, a request), `tick` running
     /// every 200 ms meanwhile; then stops the vCPUs and devices, and the fault thread (freeing
-    /// guest RAM on the servers unless `keep_region` says otherwise), and reports the outcome.
-    pub fn wait(&self, tick: impl Fn(), keep_region: &AtomicBool) -> Outcome {
+    /// guest RAM on the servers unless [`RunningVm::keep_region_at_stop`] was called), and
+    /// reports the outcome.
+    pub fn wait(&self, tick: impl Fn()) -> Outcome {
         let reason = loop {
             if let Some(r) = self.stop.wait_timeout(Duration::from_millis(200)) {
                 break r;
             }
             tick();
         };
-        self.teardown(!keep_region.load(Ordering::Acquire));
+        self.teardown(!self.keep_region.load(Ordering::Acquire));
         match reason {
             StopReason::GuestExit(status) => Outcome::Guest(status),
             StopReason::Reset => Outcome::Guest(0),

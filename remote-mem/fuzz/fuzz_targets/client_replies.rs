@@ -31,5 +31,6 @@ fuzz_target!(|data: &[u8]| {
         let _ = c.complete_read(t, &mut out[..PAGE_SIZE]);
     }
     let _ = c.alloc_region(1, 2);
+    let _ = c.open_region(1, 2);
     let _ = c.free_region(1);
 });

@@ -15,6 +15,7 @@ fn reencode(h: &Header, req: &Request<'_>) -> Vec<u8> {
         }
         Request::Alloc { region, pages } => protocol::encode_alloc(&mut b, h.tag, region, pages),
         Request::Free { region } => protocol::encode_free(&mut b, h.tag, region),
+        Request::Open { region, pages } => protocol::encode_open(&mut b, h.tag, region, pages),
         Request::Migrate { region, target } => {
             protocol::encode_migrate(&mut b, h.tag, region, target)
         }
@@ -44,5 +45,6 @@ fuzz_target!(|data: &[u8]| {
         let body = &data[HEADER_LEN..];
         let _ = protocol::decode_error(body);
         let _ = protocol::decode_hello_ok(body);
+        let _ = protocol::decode_opened(body);
     }
 });

@@ -168,6 +168,9 @@ impl<C: Conn> ConnState<'_, C> {
                 .map(|()| Metrics::add(&self.shared.metrics.pages_written, pages.len() as u64)),
             Request::Alloc { region, pages } => store.alloc(vnode, region, pages),
             Request::Free { region } => store.free(vnode, region),
+            Request::Open { region, pages } => store
+                .open_region(vnode, region, pages)
+                .map(|size| protocol::encode_opened(&mut self.out, tag, size)),
             Request::Migrate { region, target } => self.migrate(vnode, region, target),
             Request::Hello { .. } => unreachable!("handled above"),
         };

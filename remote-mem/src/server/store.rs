@@ -23,6 +23,8 @@ pub enum StoreError {
     Moved { region: u64, target: String },
     #[error("region {region} already exists")]
     Exists { region: u64 },
+    #[error("region {region} has {pages} pages, not the {asked} asked for")]
+    SizeMismatch { region: u64, pages: u64, asked: u64 },
     #[error(
         "capacity exceeded: region {region} needs {pages} pages, {free} of {capacity} pages free"
     )]
@@ -54,6 +56,7 @@ impl StoreError {
             StoreError::NoRegion { .. } => ErrorCode::NoRegion,
             StoreError::Moved { .. } => ErrorCode::Moved,
             StoreError::Exists { .. } => ErrorCode::Exists,
+            StoreError::SizeMismatch { .. } => ErrorCode::SizeMismatch,
             StoreError::Capacity { .. } => ErrorCode::Capacity,
             StoreError::Empty => ErrorCode::Malformed,
             StoreError::OutOfRange { .. } => ErrorCode::OutOfRange,
@@ -295,6 +298,24 @@ impl Store {
         Ok(())
     }
 
+    /// Attaches to an existing region (a restored VMM taking over its guest RAM): returns its
+    /// size in pages, refusing a size other than `pages` (0 accepts any).
+    pub fn open_region(&self, vnode: u64, region: u64, pages: u64) -> Result<u64, StoreError> {
+        let r = self.region(vnode, region)?;
+        {
+            let st = r.state.read().unwrap_or_else(|e| e.into_inner());
+            st.check_moved(region)?;
+        }
+        if pages != 0 && pages != r.pages {
+            return Err(StoreError::SizeMismatch {
+                region,
+                pages: r.pages,
+                asked: pages,
+            });
+        }
+        Ok(r.pages)
+    }
+
     /// Frees a region. Connections still holding it finish their current request.
     pub fn free(&self, vnode: u64, region: u64) -> Result<(), StoreError> {
         self.remove(vnode, region, None)
@@ -360,9 +381,27 @@ mod tests {
             Err(StoreError::OutOfRange { page: 4, .. })
         ));
         assert!(matches!(s.region(3, 0), Err(StoreError::NoRegion { .. })));
+        assert_eq!(s.open_region(1, 0, 4).expect("open"), 4);
+        assert_eq!(s.open_region(1, 0, 0).expect("open any size"), 4);
+        assert!(matches!(
+            s.open_region(1, 0, 5),
+            Err(StoreError::SizeMismatch {
+                pages: 4,
+                asked: 5,
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.open_region(3, 0, 4),
+            Err(StoreError::NoRegion { .. })
+        ));
         s.free(2, 0).expect("free");
         assert_eq!(s.free_pages(), 6);
         s.mark_moved(1, 0, "10.0.0.1:7").expect("moved");
         assert!(matches!(s.region(1, 0), Err(StoreError::Moved { .. })));
+        assert!(matches!(
+            s.open_region(1, 0, 4),
+            Err(StoreError::Moved { .. })
+        ));
     }
 }

@@ -3,6 +3,7 @@ pub mod acpi_sleep;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
+pub mod persist;
 pub mod serial;
 pub mod virtio;
 

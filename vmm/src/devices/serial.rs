@@ -30,7 +30,7 @@ pub type SerialWriter = Box<dyn Write + Send>;
 
 /// The UART as a bus device.
 pub struct SerialDevice {
-    serial: Serial<EventFdTrigger, NoEvents, SerialWriter>,
+    pub(super) serial: Serial<EventFdTrigger, NoEvents, SerialWriter>,
 }
 
 impl SerialDevice {

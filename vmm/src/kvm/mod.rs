@@ -1,5 +1,6 @@
 //! The only module that speaks kvm-ioctls: the VM, its vCPUs, and the dispatch of VM exits.
 mod exit;
+pub mod persist;
 mod vcpu;
 mod vm;
 
@@ -26,6 +27,8 @@ pub enum KvmError {
     },
     #[error("KVM API version {0} is not the expected 12")]
     ApiVersion(i32),
+    #[error("saved vCPU state is inconsistent: {0}")]
+    BadState(&'static str),
     #[error("{op} failed")]
     Ioctl {
         op: &'static str,

@@ -134,7 +134,7 @@ pub fn install_kick_handler() -> Result<(), KvmError> {
 }
 
 pub struct Vcpu {
-    fd: VcpuFd,
+    pub(super) fd: VcpuFd,
     index: u32,
 }
 

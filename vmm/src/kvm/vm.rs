@@ -15,8 +15,8 @@ use super::{ioctl_err, KvmError, Vcpu};
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 
 pub struct Vm {
-    kvm: Kvm,
-    fd: VmFd,
+    pub(super) kvm: Kvm,
+    pub(super) fd: VmFd,
     /// Kept so the memory behind the KVM slots outlives the VM.
     mem: Option<GuestMemoryMmap>,
 }

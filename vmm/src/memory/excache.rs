@@ -112,6 +112,15 @@ impl ExCache {
         self.state[page as usize] & ON_SERVER != 0
     }
 
+    /// Marks every page as held by the server: guest RAM taken over from another VMM (a
+    /// restore), whose pages were all written back there. Faults then fetch instead of
+    /// zero-filling (a page never written comes back as zeros from the server).
+    pub fn assume_all_on_server(&mut self) {
+        for s in &mut self.state {
+            *s |= ON_SERVER;
+        }
+    }
+
     /// How many pages must be evicted before `incoming` more can be installed.
     pub fn room_needed(&self, incoming: usize) -> usize {
         (self.resident + incoming).saturating_sub(self.limit)

@@ -144,6 +144,17 @@ pub fn remote_memory(
     cfg: &RemoteMemConfig,
     vm_stop: &StopSignal,
 ) -> Result<RemoteMemory, RemoteMemError> {
+    remote_memory_with(mem_size, cfg, vm_stop, false)
+}
+
+/// As [`remote_memory`], but with `attach` guest RAM is the region an earlier VMM of this vNode
+/// left on the servers (a restore): opened, not allocated, and every page fetched from there.
+pub fn remote_memory_with(
+    mem_size: u64,
+    cfg: &RemoteMemConfig,
+    vm_stop: &StopSignal,
+    attach: bool,
+) -> Result<RemoteMemory, RemoteMemError> {
     if cfg.local_mem < MIN_LOCAL_MEM || cfg.local_mem > mem_size {
         return Err(RemoteMemError::LocalMem(cfg.local_mem));
     }
@@ -152,8 +163,14 @@ pub fn remote_memory(
         Box::new(LocalSource::new(pages))
     } else {
         Box::new(
-            RemoteSource::connect(&cfg.servers, cfg.vnode_id, &cfg.secret, pages as u64)
-                .map_err(RemoteMemError::Connect)?,
+            RemoteSource::connect(
+                &cfg.servers,
+                cfg.vnode_id,
+                &cfg.secret,
+                pages as u64,
+                attach,
+            )
+            .map_err(RemoteMemError::Connect)?,
         )
     };
     // SAFETY: a fresh anonymous private mapping; nothing else refers to the address range.
@@ -208,7 +225,13 @@ pub fn remote_memory(
     let server = FaultServer::new(
         uffd,
         base,
-        ExCache::new(pages, limit, cfg.policy),
+        {
+            let mut cache = ExCache::new(pages, limit, cfg.policy);
+            if attach {
+                cache.assume_all_on_server();
+            }
+            cache
+        },
         Prefetcher::new(4.min(cfg.prefetch_max), cfg.prefetch_max),
         source,
         stats.clone(),

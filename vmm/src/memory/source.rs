@@ -86,12 +86,15 @@ pub enum RemoteSource {
 pub const GUEST_RAM_REGION: u64 = 0;
 
 impl RemoteSource {
-    /// Connects to `servers` (one, or primary then backup) and allocates `pages` pages.
+    /// Connects to `servers` (one, or primary then backup) and allocates `pages` pages, or,
+    /// with `attach`, opens the region of `pages` pages that an earlier VMM of this vNode left
+    /// there (a restore).
     pub fn connect(
         servers: &[String],
         vnode_id: u64,
         secret: &[u8],
         pages: u64,
+        attach: bool,
     ) -> Result<Self, SourceError> {
         let mut clients = Vec::with_capacity(servers.len());
         for s in servers {
@@ -109,9 +112,13 @@ impl RemoteSource {
                 )))
             }
         };
-        match &mut src {
-            RemoteSource::Single(c) => c.alloc_region(GUEST_RAM_REGION, pages)?,
-            RemoteSource::Replicated(r) => r.alloc(pages)?,
+        match (&mut src, attach) {
+            (RemoteSource::Single(c), false) => c.alloc_region(GUEST_RAM_REGION, pages)?,
+            (RemoteSource::Single(c), true) => {
+                c.open_region(GUEST_RAM_REGION, pages)?;
+            }
+            (RemoteSource::Replicated(r), false) => r.alloc(pages)?,
+            (RemoteSource::Replicated(r), true) => r.open(pages)?,
         }
         Ok(src)
     }

@@ -58,17 +58,17 @@ mod reg {
 }
 
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
-    status: Arc<AtomicU32>,
-    interrupt: Arc<Interrupt>,
-    notify: EventFd,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    queues: Vec<Queue>,
-    active: bool,
+    pub(super) device: Box<dyn VirtioDevice>,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) status: Arc<AtomicU32>,
+    pub(super) interrupt: Arc<Interrupt>,
+    pub(super) notify: EventFd,
+    pub(super) device_features_sel: u32,
+    pub(super) driver_features_sel: u32,
+    pub(super) driver_features: u64,
+    pub(super) queue_sel: u32,
+    pub(super) queues: Vec<Queue>,
+    pub(super) active: bool,
 }
 
 impl MmioTransport {
@@ -105,7 +105,7 @@ impl MmioTransport {
             .collect()
     }
 
-    fn device_features(&self) -> u64 {
+    pub(super) fn device_features(&self) -> u64 {
         self.device.features() | (1 << VIRTIO_F_VERSION_1)
     }
 
@@ -232,7 +232,7 @@ impl MmioTransport {
         self.status.store(new, Ordering::Release);
     }
 
-    fn activate(&mut self, status: u32) -> u32 {
+    pub(super) fn activate(&mut self, status: u32) -> u32 {
         let usable = self
             .queues
             .iter()

@@ -6,6 +6,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex};
