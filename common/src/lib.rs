@@ -5,6 +5,7 @@
 //! Links no KVM.
 
 pub mod cli;
+pub mod deadline;
 pub mod logging;
 pub mod metrics;
 pub mod ready;

@@ -6,9 +6,18 @@
 //! other work) and batched (up to [`MAX_BATCH`] pages per frame; longer lists are split and
 //! pipelined). The hot path reuses its buffers: a page read costs one `writev` and, usually,
 //! one `recv`, and allocates nothing.
+//!
+//! Every wait on the server has a deadline set from the measured round trip
+//! ([`vnode_common::deadline`]): the handshake seeds an EWMA of request times, and a reply
+//! that makes no progress within `max(500 ms, 16 x rtt, size allowance)` (at most 8 s) fails
+//! the call with [`ClientError::Timeout`], so a server that stops answering (`kill -STOP`, a
+//! partition) is declared failed instead of hanging the guest.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::time::{Duration, Instant};
+
+use vnode_common::deadline::{self, Rtt};
 
 use crate::error::ClientError;
 use crate::protocol::{self, ErrorCode, Header, Op, HEADER_LEN, MAX_BATCH, PAGE_SIZE};
@@ -60,6 +69,9 @@ enum Expect {
 struct Pending {
     tag: u64,
     expect: Expect,
+    /// When the request was sent, and the bytes it moves both ways (for its deadline).
+    sent: Instant,
+    bytes: usize,
 }
 
 /// A reply read ahead of its turn (out-of-order completion, or drained to bound the pipeline).
@@ -85,7 +97,14 @@ pub struct MemClient {
     free_pages: u64,
     /// Kept to open the same session elsewhere (following a migrated region).
     secret: Vec<u8>,
-    timeout: Option<std::time::Duration>,
+    /// A fixed timeout set with `set_timeout`, instead of the adaptive deadline.
+    fixed: Option<Option<Duration>>,
+    /// The timeout now set on the socket.
+    armed: Option<Duration>,
+    rtt: Rtt,
+    /// The last reply received: a pipelined request's time is counted from here or its
+    /// sending, whichever is later.
+    last_reply: Instant,
 }
 
 impl std::fmt::Debug for MemClient {
@@ -100,6 +119,7 @@ impl std::fmt::Debug for MemClient {
 
 impl MemClient {
     /// Connects over TCP and authenticates as `vnode_id` with the shared `secret`.
+    /// The connection and the handshake must succeed within [`deadline::HANDSHAKE`] each.
     pub fn connect(addr: &str, vnode_id: u64, secret: &[u8]) -> Result<Self, ClientError> {
         let conn = TcpConn::connect(addr).map_err(|source| ClientError::Connect {
             addr: addr.to_string(),
@@ -134,29 +154,62 @@ impl MemClient {
             capacity_pages: 0,
             free_pages: 0,
             secret: secret.to_vec(),
-            timeout: None,
+            fixed: None,
+            armed: None,
+            rtt: Rtt::new(deadline::FLOOR),
+            last_reply: Instant::now(),
         };
+        c.set_socket_timeout(Some(deadline::HANDSHAKE))?;
+        let start = Instant::now();
         let tag = c.take_tag();
         c.scratch.clear();
         protocol::encode_hello(&mut c.scratch, tag, vnode_id, secret);
         c.send_scratch(&[], Expect::HelloOk, tag)?;
         c.wait(tag, &mut [])?;
+        c.rtt = Rtt::new(start.elapsed());
         Ok(c)
     }
 
-    /// Bounds how long any call may wait on the server (default: no bound). A server that
-    /// stops answering then fails the call with a transport error (and a [`crate::ReplicatedRegion`]
-    /// fails over) instead of hanging the caller. Leave it off, or generous, around
-    /// `migrate_region`, which waits for the whole copy.
-    pub fn set_timeout(&mut self, timeout: Option<std::time::Duration>) -> Result<(), ClientError> {
-        self.conn
-            .set_timeout(timeout)
-            .map_err(|source| ClientError::Io {
-                addr: self.addr.clone(),
-                source,
-            })?;
-        self.timeout = timeout;
+    /// The round-trip estimate (handshake, then an EWMA of request times).
+    pub fn rtt(&self) -> Duration {
+        self.rtt.get()
+    }
+
+    fn set_socket_timeout(&mut self, t: Option<Duration>) -> Result<(), ClientError> {
+        if self.armed == t {
+            return Ok(());
+        }
+        self.conn.set_timeout(t).map_err(|source| ClientError::Io {
+            addr: self.addr.clone(),
+            source,
+        })?;
+        self.armed = t;
         Ok(())
+    }
+
+    /// Sets the socket's timeout for a wait on a request moving `bytes`: the fixed one if set,
+    /// else the adaptive deadline (the syscall is skipped while it changes by under 1/8).
+    fn arm(&mut self, bytes: usize) -> Result<(), ClientError> {
+        let want = match self.fixed {
+            Some(t) => t,
+            None => Some(self.rtt.deadline(bytes)),
+        };
+        let close = match (self.armed, want) {
+            (Some(a), Some(w)) if self.fixed.is_none() => a.abs_diff(w) <= a / 8,
+            _ => false,
+        };
+        if close {
+            return Ok(());
+        }
+        self.set_socket_timeout(want)
+    }
+
+    /// Replaces the adaptive deadline with a fixed bound on how long any call may wait on the
+    /// server (`None`: wait forever). A server that stops answering then fails the call with a
+    /// transport error (and a [`crate::ReplicatedRegion`] fails over).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.fixed = Some(timeout);
+        self.set_socket_timeout(timeout)
     }
 
     /// Busy-polls up to `spin` for each reply before sleeping (default: never). Trades a
@@ -170,7 +223,9 @@ impl MemClient {
     /// timeout: how a client follows a region that moved.
     pub fn connect_like(&self, addr: &str) -> Result<MemClient, ClientError> {
         let mut c = MemClient::connect(addr, self.vnode_id, &self.secret)?;
-        c.set_timeout(self.timeout)?;
+        if let Some(t) = self.fixed {
+            c.set_timeout(t)?;
+        }
         Ok(c)
     }
 
@@ -217,7 +272,8 @@ impl MemClient {
 
     /// Asks the server to copy `region` to the server at `target` and hand it over. Once this
     /// returns, the region lives on `target` (same vNode id and region number) and the old
-    /// server refuses it with [`ErrorCode::Moved`]; connect to `target` to go on.
+    /// server refuses it with [`ErrorCode::Moved`]; connect to `target` to go on. The reply
+    /// comes after the whole copy: this call waits without a deadline.
     pub fn migrate_region(&mut self, region: u64, target: &str) -> Result<(), ClientError> {
         if target.is_empty() || target.len() > protocol::MAX_ADDR {
             return Err(self.bad("target address must be 1..=256 bytes"));
@@ -225,7 +281,10 @@ impl MemClient {
         let tag = self.begin(10 + target.len())?;
         protocol::encode_migrate(&mut self.scratch, tag, region, target);
         self.send_scratch(&[], Expect::Done, tag)?;
-        self.wait(tag, &mut [])
+        let fixed = self.fixed.replace(None);
+        let r = self.wait(tag, &mut []);
+        self.fixed = fixed;
+        r
     }
 
     /// Reads `pages` of `region` into `out` (`out.len() == 4096 * pages.len()`, in order).
@@ -378,6 +437,12 @@ impl MemClient {
     }
 
     fn send_scratch(&mut self, data: &[u8], expect: Expect, tag: u64) -> Result<(), ClientError> {
+        let reply = match expect {
+            Expect::Data(n) => n * PAGE_SIZE,
+            _ => 0,
+        };
+        let bytes = self.scratch.len() + data.len() + reply;
+        self.arm(bytes)?;
         let r = if data.is_empty() {
             self.conn.send(&mut [IoSlice::new(&self.scratch)])
         } else {
@@ -387,7 +452,12 @@ impl MemClient {
         if let Err(e) = r {
             return Err(self.io_failed(e));
         }
-        self.pending.push_back(Pending { tag, expect });
+        self.pending.push_back(Pending {
+            tag,
+            expect,
+            sent: Instant::now(),
+            bytes,
+        });
         Ok(())
     }
 
@@ -398,7 +468,10 @@ impl MemClient {
             io::ErrorKind::UnexpectedEof
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::BrokenPipe => ClientError::Closed { addr },
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout { addr },
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout {
+                addr,
+                after_ms: self.armed.map_or(0, |d| d.as_millis() as u64),
+            },
             _ => ClientError::Io { addr, source: e },
         }
     }
@@ -458,10 +531,14 @@ impl MemClient {
                 addr: self.addr.clone(),
             });
         }
+        self.arm(p.bytes)?;
         let mut hb = [0u8; HEADER_LEN];
         if let Err(e) = self.conn.recv_exact(&mut hb) {
             return Err(self.io_failed(e));
         }
+        let now = Instant::now();
+        self.rtt.observe(now - p.sent.max(self.last_reply));
+        self.last_reply = now;
         let h = Header::decode(&hb).map_err(|e| self.protocol_failed(e))?;
         if h.tag != p.tag {
             self.broken = true;

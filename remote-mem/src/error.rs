@@ -23,8 +23,8 @@ pub enum ClientError {
     },
     #[error("memory server {addr}: connection closed by the server")]
     Closed { addr: String },
-    #[error("memory server {addr}: no reply within the timeout")]
-    Timeout { addr: String },
+    #[error("memory server {addr}: no reply within its {after_ms} ms deadline: server failed")]
+    Timeout { addr: String, after_ms: u64 },
     #[error("memory server {addr}: connection unusable after an earlier failure")]
     Poisoned { addr: String },
     #[error("memory server {addr}: {code}: {msg}")]
@@ -72,6 +72,12 @@ impl ClientError {
             } => msg.rsplit_once(" moved to ").map(|(_, target)| target),
             _ => None,
         }
+    }
+
+    /// True when a replica should be dropped: its connection failed, or its server could not
+    /// do the request (an internal error, such as a page its memory log found damaged).
+    pub fn replica_failed(&self) -> bool {
+        self.is_transport() || self.code() == Some(ErrorCode::Internal)
     }
 
     /// True when the connection itself failed (as opposed to a refused request): the server

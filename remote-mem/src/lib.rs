@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod error;
+pub mod health;
 pub mod protocol;
 pub mod replica;
 pub mod server;
@@ -17,5 +18,6 @@ pub mod transport;
 
 pub use client::{MemClient, ReadTicket, WriteTicket};
 pub use error::ClientError;
+pub use health::{HealthSnapshot, RegionHealth, ReplicaState};
 pub use protocol::{ErrorCode, PAGE_SIZE};
 pub use replica::{ReplicaReadTicket, ReplicatedRegion, Role};

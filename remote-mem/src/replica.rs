@@ -1,9 +1,11 @@
 //! [`ReplicatedRegion`]: one region kept on two memory servers, a primary and a backup.
 //!
 //! Writes go to both (the two round trips overlap); reads go to the primary and fail over to
-//! the backup when the primary's connection fails (error, close, timeout). A failed replica is
-//! dropped for good, so a read never comes from a copy that missed writes; the handle runs
-//! degraded on the other (logged, visible through [`ReplicatedRegion::degraded`]), and once
+//! the backup when the primary's connection fails (error, close, a missed deadline: see
+//! [`crate::client`]) or its server reports an internal error (such as a page its memory log
+//! found damaged). A failed replica is dropped for good, so a read never comes from a copy that
+//! missed writes; the handle runs degraded on the other (logged, and recorded in its
+//! [`RegionHealth`]: replica states, fail-overs, degraded time), and once
 //! both are gone every call fails with [`ClientError::BothFailed`], naming both servers: the
 //! VMM stops, it never serves a zero page. A refused request (unknown region, page out of
 //! range) is returned as is: it is a bug, not a dead server.
@@ -12,8 +14,11 @@
 //! this handle over. Other handles (other fault threads) still connected to the old server get
 //! `Moved` on their next call and follow to the new server by themselves.
 
+use std::sync::Arc;
+
 use crate::client::{MemClient, ReadTicket};
 use crate::error::ClientError;
+use crate::health::{RegionHealth, ReplicaState};
 use crate::protocol::{ErrorCode, MAX_BATCH, PAGE_SIZE};
 
 /// Which copy of a region.
@@ -46,6 +51,7 @@ pub struct ReplicaReadTicket {
 pub struct ReplicatedRegion {
     region: u64,
     replicas: [Replica; 2],
+    health: Arc<RegionHealth>,
 }
 
 /// Most `Moved` redirections followed in one call (a region migrated twice meanwhile).
@@ -59,10 +65,18 @@ impl ReplicatedRegion {
             failure: None,
             generation: 0,
         };
+        let health = Arc::new(RegionHealth::new(region, [primary.addr(), backup.addr()]));
         ReplicatedRegion {
             region,
             replicas: [r(primary), r(backup)],
+            health,
         }
+    }
+
+    /// The region's health record (replica states, fail-overs, degraded time), to report on
+    /// from another thread.
+    pub fn health(&self) -> Arc<RegionHealth> {
+        Arc::clone(&self.health)
     }
 
     pub fn region(&self) -> u64 {
@@ -149,7 +163,7 @@ impl ReplicatedRegion {
                 match c.complete_read(t.ticket, out) {
                     Ok(()) => return Ok(()),
                     Err(e) if e.moved_to().is_some() => self.follow(t.replica, &e)?,
-                    Err(e) if e.is_transport() => self.lose(t.replica, &e),
+                    Err(e) if e.replica_failed() => self.lose(t.replica, &e),
                     Err(e) => return Err(e),
                 }
             }
@@ -198,7 +212,7 @@ impl ReplicatedRegion {
                         first_err = first_err.or(Some(e));
                     }
                 }
-                Err(e) if e.is_transport() => self.lose(i, &e),
+                Err(e) if e.replica_failed() => self.lose(i, &e),
                 Err(e) => first_err = first_err.or(Some(e)),
             }
         }
@@ -222,6 +236,7 @@ impl ReplicatedRegion {
         c.migrate_region(region, target)?;
         let next = c.connect_like(target)?;
         tracing::info!(region, from = c.addr(), to = target, "region migrated");
+        self.health.moved(i, target, ReplicaState::Healthy);
         self.replicas[i].client = Some(next);
         self.replicas[i].generation += 1;
         Ok(())
@@ -241,7 +256,7 @@ impl ReplicatedRegion {
             match f(c) {
                 Ok(v) => return Ok(Some(v)),
                 Err(e) if e.moved_to().is_some() => self.follow(i, &e)?,
-                Err(e) if e.is_transport() => {
+                Err(e) if e.replica_failed() => {
                     self.lose(i, &e);
                     return Ok(None);
                 }
@@ -272,6 +287,7 @@ impl ReplicatedRegion {
         );
         match c.connect_like(target) {
             Ok(next) => {
+                self.health.moved(i, target, ReplicaState::Healthy);
                 self.replicas[i].client = Some(next);
                 self.replicas[i].generation += 1;
             }
@@ -299,6 +315,7 @@ impl ReplicatedRegion {
         self.replicas[i].client = None;
         self.replicas[i].generation += 1;
         self.replicas[i].failure = Some(error_chain(e));
+        self.health.failed(i, error_chain(e));
     }
 
     fn both_failed(&self) -> ClientError {

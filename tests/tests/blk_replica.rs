@@ -1,4 +1,5 @@
-//! Client-side replication: writes reach every replica before they complete; reads fail over.
+//! Client-side replication: writes reach every replica before they complete; reads fail over;
+//! a dead replica leaves the write set and the others carry on.
 
 mod blk_common;
 
@@ -64,10 +65,20 @@ fn writes_reach_every_replica_and_reads_fail_over() {
             .expect("async read fails over")
             == pattern(7, 65536)
     );
-    assert!(
-        c.write_at(b"x", 0, true).is_err(),
-        "a write missing a replica must fail"
-    );
+    // Writes go on on the survivors (the dead replica is out of the write set), FUA: durable
+    // on both of them when it returns.
+    c.write_at(&pattern(99, 4096), 0, true)
+        .expect("the survivors take the write");
+    for f in &files[1..] {
+        let got = std::fs::read(f).expect("replica file");
+        assert!(
+            got[..4096] == pattern(99, 4096)[..],
+            "{} lacks it",
+            f.display()
+        );
+    }
+    let st = c.status();
+    assert_eq!((st.state, st.failovers), ("degraded", 1), "{st:?}");
 }
 
 #[test]

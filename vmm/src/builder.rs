@@ -20,7 +20,9 @@ use crate::devices::bus::{BusError, IoBuses};
 use crate::devices::debug_exit::{DebugExit, PhaseMarker, DEBUG_EXIT_PORT, PHASE_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialDevice, SerialWriter, COM1_BASE, COM1_IRQ, COM1_LEN};
-use crate::devices::virtio::block::{BackendError, Block, BlockBackend, FileBackend, NbdBackend};
+use crate::devices::virtio::block::{
+    BackendError, Block, BlockBackend, FileBackend, NbdBackend, ReplicatedBackend,
+};
 use crate::devices::virtio::mmio::{
     MmioTransport, FIRST_GSI, MAX_DEVICES, MMIO_BASE, MMIO_LEN, QUEUE_NOTIFY,
 };
@@ -293,6 +295,9 @@ fn open_disk(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>, BackendError> {
     Ok(match &spec.source {
         DiskSource::File(path) => Arc::new(FileBackend::open(path, spec.read_only)?),
         DiskSource::Nbd(uri) => Arc::new(NbdBackend::connect(uri, spec.read_only)?),
+        DiskSource::NbdReplicated { primary, backup } => {
+            Arc::new(ReplicatedBackend::connect(primary, backup, spec.read_only)?)
+        }
     })
 }
 

@@ -52,6 +52,9 @@ impl VmConfig {
                     source: match &d.source {
                         DiskSource::File(p) => p.display().to_string(),
                         DiskSource::Nbd(uri) => uri.clone(),
+                        DiskSource::NbdReplicated { primary, backup } => {
+                            format!("{primary},backup={backup}")
+                        }
                     },
                     read_only: d.read_only,
                 })
@@ -74,9 +77,15 @@ pub enum DiskSource {
     File(PathBuf),
     /// An NBD URI, already checked to parse.
     Nbd(String),
+    /// An NBD export replicated on a primary and a backup export (`,backup=URI`): writes and
+    /// flushes reach both, reads the primary (the backup while the primary is out).
+    NbdReplicated {
+        primary: String,
+        backup: String,
+    },
 }
 
-/// One `--disk PATH|nbd://HOST:PORT/EXPORT|nbd+unix:///EXPORT?socket=PATH[,readonly]`.
+/// One `--disk PATH|nbd://HOST:PORT/EXPORT|nbd+unix:///EXPORT?socket=PATH[,backup=URI][,readonly]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskSpec {
     pub source: DiskSource,
@@ -107,7 +116,7 @@ pub enum ConfigError {
     TooManyVcpus(u32),
     #[error("invalid --debug-corrupt {0:?}: expected GPA@PHASE, e.g. 0x20000000@1")]
     Corrupt(String),
-    #[error("invalid --disk {0:?}: expected PATH, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, then optionally ,readonly")]
+    #[error("invalid --disk {0:?}: expected PATH, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, then optionally ,backup=NBD-URI (NBD only) and ,readonly")]
     Disk(String),
     #[error("invalid --net {spec:?}: {why}")]
     Net { spec: String, why: String },
@@ -144,14 +153,36 @@ pub fn parse_corrupt(s: &str) -> Result<CorruptHook, ConfigError> {
 /// Parses one `--disk` value.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
     let err = || ConfigError::Disk(s.to_owned());
-    let (target, read_only) = match s.rsplit_once(',') {
-        Some((t, "readonly" | "ro")) => (t, true),
-        _ => (s, false),
-    };
-    let source = if target.starts_with("nbd://") || target.starts_with("nbd+unix://") {
+    // Options are peeled off the end, so a file name may contain commas.
+    let (mut target, mut read_only, mut backup) = (s, false, None);
+    while let Some((t, opt)) = target.rsplit_once(',') {
+        match opt {
+            "readonly" | "ro" if !read_only => read_only = true,
+            _ => match opt.strip_prefix("backup=") {
+                Some(b) if backup.is_none() => backup = Some(b),
+                _ => break,
+            },
+        }
+        target = t;
+    }
+    if target.contains(",backup=") {
+        return Err(err());
+    }
+    let is_nbd = |u: &str| u.starts_with("nbd://") || u.starts_with("nbd+unix://");
+    let source = if is_nbd(target) {
         remote_blk::nbd::client::parse_uri(target).map_err(|_| err())?;
-        DiskSource::Nbd(target.to_owned())
-    } else if target.is_empty() || target.contains("://") {
+        match backup {
+            None => DiskSource::Nbd(target.to_owned()),
+            Some(b) if is_nbd(b) && b != target => {
+                remote_blk::nbd::client::parse_uri(b).map_err(|_| err())?;
+                DiskSource::NbdReplicated {
+                    primary: target.to_owned(),
+                    backup: b.to_owned(),
+                }
+            }
+            Some(_) => return Err(err()),
+        }
+    } else if target.is_empty() || target.contains("://") || backup.is_some() {
         return Err(err());
     } else {
         DiskSource::File(PathBuf::from(target))
@@ -289,9 +320,24 @@ mod tests {
                 read_only: false
             }
         );
+        let rep = parse_disk("nbd://a:1/d,backup=nbd://b:2/d,readonly").unwrap();
+        assert_eq!(
+            rep,
+            DiskSpec {
+                source: DiskSource::NbdReplicated {
+                    primary: "nbd://a:1/d".into(),
+                    backup: "nbd://b:2/d".into()
+                },
+                read_only: true
+            }
+        );
         for bad in [
             "",
             ",readonly",
+            "d.img,backup=nbd://b/d",
+            "nbd://a/d,backup=nbd://a/d",
+            "nbd://a/d,backup=/tmp/x",
+            "nbd://a/d,backup=nbd://b/d,backup=nbd://c/d",
             "http://x/y",
             "nbd://",
             "nbd+unix:///exp",

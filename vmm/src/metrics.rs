@@ -123,6 +123,10 @@ pub fn counters() -> vnode_api::Counters {
         excache: crate::memory::stats::EXCACHE_STATS
             .get()
             .map(|s| s.snapshot()),
+        replicated_disks: serde_json::from_value(
+            crate::devices::virtio::block::backend::replication_json(),
+        )
+        .expect("replication_json has DiskReplication's fields"),
     }
 }
 

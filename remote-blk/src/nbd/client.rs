@@ -9,6 +9,14 @@
 //! The blocking calls (`read_at`, `write_at`, ...) are built on `submit`.
 //!
 //! Only simple replies are negotiated: the client needs nothing that structured replies add.
+//!
+//! Deadlines ([`vnode_common::deadline`]): the handshake must finish within 2 s and its round
+//! trip seeds an EWMA of request times. While requests are outstanding, a server that sends
+//! nothing for `max(floor, 16 x rtt, size allowance)` (the floor is 2 s, 8 s for a flush or a
+//! FUA write, which wait for an fsync; at most 8 s in all; counted from the later of
+//! the request's sending and the last byte received, so a large reply that keeps arriving is
+//! never cut off) is declared failed: the connection is shut down and every outstanding
+//! request completes with [`ClientError::Timeout`]. The reader wakes every [`TICK`] to check.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -16,6 +24,9 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use vnode_common::deadline::{self, Rtt};
 
 use thiserror::Error;
 
@@ -51,6 +62,25 @@ pub enum ClientError {
     Remote { errno: u32 },
     #[error("connection closed")]
     Disconnected,
+    #[error(
+        "server {peer} sent nothing for {after_ms} ms with requests outstanding: declared failed"
+    )]
+    Timeout { peer: String, after_ms: u64 },
+}
+
+/// How often the reader thread wakes to check the outstanding requests' deadlines.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// A request in flight.
+struct InFlight {
+    /// Bytes of read data expected.
+    expect: u32,
+    done: Completion,
+    sent: Instant,
+    /// Bytes moved both ways, for the size allowance of its deadline.
+    bytes: usize,
+    /// The deadline's floor: longer for requests that wait for an fsync.
+    floor: Duration,
 }
 
 impl From<io::Error> for ClientError {
@@ -230,8 +260,7 @@ pub type Completion = Box<dyn FnOnce(Result<Vec<u8>, ClientError>) + Send>;
 pub struct Handle(pub u64);
 
 struct Pending {
-    /// cookie -> (bytes of read data expected, completion)
-    map: HashMap<u64, (u32, Completion)>,
+    map: HashMap<u64, InFlight>,
     next_cookie: u64,
     dead: bool,
 }
@@ -241,12 +270,24 @@ struct Inner {
     pending: Mutex<Pending>,
     slot_freed: Condvar,
     max_in_flight: usize,
+    rtt: Rtt,
+    peer: String,
 }
 
 impl Inner {
     fn pending(&self) -> MutexGuard<'_, Pending> {
         // A poisoned lock means a completion panicked, and panic=abort makes that unreachable.
         self.pending.lock().expect("pending lock poisoned")
+    }
+
+    /// The deadline an outstanding request has missed, if any: no byte since `progress` (or
+    /// since it was sent, if later) for longer than its deadline.
+    fn overdue(&self, progress: Instant) -> Option<Duration> {
+        let now = Instant::now();
+        self.pending().map.values().find_map(|f| {
+            let d = self.rtt.deadline_with(f.floor, f.bytes);
+            (now.duration_since(f.sent.max(progress)) > d).then_some(d)
+        })
     }
 }
 
@@ -261,28 +302,49 @@ impl NbdClient {
     /// Connects to `uri` and negotiates the export it names.
     pub fn connect(uri: &str, opts: &ConnectOptions) -> Result<Self, ClientError> {
         let (target, export) = parse_uri(uri)?;
-        let stream = match &target {
+        let (stream, peer) = match &target {
             Target::Tcp { host, port } => {
                 let addr = format!("{host}:{port}");
-                let s = TcpStream::connect(&addr).map_err(|e| ClientError::Connect {
-                    addr,
+                let connect_err = |e: io::Error| ClientError::Connect {
+                    addr: addr.clone(),
                     msg: e.to_string(),
-                })?;
-                Stream::Tcp(s)
+                };
+                let mut last = io::Error::from(io::ErrorKind::NotFound);
+                let mut conn = None;
+                for sa in std::net::ToSocketAddrs::to_socket_addrs(&addr).map_err(connect_err)? {
+                    match TcpStream::connect_timeout(&sa, deadline::HANDSHAKE) {
+                        Ok(s) => {
+                            conn = Some(s);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                let s = conn.ok_or_else(|| connect_err(last))?;
+                (Stream::Tcp(s), addr)
             }
             Target::Unix { path } => {
                 let s = UnixStream::connect(path).map_err(|e| ClientError::Connect {
                     addr: path.clone(),
                     msg: e.to_string(),
                 })?;
-                Stream::Unix(s)
+                (Stream::Unix(s), path.clone())
             }
         };
         stream.set_nodelay()?;
-        Self::handshake(stream, &export, opts)
+        stream.set_read_timeout(Some(deadline::HANDSHAKE))?;
+        stream.set_write_timeout(Some(deadline::HANDSHAKE))?;
+        let start = Instant::now();
+        let (s, info) = Self::handshake(stream, &export, opts)?;
+        let rtt = Rtt::new(start.elapsed());
+        Self::start(s, info, opts.max_in_flight.max(1), rtt, peer)
     }
 
-    fn handshake(mut s: Stream, export: &str, opts: &ConnectOptions) -> Result<Self, ClientError> {
+    fn handshake(
+        mut s: Stream,
+        export: &str,
+        opts: &ConnectOptions,
+    ) -> Result<(Stream, ExportInfo), ClientError> {
         let mut greet = [0u8; 18];
         s.read_exact(&mut greet)?;
         let hflags = u16::from_be_bytes([greet[16], greet[17]]);
@@ -358,10 +420,20 @@ impl NbdClient {
             }
         }
         info.read_only = info.flags & TF_READ_ONLY != 0;
-        Self::start(s, info, opts.max_in_flight.max(1))
+        Ok((s, info))
     }
 
-    fn start(s: Stream, info: ExportInfo, max_in_flight: usize) -> Result<Self, ClientError> {
+    fn start(
+        s: Stream,
+        info: ExportInfo,
+        max_in_flight: usize,
+        rtt: Rtt,
+        peer: String,
+    ) -> Result<Self, ClientError> {
+        // The reader wakes every TICK to check deadlines; a send blocked for the ceiling means
+        // the server stopped reading (the reader will usually have failed it already).
+        s.set_read_timeout(Some(TICK))?;
+        s.set_write_timeout(Some(deadline::CEILING))?;
         let reader = s.try_clone()?;
         let inner = Arc::new(Inner {
             writer: Mutex::new((s, Vec::with_capacity(64 << 10))),
@@ -372,6 +444,8 @@ impl NbdClient {
             }),
             slot_freed: Condvar::new(),
             max_in_flight,
+            rtt,
+            peer,
         });
         let rx_inner = Arc::clone(&inner);
         let rx = thread::Builder::new()
@@ -390,6 +464,16 @@ impl NbdClient {
 
     pub fn size(&self) -> u64 {
         self.info.size
+    }
+
+    /// The round-trip estimate (handshake, then an EWMA of request times).
+    pub fn rtt(&self) -> Duration {
+        self.inner.rtt.get()
+    }
+
+    /// The server, as connected to (`host:port` or a socket path).
+    pub fn peer(&self) -> &str {
+        &self.inner.peer
     }
 
     /// Sends `cmd`; `done` runs on the client's reader thread when the reply arrives (or the
@@ -412,7 +496,20 @@ impl NbdClient {
             let cookie = p.next_cookie;
             p.next_cookie += 1;
             let expect = if kind == CMD_READ { len } else { 0 };
-            p.map.insert(cookie, (expect, done));
+            p.map.insert(
+                cookie,
+                InFlight {
+                    expect,
+                    done,
+                    sent: Instant::now(),
+                    bytes: expect as usize + data.len(),
+                    floor: if kind == CMD_FLUSH || flags & CMD_FLAG_FUA != 0 {
+                        deadline::DURABLE_FLOOR
+                    } else {
+                        deadline::STORAGE_FLOOR
+                    },
+                },
+            );
             cookie
         };
         let req = Request {
@@ -605,44 +702,105 @@ impl Drop for NbdClient {
 /// The reader thread: completes requests as replies arrive; fails them all when the
 /// connection ends.
 fn receive(inner: &Inner, mut s: Stream) {
+    let mut progress = Progress {
+        byte: Instant::now(),
+        reply: Instant::now(),
+    };
     let err = loop {
-        match receive_one(inner, &mut s) {
+        match receive_one(inner, &mut s, &mut progress) {
             Ok(()) => {}
             Err(e) => break e,
         }
     };
-    tracing::debug!(error = %err, "nbd client connection ended");
+    match &err {
+        ClientError::Timeout { .. } => tracing::warn!(error = %err, "nbd server failed"),
+        _ => tracing::debug!(error = %err, "nbd client connection ended"),
+    }
+    // Wakes a writer blocked on a server that stopped reading.
+    let _ = s.shutdown();
+    let failed = match err {
+        e @ ClientError::Timeout { .. } => e,
+        _ => ClientError::Disconnected,
+    };
     let drained: Vec<_> = {
         let mut p = inner.pending();
         p.dead = true;
-        p.map.drain().map(|(_, (_, done))| done).collect()
+        p.map.drain().map(|(_, f)| f.done).collect()
     };
     inner.slot_freed.notify_all();
     for done in drained {
-        done(Err(ClientError::Disconnected));
+        done(Err(failed.clone()));
     }
 }
 
-fn receive_one(inner: &Inner, s: &mut Stream) -> Result<(), ClientError> {
+/// When the reader last received a byte, and a whole reply.
+struct Progress {
+    byte: Instant,
+    reply: Instant,
+}
+
+/// Fills `buf`, waking every TICK to fail the connection if a request is past its deadline
+/// (an outstanding one, or `current`: the one whose reply is being read, no longer listed).
+fn read_full(
+    inner: &Inner,
+    s: &mut Stream,
+    buf: &mut [u8],
+    progress: &mut Progress,
+    current: Option<Duration>,
+) -> Result<(), ClientError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(ClientError::Disconnected),
+            Ok(n) => {
+                got += n;
+                progress.byte = Instant::now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                let current = current.filter(|d| progress.byte.elapsed() > *d);
+                if let Some(d) = current.or_else(|| inner.overdue(progress.byte)) {
+                    return Err(ClientError::Timeout {
+                        peer: inner.peer.clone(),
+                        after_ms: d.as_millis() as u64,
+                    });
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn receive_one(inner: &Inner, s: &mut Stream, progress: &mut Progress) -> Result<(), ClientError> {
     let mut hdr = [0u8; SIMPLE_REPLY_LEN];
-    s.read_exact(&mut hdr)?;
+    read_full(inner, s, &mut hdr, progress, None)?;
     let (errno, cookie) = decode_simple_reply(&hdr)?;
-    let Some((expect, done)) = inner.pending().map.remove(&cookie) else {
+    let Some(f) = inner.pending().map.remove(&cookie) else {
         return Err(ClientError::Protocol(format!(
             "reply to unknown cookie {cookie}"
         )));
     };
+    let now = Instant::now();
+    inner.rtt.observe(now - f.sent.max(progress.reply));
+    progress.reply = now;
     inner.slot_freed.notify_one();
     if errno != 0 {
-        done(Err(ClientError::Remote { errno }));
+        (f.done)(Err(ClientError::Remote { errno }));
         return Ok(());
     }
-    let mut data = vec![0u8; expect as usize];
-    if let Err(e) = s.read_exact(&mut data) {
-        done(Err(ClientError::Disconnected));
-        return Err(e.into());
+    let mut data = vec![0u8; f.expect as usize];
+    let current = Some(inner.rtt.deadline_with(f.floor, f.bytes));
+    if let Err(e) = read_full(inner, s, &mut data, progress, current) {
+        (f.done)(Err(e.clone()));
+        return Err(e);
     }
-    done(Ok(data));
+    (f.done)(Ok(data));
     Ok(())
 }
 

@@ -39,6 +39,22 @@ impl Stream {
         }
     }
 
+    /// Bounds each blocking read (`None`: forever); a timeout is `WouldBlock`/`TimedOut`.
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Bounds each blocking write (`None`: forever).
+    pub fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
     /// Small requests and replies must not wait for Nagle.
     pub fn set_nodelay(&self) -> io::Result<()> {
         match self {

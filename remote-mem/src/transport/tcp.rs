@@ -51,11 +51,12 @@ pub fn spin_until_readable(s: &TcpStream, limit: Duration) -> bool {
 }
 
 impl TcpConn {
-    /// Connects to `addr`.
+    /// Connects to `addr`, giving up after [`vnode_common::deadline::HANDSHAKE`] (an
+    /// unreachable host would otherwise hold the caller for the kernel's SYN retries, minutes).
     pub fn connect(addr: &str) -> io::Result<TcpConn> {
         let mut last = io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing");
         for sa in addr.to_socket_addrs()? {
-            match TcpStream::connect(sa) {
+            match TcpStream::connect_timeout(&sa, vnode_common::deadline::HANDSHAKE) {
                 Ok(s) => return TcpConn::from_stream(s, addr.to_string()),
                 Err(e) => last = e,
             }

@@ -3,7 +3,9 @@
 //! keeps pages in this process, so the fault path can be measured without a network (the
 //! platform's userfaultfd floor) and tested without servers.
 
-use remote_mem::{ClientError, MemClient, ReplicatedRegion};
+use std::sync::{Arc, OnceLock};
+
+use remote_mem::{ClientError, MemClient, RegionHealth, ReplicatedRegion};
 
 use super::uffd::PAGE;
 
@@ -105,11 +107,9 @@ impl RemoteSource {
             _ => {
                 let backup = clients.pop().expect("two clients");
                 let primary = clients.pop().expect("two clients");
-                RemoteSource::Replicated(Box::new(ReplicatedRegion::new(
-                    GUEST_RAM_REGION,
-                    primary,
-                    backup,
-                )))
+                let r = ReplicatedRegion::new(GUEST_RAM_REGION, primary, backup);
+                let _ = MEM_REPLICATION.set(r.health());
+                RemoteSource::Replicated(Box::new(r))
             }
         };
         match (&mut src, attach) {
@@ -122,6 +122,37 @@ impl RemoteSource {
         }
         Ok(src)
     }
+}
+
+/// The health of replicated guest RAM, when it is replicated (for the VM's stats).
+pub static MEM_REPLICATION: OnceLock<Arc<RegionHealth>> = OnceLock::new();
+
+/// Guest RAM's replica states, fail-overs and degraded time as JSON (null when unreplicated).
+pub fn replication_json() -> serde_json::Value {
+    let Some(h) = MEM_REPLICATION.get() else {
+        return serde_json::Value::Null;
+    };
+    let s = h.snapshot();
+    let replicas: Vec<_> = s
+        .replicas
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "role": r.role,
+                "server": r.server,
+                "state": r.state.as_str(),
+                "failure": r.failure,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "region": s.region,
+        "state": s.state,
+        "replicas": replicas,
+        "failovers": s.failovers,
+        "degraded_since_unix_ms": s.degraded_since_unix_ms,
+        "degraded_ms": s.degraded_ms,
+    })
 }
 
 impl PageSource for RemoteSource {

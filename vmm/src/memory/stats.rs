@@ -145,6 +145,8 @@ impl ExCacheStats {
             max_resident_pages: self.max_resident_pages.get(),
             limit_pages: self.limit_pages.get(),
             time_us: self.time.snapshot(),
+            replication: serde_json::from_value(super::source::replication_json())
+                .expect("replication_json has MemReplication's fields"),
         }
     }
 

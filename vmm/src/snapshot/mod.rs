@@ -107,6 +107,9 @@ impl SavedConfig {
                 source: match &d.source {
                     DiskSource::File(p) => p.display().to_string(),
                     DiskSource::Nbd(uri) => uri.clone(),
+                    DiskSource::NbdReplicated { primary, backup } => {
+                        format!("{primary},backup={backup}")
+                    }
                 },
                 read_only: d.read_only,
             })
@@ -136,7 +139,12 @@ impl SavedConfig {
             .disks
             .iter()
             .map(|d| DiskSpec {
-                source: if d.source.contains("://") {
+                source: if let Some((primary, backup)) = d.source.split_once(",backup=") {
+                    DiskSource::NbdReplicated {
+                        primary: primary.to_owned(),
+                        backup: backup.to_owned(),
+                    }
+                } else if d.source.contains("://") {
                     DiskSource::Nbd(d.source.clone())
                 } else {
                     DiskSource::File(PathBuf::from(&d.source))

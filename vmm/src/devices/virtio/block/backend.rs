@@ -1,6 +1,9 @@
-//! Where a virtio-blk disk's bytes live: the [`BlockBackend`] trait and its two implementations,
-//! a local file and an NBD export (`vnode-blkd`, `qemu-nbd`, `nbdkit`) through `remote-blk`'s
-//! pipelined client.
+//! Where a virtio-blk disk's bytes live: the [`BlockBackend`] trait and its implementations,
+//! a local file, an NBD export (`vnode-blkd`, `qemu-nbd`, `nbdkit`) through `remote-blk`'s
+//! pipelined client, and an NBD export replicated on a primary and a backup
+//! ([`ReplicatedBackend`], `remote-blk`'s `ReplicatedClient`: fail-over, dirty tracking,
+//! resync; its state is in the VM's stats). An NBD server that misses its deadline fails the
+//! requests in flight: the guest sees an I/O error (counted in `blk_io_errors`), never a hang.
 //!
 //! Requests are submitted and complete through a callback, so both keep many in flight: NBD
 //! pipelines them on its connection, the file backend runs them on a few I/O threads.
@@ -14,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use remote_blk::nbd::client::{ClientError, Command, ConnectOptions, NbdClient};
+use remote_blk::replica::{ReplicaError, ReplicatedClient, StatusHandle};
 
 /// One backend operation. Offsets and lengths are in bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +48,8 @@ pub enum BackendError {
     Io(io::Error),
     #[error("nbd: {0}")]
     Nbd(ClientError),
+    #[error("replicated nbd disk: {0}")]
+    Replica(String),
 }
 
 impl From<ClientError> for BackendError {
@@ -238,6 +244,107 @@ impl BlockBackend for NbdBackend {
             }
         }
     }
+}
+
+/// An NBD export on a primary and a backup server (`--disk URI,backup=URI`).
+pub struct ReplicatedBackend {
+    client: ReplicatedClient,
+    read_only: bool,
+}
+
+/// Every replicated disk's status handle, with its primary's URI, for the VM's stats.
+static DISK_REPLICATION: Mutex<Vec<(String, StatusHandle)>> = Mutex::new(Vec::new());
+
+impl ReplicatedBackend {
+    pub fn connect(primary: &str, backup: &str, read_only: bool) -> Result<Self, BackendError> {
+        let client = ReplicatedClient::connect(&[primary, backup], &ConnectOptions::default())
+            .map_err(|e: ReplicaError| BackendError::Replica(error_chain(&e)))?;
+        DISK_REPLICATION
+            .lock()
+            .expect("disk registry lock poisoned")
+            .push((primary.to_owned(), client.status_handle()));
+        Ok(Self { client, read_only })
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl BlockBackend for ReplicatedBackend {
+    fn size(&self) -> u64 {
+        self.client.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn submit(&self, op: BlockOp, done: Done) {
+        let cmd = match op {
+            BlockOp::Read { offset, len } => Command::Read { offset, len },
+            BlockOp::Write { offset, data, fua } => Command::Write { offset, data, fua },
+            BlockOp::Flush => Command::Flush,
+        };
+        // `submit` always runs its completion (it never returns Err today); should that
+        // change, fail the request rather than lose it.
+        let slot = Arc::new(Mutex::new(Some(done)));
+        let in_reply = slot.clone();
+        let res = self.client.submit(
+            cmd,
+            Box::new(move |r| {
+                if let Some(done) = in_reply.lock().expect("done slot poisoned").take() {
+                    done(r.map_err(BackendError::from));
+                }
+            }),
+        );
+        if let Err(e) = res {
+            if let Some(done) = slot.lock().expect("done slot poisoned").take() {
+                done(Err(e.into()));
+            }
+        }
+    }
+}
+
+/// The replicated disks' replica states as JSON, one object per disk (empty when none).
+pub fn replication_json() -> serde_json::Value {
+    let disks = DISK_REPLICATION
+        .lock()
+        .expect("disk registry lock poisoned");
+    disks
+        .iter()
+        .map(|(disk, h)| {
+            let s = h.status();
+            let replicas: Vec<_> = s
+                .replicas
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "uri": r.uri,
+                        "state": r.state.as_str(),
+                        "dirty_bytes": r.dirty_bytes,
+                        "failure": r.failure,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "disk": disk,
+                "state": s.state,
+                "replicas": replicas,
+                "failovers": s.failovers,
+                "resyncs": s.resyncs,
+                "degraded_since_unix_ms": s.degraded_since_unix_ms,
+                "degraded_ms": s.degraded_ms,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

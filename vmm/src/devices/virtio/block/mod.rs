@@ -6,5 +6,5 @@ pub mod device;
 pub mod handler;
 pub mod request;
 
-pub use backend::{BackendError, BlockBackend, FileBackend, NbdBackend};
+pub use backend::{BackendError, BlockBackend, FileBackend, NbdBackend, ReplicatedBackend};
 pub use device::Block;
