@@ -39,8 +39,9 @@ const WRITEBACK_BATCH: usize = SHRINK_BATCH;
 /// What the VM asks of its fault thread.
 pub enum FaultCmd {
     /// The ExCache's new capacity in pages: growing raises the limit; shrinking evicts down to
-    /// it in the background, batch by batch, so the guest sees only misses.
-    SetLimit(usize),
+    /// it in the background, batch by batch, so the guest sees only misses. Replies once the
+    /// new limit is in force (a shrink has started).
+    SetLimit(usize, Sender<()>),
     /// Write every dirty resident page back to the servers; the reply says how many.
     FlushDirty(Sender<Result<usize, String>>),
     /// Serve every fault already raised, then reply: after a pause, the faults the vCPUs left
@@ -163,13 +164,14 @@ impl FaultServer {
     /// Carries out one command; true when the thread must end.
     fn command(&mut self, cmd: FaultCmd) -> Result<bool, FaultError> {
         match cmd {
-            FaultCmd::SetLimit(pages) => {
+            FaultCmd::SetLimit(pages, reply) => {
                 self.target = pages.clamp(1, self.cache.pages());
                 self.stats.limit_pages.set(self.target as u64);
                 if self.target >= self.cache.resident() {
                     self.cache.set_limit(self.target);
                 }
                 tracing::info!(pages = self.target, "ExCache limit set");
+                let _ = reply.send(());
             }
             FaultCmd::FlushDirty(reply) => {
                 let r = self.flush_dirty();

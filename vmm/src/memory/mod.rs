@@ -76,6 +76,9 @@ pub struct RemoteMemory {
     pages: usize,
 }
 
+/// How long a command waits for the fault server's answer.
+const COMMAND_WAIT: Duration = Duration::from_secs(10);
+
 /// How long `stop` waits for the fault server to free guest RAM on its servers.
 const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
@@ -96,7 +99,10 @@ impl RemoteMemory {
         if bytes < MIN_LOCAL_MEM || bytes > mem {
             return Err(RemoteMemError::Limit { bytes, mem });
         }
-        self.send(FaultCmd::SetLimit(bytes as usize / PAGE))
+        let (tx, rx) = mpsc::channel();
+        self.send(FaultCmd::SetLimit(bytes as usize / PAGE, tx))?;
+        rx.recv_timeout(COMMAND_WAIT)
+            .map_err(|_| RemoteMemError::Gone)
     }
 
     /// Writes every dirty resident page to the memory servers; returns how many, once done.
