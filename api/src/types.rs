@@ -39,7 +39,8 @@ impl std::fmt::Display for VmState {
 /// A running vnode: its state and a summary of its configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmInfo {
-    /// The vNode id (presented to memory servers; the process id unless `--vnode-id` was given).
+    /// The vNode id presented to memory servers (random unless `--vnode-id` was given); the
+    /// process id when guest RAM is local.
     pub id: u64,
     pub state: VmState,
     pub config: VmConfigSummary,
@@ -102,6 +103,9 @@ pub struct Counters {
     #[serde(default)]
     pub replicated_disks: Vec<DiskReplication>,
     pub vmm: VmmCounters,
+    /// The vNode id presented to memory servers (`0x` and 16 hex digits), when guest RAM is
+    /// remote.
+    pub vnode_id: Option<String>,
 }
 
 /// Guest RAM's replication when it is on a primary and a backup memory server.

@@ -77,7 +77,7 @@ start_server() { # name ready-file args...
 # Writes console$TAG.log, vnode$TAG.stderr, vnode$TAG.rc and ${KEY}_{initramfs,init,total}_ms.
 run_vnode() { # TAG KEY CMDLINE
     local tag=$1 key=$2 cmdline=$3 memd blkd start vrc
-    start_server memd$tag "$TMPDIR/memd.ready" "$BIN/vnode-memd" --listen 127.0.0.1:0 --capacity 2G --insecure
+    start_server memd$tag "$TMPDIR/memd.ready" "$BIN/vnode-memd" --listen 127.0.0.1:0 --capacity 2G
     memd=$ADDR
     start_server blkd$tag "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --listen 127.0.0.1:0 --export "root=$ROOTFS"
     blkd=$ADDR
@@ -129,7 +129,7 @@ run_vnode "" vnode "$cmdline"; vrc=$?
 
 if [ "$FIOV" != 0 ]; then
     # Time-based crc32c verify; RAM on vnode-memd behind an ExCache of half the guest RAM.
-    start_server memd-fio-verify "$TMPDIR/memd.ready" "$BIN/vnode-memd" --listen 127.0.0.1:0 --capacity 2G --insecure
+    start_server memd-fio-verify "$TMPDIR/memd.ready" "$BIN/vnode-memd" --listen 127.0.0.1:0 --capacity 2G
     memd=$ADDR
     start_server blkd-fio-verify "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --listen 127.0.0.1:0 --export "root=$ROOTFS"
     ctl fio-verify fio-verify --runtime "$FIOV" --guest-arg fio_size=4M -- "${KARGS[@]}" \
@@ -160,7 +160,7 @@ fi
 
 if [ "$MCNET" != 0 ]; then
     # memcached in the guest, the load client here in L1, over a TAP.
-    start_server memd-memcached "$TMPDIR/memd.ready" "$BIN/vnode-memd" --listen 127.0.0.1:0 --capacity 2G --insecure
+    start_server memd-memcached "$TMPDIR/memd.ready" "$BIN/vnode-memd" --listen 127.0.0.1:0 --capacity 2G
     memd=$ADDR
     start_server blkd-memcached "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --listen 127.0.0.1:0 --export "root=$ROOTFS"
     ctl memcached memcached --runtime "$MCNET" --net-host-ip 10.77.0.1/24 --guest-ip 10.77.0.2 \

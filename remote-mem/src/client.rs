@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use vnode_common::deadline::{self, Rtt};
 
+use crate::auth::ClientAuth;
 use crate::error::ClientError;
-use crate::protocol::{self, ErrorCode, Header, Op, HEADER_LEN, MAX_BATCH, PAGE_SIZE};
+use crate::protocol::{self, ErrorCode, Header, Op, HEADER_LEN, MAX_BATCH, NONCE_LEN, PAGE_SIZE};
 use crate::transport::tcp::TcpConn;
 use crate::transport::Conn;
 
@@ -60,7 +61,6 @@ pub struct WriteTicket {
 enum Expect {
     Done,
     Data(usize),
-    HelloOk,
     /// An `Opened` reply: the region's size, 8 bytes.
     Opened,
 }
@@ -88,7 +88,7 @@ pub struct MemClient {
     next_tag: u64,
     /// Outgoing frame bytes other than page data.
     scratch: Vec<u8>,
-    /// Incoming bodies that are not page data (errors, HelloOk).
+    /// Incoming bodies that are not page data (errors, handshake frames).
     body: Vec<u8>,
     pending: VecDeque<Pending>,
     stash: Vec<Stashed>,
@@ -96,7 +96,7 @@ pub struct MemClient {
     capacity_pages: u64,
     free_pages: u64,
     /// Kept to open the same session elsewhere (following a migrated region).
-    secret: Vec<u8>,
+    auth: ClientAuth,
     /// A fixed timeout set with `set_timeout`, instead of the adaptive deadline.
     fixed: Option<Option<Duration>>,
     /// The timeout now set on the socket.
@@ -118,33 +118,23 @@ impl std::fmt::Debug for MemClient {
 }
 
 impl MemClient {
-    /// Connects over TCP and authenticates as `vnode_id` with the shared `secret`.
+    /// Connects over TCP and authenticates (mutually) as `auth` says.
     /// The connection and the handshake must succeed within [`deadline::HANDSHAKE`] each.
-    pub fn connect(addr: &str, vnode_id: u64, secret: &[u8]) -> Result<Self, ClientError> {
+    pub fn connect(addr: &str, auth: &ClientAuth) -> Result<Self, ClientError> {
         let conn = TcpConn::connect(addr).map_err(|source| ClientError::Connect {
             addr: addr.to_string(),
             source,
         })?;
-        Self::with_conn(Box::new(conn), vnode_id, secret)
+        Self::with_conn(Box::new(conn), auth)
     }
 
     /// Authenticates over an already established connection of any transport.
-    pub fn with_conn(
-        conn: Box<dyn Conn>,
-        vnode_id: u64,
-        secret: &[u8],
-    ) -> Result<Self, ClientError> {
+    pub fn with_conn(conn: Box<dyn Conn>, auth: &ClientAuth) -> Result<Self, ClientError> {
         let addr = conn.peer().to_string();
-        if secret.is_empty() || secret.len() > protocol::MAX_SECRET {
-            return Err(ClientError::BadArgument {
-                addr,
-                what: "secret must be 1..=256 bytes",
-            });
-        }
         let mut c = MemClient {
             conn,
             addr,
-            vnode_id,
+            vnode_id: auth.vnode_id(),
             next_tag: 1,
             scratch: Vec::with_capacity(HEADER_LEN + protocol::BATCH_FIXED + 8 * MAX_BATCH),
             body: Vec::with_capacity(HEADER_LEN + protocol::MAX_ERROR_MSG),
@@ -153,21 +143,80 @@ impl MemClient {
             broken: false,
             capacity_pages: 0,
             free_pages: 0,
-            secret: secret.to_vec(),
+            auth: auth.clone(),
             fixed: None,
             armed: None,
             rtt: Rtt::new(deadline::FLOOR),
             last_reply: Instant::now(),
         };
+        // A server that never sends its challenge (an older vnode-memd waits for the client to
+        // speak first) fails the handshake at this deadline.
         c.set_socket_timeout(Some(deadline::HANDSHAKE))?;
         let start = Instant::now();
-        let tag = c.take_tag();
-        c.scratch.clear();
-        protocol::encode_hello(&mut c.scratch, tag, vnode_id, secret);
-        c.send_scratch(&[], Expect::HelloOk, tag)?;
-        c.wait(tag, &mut [])?;
+        c.handshake()?;
+        // Two round trips: the challenge arrives with the connection, the reply one trip later.
         c.rtt = Rtt::new(start.elapsed());
         Ok(c)
+    }
+
+    /// Challenge, hello, hello-ok: see "Authentication" in `protocol.rs`.
+    fn handshake(&mut self) -> Result<(), ClientError> {
+        self.recv_handshake_frame(Op::Challenge, 0)?;
+        let mut server_nonce = [0u8; NONCE_LEN];
+        server_nonce.copy_from_slice(&self.body);
+        let hello = self
+            .auth
+            .hello(&server_nonce)
+            .map_err(|e| ClientError::Auth {
+                addr: self.addr.clone(),
+                what: e.to_string(),
+            })?;
+        let tag = self.take_tag();
+        self.scratch.clear();
+        hello.encode(&mut self.scratch, tag);
+        if let Err(e) = self.conn.send(&mut [IoSlice::new(&self.scratch)]) {
+            return Err(self.io_failed(e));
+        }
+        self.recv_handshake_frame(Op::HelloOk, tag)?;
+        let (cap, free, proof) =
+            protocol::decode_hello_ok(&self.body).map_err(|e| self.protocol_failed(e))?;
+        if !self.auth.server_proved(&server_nonce, &hello, &proof) {
+            self.broken = true;
+            return Err(ClientError::Auth {
+                addr: self.addr.clone(),
+                what: "the server did not prove it holds the cluster key (an impostor, or a \
+                       server started --insecure)"
+                    .into(),
+            });
+        }
+        self.capacity_pages = cap;
+        self.free_pages = free;
+        Ok(())
+    }
+
+    /// Reads one handshake frame of kind `want` (its body into `self.body`), or the server's
+    /// `Error`.
+    fn recv_handshake_frame(&mut self, want: Op, tag: u64) -> Result<(), ClientError> {
+        let mut hb = [0u8; HEADER_LEN];
+        if let Err(e) = self.conn.recv_exact(&mut hb) {
+            return Err(self.io_failed(e));
+        }
+        let h = Header::decode(&hb).map_err(|e| self.protocol_failed(e))?;
+        if h.op == Op::Error {
+            return self.recv_small_reply(&h);
+        }
+        if h.op != want || h.tag != tag || h.len != want.max_body() {
+            self.broken = true;
+            return Err(self.unexpected(format!(
+                "{:?} of {} bytes during the handshake, expected {want:?}",
+                h.op, h.len
+            )));
+        }
+        self.body.resize(h.len, 0);
+        if let Err(e) = self.conn.recv_exact(&mut self.body) {
+            return Err(self.io_failed(e));
+        }
+        Ok(())
     }
 
     /// The round-trip estimate (handshake, then an EWMA of request times).
@@ -219,10 +268,10 @@ impl MemClient {
         self.conn.set_spin(spin);
     }
 
-    /// Opens a new connection to `addr` (TCP) as the same vNode, with the same secret and
+    /// Opens a new connection to `addr` (TCP) as the same vNode, with the same credential and
     /// timeout: how a client follows a region that moved.
     pub fn connect_like(&self, addr: &str) -> Result<MemClient, ClientError> {
-        let mut c = MemClient::connect(addr, self.vnode_id, &self.secret)?;
+        let mut c = MemClient::connect(addr, &self.auth)?;
         if let Some(t) = self.fixed {
             c.set_timeout(t)?;
         }
@@ -260,6 +309,15 @@ impl MemClient {
         let mut size = [0u8; 8];
         self.wait(tag, &mut size)?;
         Ok(u64::from_le_bytes(size))
+    }
+
+    /// Keeps an idle connection open (servers close connections idle past their
+    /// `--idle-timeout`): one round trip, answered `Done`.
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        let tag = self.begin(0)?;
+        protocol::encode_ping(&mut self.scratch, tag);
+        self.send_scratch(&[], Expect::Done, tag)?;
+        self.wait(tag, &mut [])
     }
 
     /// Frees `region` and its pages.
@@ -558,7 +616,7 @@ impl MemClient {
                 }
                 Ok(())
             }
-            (Op::HelloOk, Expect::HelloOk) | (Op::Error, _) => self.recv_small_reply(&h),
+            (Op::Error, _) => self.recv_small_reply(&h),
             (op, expect) => {
                 self.broken = true;
                 Err(self.unexpected(format!("{op:?} of {} bytes, expected {expect:?}", h.len)))
@@ -566,28 +624,17 @@ impl MemClient {
         }
     }
 
-    /// Reads and acts on a `HelloOk` or `Error` body (bounded by the header check).
+    /// Reads an `Error` body (bounded by the header check) and returns it as the error.
     fn recv_small_reply(&mut self, h: &Header) -> Result<(), ClientError> {
         self.body.resize(h.len, 0);
         let mut body = std::mem::take(&mut self.body);
         let r = self.conn.recv_exact(&mut body);
-        let parsed = r.map(|()| {
-            if h.op == Op::Error {
-                protocol::decode_error(&body).map(Err)
-            } else {
-                protocol::decode_hello_ok(&body).map(Ok)
-            }
-        });
+        let parsed = r.map(|()| protocol::decode_error(&body));
         self.body = body;
         match parsed {
             Err(e) => Err(self.io_failed(e)),
             Ok(Err(source)) => Err(self.protocol_failed(source)),
-            Ok(Ok(Ok((cap, free)))) => {
-                self.capacity_pages = cap;
-                self.free_pages = free;
-                Ok(())
-            }
-            Ok(Ok(Err((code, msg)))) => Err(ClientError::Refused {
+            Ok(Ok((code, msg))) => Err(ClientError::Refused {
                 addr: self.addr.clone(),
                 code,
                 msg,
@@ -614,14 +661,10 @@ impl MemClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::encode_hello_ok;
 
     fn client(replies: Vec<u8>) -> Result<MemClient, ClientError> {
-        let mut all = Vec::new();
-        encode_hello_ok(&mut all, 1, 100, 50);
-        all.extend_from_slice(&replies);
-        let conn = crate::transport::Scripted::new(all, "mock:1");
-        MemClient::with_conn(Box::new(conn), 7, b"secret")
+        let conn = crate::transport::Scripted::after_insecure_handshake(&replies, "mock:1");
+        MemClient::with_conn(Box::new(conn), &ClientAuth::insecure(7))
     }
 
     fn data_reply(tag: u64, pages: usize, byte: u8) -> Vec<u8> {

@@ -41,6 +41,8 @@ pub enum ClientError {
     },
     #[error("memory server {addr}: unexpected reply: {what}")]
     UnexpectedReply { addr: String, what: String },
+    #[error("memory server {addr}: authentication failed: {what}")]
+    Auth { addr: String, what: String },
     #[error("memory server {addr}: bad request: {what}")]
     BadArgument { addr: String, what: &'static str },
     /// Both replicas of a region failed; each string is that failure with its causes.
@@ -91,7 +93,9 @@ impl ClientError {
             | ClientError::Poisoned { .. }
             | ClientError::Protocol { .. }
             | ClientError::UnexpectedReply { .. } => true,
-            ClientError::Refused { .. } | ClientError::BadArgument { .. } => false,
+            ClientError::Refused { .. }
+            | ClientError::BadArgument { .. }
+            | ClientError::Auth { .. } => false,
             ClientError::BothFailed { .. } => true,
         }
     }

@@ -20,23 +20,47 @@
 //!
 //! | op | body |
 //! |---|---|
-//! | `Hello` | vnode_id u64, secret_len u16, secret bytes |
+//! | `Hello` | vnode_id u64, role u8, 7 reserved bytes (0), client_nonce [32], client_proof [32] |
 //! | `Alloc` | region u64, pages u64 |
 //! | `Free` | region u64 |
 //! | `Read` | region u64, count u32, reserved u32 (0), count x page u64 |
 //! | `Write` | region u64, count u32, reserved u32 (0), count x page u64, count x 4096 bytes |
 //! | `Migrate` | region u64, addr_len u16, target server address (UTF-8) |
 //! | `Open` | region u64, pages u64 (the size the client expects; 0: any) |
+//! | `Ping` | empty (keeps an idle connection alive; answered `Done`) |
 //!
-//! Reply bodies (server to client):
+//! Server bodies (server to client):
 //!
 //! | op | body |
 //! |---|---|
-//! | `HelloOk` | capacity_pages u64, free_pages u64 |
-//! | `Done` | empty (Alloc, Free, Write, Migrate succeeded) |
+//! | `Challenge` | server_nonce [32]: the first frame of every connection, tag 0 |
+//! | `HelloOk` | capacity_pages u64, free_pages u64, server_proof [32] |
+//! | `Done` | empty (Alloc, Free, Write, Migrate, Ping succeeded) |
 //! | `Opened` | pages u64: the size of the region opened |
 //! | `Data` | count x 4096 bytes, in the order the pages were asked for |
 //! | `Error` | code u16, msg_len u16, msg (UTF-8) |
+//!
+//! ## Authentication: mutual challenge-response, no secret on the wire
+//!
+//! The client holds a 32-byte key `K` for its `role` (see `vnode_common::cred`): role 0, a vNode,
+//! `K = HMAC(cluster_key, "vnode-mem-v1" || vnode_id)`, its own credential; role 1, a memory
+//! server migrating a region of vNode `vnode_id` here, `K = HMAC(cluster_key,
+//! "vnode-mem-server-v1")`. The server holds the cluster key and derives `K` itself. With
+//! `parts = server_nonce || client_nonce || vnode_id u64 LE || role u8`:
+//!
+//! ```text
+//!   S -> C  Challenge  server_nonce (fresh random)
+//!   C -> S  Hello      vnode_id, role, client_nonce (fresh random),
+//!                      client_proof = HMAC(K, "vnode-mem-v2 client" || 0 || parts)
+//!   S -> C  HelloOk    capacity, free, server_proof = HMAC(K, "vnode-mem-v2 server" || 0 || parts)
+//! ```
+//!
+//! The server checks `client_proof`, so only a holder of `K` gets in; the client checks
+//! `server_proof`, so a server that does not hold the cluster key is detected. Fresh nonces on
+//! both sides make a recorded handshake useless on another connection. After `HelloOk`, every
+//! request acts on the regions of the authenticated `vnode_id` and no request carries a vNode
+//! id. A server started `--insecure` (no cluster key) accepts any proof and sends a zero
+//! `server_proof`; only a client that is itself insecure accepts that.
 //!
 //! Regions are named by (vNode id of the connection, region number): one vNode never sees
 //! another's regions. A region outlives the connection that allocated it: `Alloc` creates one
@@ -44,25 +68,36 @@
 //! does not, `Moved` if it was migrated, `SizeMismatch` if its size is not the one asked for),
 //! which is how a restored or migrated VMM takes over its guest RAM; `Free` ends it.
 //!
-//! Version 1 grows by new ops only, never by changing a frame that exists: `Open`/`Opened` and
-//! `SizeMismatch` were added this way. A server that predates an op refuses it as an unknown
+//! A version grows by new ops only, never by changing a frame that exists: `Open`/`Opened` and
+//! `SizeMismatch` were added to version 1 this way. Version 2 changed the handshake (the
+//! challenge-response above), which old clients cannot speak, hence the new version number. A server that predates an op refuses it as an unknown
 //! op (`Malformed`) and closes the connection, so a client learns the server is too old.
+//!
+//! `Migrate` makes this server connect to `target` as role 1 for the connection's vNode, check
+//! that `target` proves it holds the cluster key, create the region there and copy it. The
+//! target learns nothing secret (it sees a proof over nonces); a target that is not a real
+//! server fails its proof and nothing is sent to it.
 //!
 //! Connection state machine (server side):
 //!
 //! ```text
-//!   accept --> AwaitHello --Hello, right secret--> Ready --(any request)--> Ready
-//!                  |                                  |
-//!                  | anything else, wrong secret      | bad magic/version, unknown op,
-//!                  v                                  v oversized or malformed frame
-//!               Error reply, close               Error reply, close
+//!   accept --> (over --max-connections: Error Busy, close; no thread is started)
+//!     | S: Challenge
+//!     v
+//!   AwaitHello --Hello, proof valid--> Ready --(any request)--> Ready
+//!     |  whole handshake within the                |  idle longer than --idle-timeout: close
+//!     |  handshake deadline, else close            |
+//!     | anything else, bad proof,                  | bad magic/version, unknown op,
+//!     v old version                                v oversized or malformed frame
+//!   Error reply, close                           Error reply, close
 //! ```
 //!
-//! A connection beyond the server's `--max-connections` gets an `Error` (`Busy`) reply to its
-//! first frame and is closed.
+//! A client of an older version sends a frame with its own version byte; the server answers
+//! `Error` (`Version`) naming both versions, and closes.
 //!
 //! In `Ready`, a well-formed request that cannot be done (unknown region, page out of range,
-//! capacity exhausted, region moved) gets an `Error` reply and the connection stays open.
+//! capacity exhausted, per-vNode limit reached, no room in the data directory, region moved)
+//! gets an `Error` reply and the connection stays open.
 //! A frame the server cannot parse ends the connection after the `Error` reply, because the
 //! byte stream can no longer be trusted to be in step.
 
@@ -71,15 +106,24 @@ use thiserror::Error;
 /// First two bytes of every frame ("vM").
 pub const MAGIC: u16 = 0x4d76;
 /// Protocol version spoken by this crate.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Size of a page, the unit of every read and write.
 pub const PAGE_SIZE: usize = 4096;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Most pages in one `Read` or `Write` request.
 pub const MAX_BATCH: usize = 256;
-/// Longest accepted credential.
-pub const MAX_SECRET: usize = 256;
+/// Bytes of a handshake nonce and of a proof.
+pub const NONCE_LEN: usize = 32;
+pub const PROOF_LEN: usize = 32;
+/// Body of a `Hello`: vnode_id, role, reserved, client nonce, client proof.
+pub const HELLO_LEN: usize = 16 + NONCE_LEN + PROOF_LEN;
+/// Body of a `HelloOk`: capacity, free pages, server proof.
+pub const HELLO_OK_LEN: usize = 16 + PROOF_LEN;
+/// Label of the client's proof.
+pub const CLIENT_PROOF_LABEL: &[u8] = b"vnode-mem-v2 client";
+/// Label of the server's proof.
+pub const SERVER_PROOF_LABEL: &[u8] = b"vnode-mem-v2 server";
 /// Longest migration target address.
 pub const MAX_ADDR: usize = 256;
 /// Longest error message carried in an `Error` reply.
@@ -98,6 +142,8 @@ pub enum Op {
     Write = 0x05,
     Migrate = 0x06,
     Open = 0x07,
+    Ping = 0x08,
+    Challenge = 0x80,
     HelloOk = 0x81,
     Done = 0x82,
     Data = 0x84,
@@ -115,6 +161,8 @@ impl Op {
             0x05 => Op::Write,
             0x06 => Op::Migrate,
             0x07 => Op::Open,
+            0x08 => Op::Ping,
+            0x80 => Op::Challenge,
             0x81 => Op::HelloOk,
             0x82 => Op::Done,
             0x84 => Op::Data,
@@ -127,14 +175,16 @@ impl Op {
     /// Largest body a frame of this kind may carry.
     pub fn max_body(self) -> usize {
         match self {
-            Op::Hello => 10 + MAX_SECRET,
+            Op::Hello => HELLO_LEN,
             Op::Alloc => 16,
             Op::Free => 8,
             Op::Read => BATCH_FIXED + 8 * MAX_BATCH,
             Op::Write => BATCH_FIXED + (8 + PAGE_SIZE) * MAX_BATCH,
             Op::Migrate => 10 + MAX_ADDR,
             Op::Open => 16,
-            Op::HelloOk => 16,
+            Op::Ping => 0,
+            Op::Challenge => NONCE_LEN,
+            Op::HelloOk => HELLO_OK_LEN,
             Op::Done => 0,
             Op::Data => PAGE_SIZE * MAX_BATCH,
             Op::Opened => 8,
@@ -175,6 +225,10 @@ pub enum ErrorCode {
     Busy = 11,
     /// `Open` of a region whose size is not the one asked for.
     SizeMismatch = 12,
+    /// A per-vNode limit (regions, pages) would be exceeded.
+    Limit = 13,
+    /// The data directory has no room for the region.
+    NoSpace = 14,
 }
 
 impl ErrorCode {
@@ -191,6 +245,8 @@ impl ErrorCode {
             9 => ErrorCode::Moved,
             11 => ErrorCode::Busy,
             12 => ErrorCode::SizeMismatch,
+            13 => ErrorCode::Limit,
+            14 => ErrorCode::NoSpace,
             _ => ErrorCode::Internal,
         }
     }
@@ -211,6 +267,8 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Internal => "internal error",
             ErrorCode::Busy => "server busy",
             ErrorCode::SizeMismatch => "region size mismatch",
+            ErrorCode::Limit => "per-vNode limit reached",
+            ErrorCode::NoSpace => "no space in the data directory",
         };
         f.write_str(s)
     }
@@ -312,10 +370,7 @@ impl<'a> PageList<'a> {
 /// A decoded request, borrowing its variable parts from the frame body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request<'a> {
-    Hello {
-        vnode_id: u64,
-        secret: &'a [u8],
-    },
+    Hello(Hello),
     Alloc {
         region: u64,
         pages: u64,
@@ -340,6 +395,53 @@ pub enum Request<'a> {
         region: u64,
         pages: u64,
     },
+    Ping,
+}
+
+/// Who is authenticating in a `Hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AuthRole {
+    /// A vNode, with its own credential.
+    Vnode = 0,
+    /// A memory server migrating a region of `vnode_id` here, with the servers' credential.
+    Server = 1,
+}
+
+/// A decoded `Hello` body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub vnode_id: u64,
+    pub role: AuthRole,
+    pub client_nonce: [u8; NONCE_LEN],
+    pub proof: [u8; PROOF_LEN],
+}
+
+impl Hello {
+    /// Appends the whole frame.
+    pub fn encode(&self, buf: &mut Vec<u8>, tag: u64) {
+        buf.extend_from_slice(&Header::new(Op::Hello, HELLO_LEN, tag).encode());
+        buf.extend_from_slice(&self.vnode_id.to_le_bytes());
+        buf.push(self.role as u8);
+        buf.extend_from_slice(&[0u8; 7]);
+        buf.extend_from_slice(&self.client_nonce);
+        buf.extend_from_slice(&self.proof);
+    }
+}
+
+/// The fields both proofs cover, in order: server nonce, client nonce, vNode id, role.
+pub fn proof_parts(
+    server_nonce: &[u8; NONCE_LEN],
+    client_nonce: &[u8; NONCE_LEN],
+    vnode_id: u64,
+    role: AuthRole,
+) -> [u8; 2 * NONCE_LEN + 9] {
+    let mut b = [0u8; 2 * NONCE_LEN + 9];
+    b[..NONCE_LEN].copy_from_slice(server_nonce);
+    b[NONCE_LEN..2 * NONCE_LEN].copy_from_slice(client_nonce);
+    b[2 * NONCE_LEN..2 * NONCE_LEN + 8].copy_from_slice(&vnode_id.to_le_bytes());
+    b[2 * NONCE_LEN + 8] = role as u8;
+    b
 }
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
@@ -366,17 +468,27 @@ impl<'a> Request<'a> {
         }
         match op {
             Op::Hello => {
-                if body.len() < 10 {
-                    return Err(bad("short body"));
+                if body.len() != HELLO_LEN {
+                    return Err(bad("body is not 80 bytes"));
                 }
-                let n = u16_at(body, 8) as usize;
-                if n == 0 || n > MAX_SECRET || body.len() != 10 + n {
-                    return Err(bad("bad secret length"));
+                let role = match body[8] {
+                    0 => AuthRole::Vnode,
+                    1 => AuthRole::Server,
+                    _ => return Err(bad("unknown role")),
+                };
+                if body[9..16].iter().any(|&b| b != 0) {
+                    return Err(bad("reserved bytes not zero"));
                 }
-                Ok(Request::Hello {
+                let mut client_nonce = [0u8; NONCE_LEN];
+                client_nonce.copy_from_slice(&body[16..16 + NONCE_LEN]);
+                let mut proof = [0u8; PROOF_LEN];
+                proof.copy_from_slice(&body[16 + NONCE_LEN..]);
+                Ok(Request::Hello(Hello {
                     vnode_id: u64_at(body, 0),
-                    secret: &body[10..],
-                })
+                    role,
+                    client_nonce,
+                    proof,
+                }))
             }
             Op::Alloc | Op::Open => {
                 if body.len() != 16 {
@@ -413,7 +525,9 @@ impl<'a> Request<'a> {
                     target,
                 })
             }
-            Op::HelloOk | Op::Done | Op::Data | Op::Opened | Op::Error => {
+            Op::Ping if body.is_empty() => Ok(Request::Ping),
+            Op::Ping => Err(bad("ping takes no body")),
+            Op::Challenge | Op::HelloOk | Op::Done | Op::Data | Op::Opened | Op::Error => {
                 Err(bad("reply op in a request"))
             }
         }
@@ -464,12 +578,15 @@ pub fn encode_batch(buf: &mut Vec<u8>, op: Op, tag: u64, region: u64, pages: &[u
     }
 }
 
-/// Appends a whole `Hello` frame.
-pub fn encode_hello(buf: &mut Vec<u8>, tag: u64, vnode_id: u64, secret: &[u8]) {
-    buf.extend_from_slice(&Header::new(Op::Hello, 10 + secret.len(), tag).encode());
-    buf.extend_from_slice(&vnode_id.to_le_bytes());
-    buf.extend_from_slice(&(secret.len() as u16).to_le_bytes());
-    buf.extend_from_slice(secret);
+/// Appends a whole `Challenge` frame.
+pub fn encode_challenge(buf: &mut Vec<u8>, server_nonce: &[u8; NONCE_LEN]) {
+    buf.extend_from_slice(&Header::new(Op::Challenge, NONCE_LEN, 0).encode());
+    buf.extend_from_slice(server_nonce);
+}
+
+/// Appends a whole `Ping` frame.
+pub fn encode_ping(buf: &mut Vec<u8>, tag: u64) {
+    buf.extend_from_slice(&Header::new(Op::Ping, 0, tag).encode());
 }
 
 /// Appends a whole `Alloc` frame.
@@ -547,22 +664,31 @@ pub fn decode_error(body: &[u8]) -> Result<(ErrorCode, String), ProtocolError> {
     Ok((code, String::from_utf8_lossy(&body[4..]).into_owned()))
 }
 
-/// Encodes a `HelloOk` body.
-pub fn encode_hello_ok(buf: &mut Vec<u8>, tag: u64, capacity_pages: u64, free_pages: u64) {
-    buf.extend_from_slice(&Header::new(Op::HelloOk, 16, tag).encode());
+/// Encodes a whole `HelloOk` frame.
+pub fn encode_hello_ok(
+    buf: &mut Vec<u8>,
+    tag: u64,
+    capacity_pages: u64,
+    free_pages: u64,
+    proof: &[u8; PROOF_LEN],
+) {
+    buf.extend_from_slice(&Header::new(Op::HelloOk, HELLO_OK_LEN, tag).encode());
     buf.extend_from_slice(&capacity_pages.to_le_bytes());
     buf.extend_from_slice(&free_pages.to_le_bytes());
+    buf.extend_from_slice(proof);
 }
 
-/// Decodes a `HelloOk` body into (capacity_pages, free_pages).
-pub fn decode_hello_ok(body: &[u8]) -> Result<(u64, u64), ProtocolError> {
-    if body.len() != 16 {
+/// Decodes a `HelloOk` body into (capacity_pages, free_pages, server proof).
+pub fn decode_hello_ok(body: &[u8]) -> Result<(u64, u64, [u8; PROOF_LEN]), ProtocolError> {
+    if body.len() != HELLO_OK_LEN {
         return Err(ProtocolError::Malformed {
             op: Op::HelloOk,
-            what: "body is not 16 bytes",
+            what: "body is not 48 bytes",
         });
     }
-    Ok((u64_at(body, 0), u64_at(body, 8)))
+    let mut proof = [0u8; PROOF_LEN];
+    proof.copy_from_slice(&body[16..]);
+    Ok((u64_at(body, 0), u64_at(body, 8), proof))
 }
 
 /// Decodes one whole frame (header and body) as a request. For the fuzzer and tests: the
@@ -670,15 +796,18 @@ mod tests {
 
     #[test]
     fn hello_alloc_free_migrate_round_trip() {
+        let hello = Hello {
+            vnode_id: 42,
+            role: AuthRole::Server,
+            client_nonce: [3; NONCE_LEN],
+            proof: [4; PROOF_LEN],
+        };
         let mut buf = Vec::new();
-        encode_hello(&mut buf, 1, 42, b"s3cret");
-        assert_eq!(
-            decode_frame(&buf).map(|f| f.1),
-            Ok(Request::Hello {
-                vnode_id: 42,
-                secret: b"s3cret"
-            })
-        );
+        hello.encode(&mut buf, 1);
+        assert_eq!(decode_frame(&buf).map(|f| f.1), Ok(Request::Hello(hello)));
+        let mut buf = Vec::new();
+        encode_ping(&mut buf, 8);
+        assert_eq!(decode_frame(&buf).map(|f| f.1), Ok(Request::Ping));
         let mut buf = Vec::new();
         encode_alloc(&mut buf, 2, 4, 100);
         assert_eq!(
@@ -729,14 +858,32 @@ mod tests {
     }
 
     #[test]
-    fn hello_rejects_empty_and_inconsistent_secret() {
+    fn hello_rejects_bad_role_reserved_and_length() {
+        let hello = Hello {
+            vnode_id: 42,
+            role: AuthRole::Vnode,
+            client_nonce: [3; NONCE_LEN],
+            proof: [4; PROOF_LEN],
+        };
         let mut buf = Vec::new();
-        encode_hello(&mut buf, 1, 42, b"");
-        assert!(decode_frame(&buf).is_err());
-        let mut buf = Vec::new();
-        encode_hello(&mut buf, 1, 42, b"abc");
-        buf[16 + 8] = 200;
-        assert!(decode_frame(&buf).is_err());
+        hello.encode(&mut buf, 1);
+        let mut bad_role = buf.clone();
+        bad_role[HEADER_LEN + 8] = 2;
+        assert!(decode_frame(&bad_role).is_err());
+        let mut reserved = buf.clone();
+        reserved[HEADER_LEN + 12] = 1;
+        assert!(decode_frame(&reserved).is_err());
+        let mut short = buf.clone();
+        short.pop();
+        short[4] -= 1;
+        assert!(decode_frame(&short).is_err());
+        // A version-1 client's hello is refused by its header.
+        let mut old = buf;
+        old[2] = 1;
+        assert!(matches!(
+            decode_frame(&old),
+            Err(ProtocolError::BadVersion(1))
+        ));
     }
 
     #[test]
@@ -754,14 +901,20 @@ mod tests {
         encode_error(&mut buf, 9, ErrorCode::Internal, &long);
         assert!(Header::decode(buf[..HEADER_LEN].try_into().expect("16 bytes")).is_ok());
         let mut buf = Vec::new();
-        encode_hello_ok(&mut buf, 1, 10, 4);
-        assert_eq!(decode_hello_ok(&buf[HEADER_LEN..]), Ok((10, 4)));
+        encode_hello_ok(&mut buf, 1, 10, 4, &[9; PROOF_LEN]);
+        assert_eq!(
+            decode_hello_ok(&buf[HEADER_LEN..]),
+            Ok((10, 4, [9; PROOF_LEN]))
+        );
     }
 
     #[test]
     fn replies_are_not_requests() {
         let mut buf = Vec::new();
-        encode_hello_ok(&mut buf, 1, 10, 4);
+        encode_hello_ok(&mut buf, 1, 10, 4, &[0; PROOF_LEN]);
+        assert!(decode_frame(&buf).is_err());
+        let mut buf = Vec::new();
+        encode_challenge(&mut buf, &[1; NONCE_LEN]);
         assert!(decode_frame(&buf).is_err());
     }
 }

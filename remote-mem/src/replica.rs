@@ -110,6 +110,11 @@ impl ReplicatedRegion {
         self.on_both(|c| c.alloc_region(region, pages))
     }
 
+    /// Pings both servers, so an idle region's connections outlive the servers' idle timeout.
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        self.on_both(MemClient::ping)
+    }
+
     /// Attaches to the existing region on both servers; both must hold `pages` pages.
     pub fn open(&mut self, pages: u64) -> Result<(), ClientError> {
         let region = self.region;

@@ -4,7 +4,7 @@
 
 mod mem_support;
 
-use mem_support::{pattern, temp_dir, Memd, SECRET};
+use mem_support::{auth, pattern, temp_dir, Memd};
 use remote_mem::{ClientError, ErrorCode, MemClient, ReplicatedRegion, Role, PAGE_SIZE};
 
 #[test]
@@ -15,7 +15,7 @@ fn mem_contents_survive_kill9_and_restart() {
     let pages: Vec<u64> = (0..300).map(|i| i * 3).collect();
     let data = pattern(42, &pages);
     {
-        let mut c = MemClient::connect(&srv.addr, 11, SECRET).expect("connect");
+        let mut c = MemClient::connect(&srv.addr, &auth(11)).expect("connect");
         c.alloc_region(7, 1024).expect("alloc");
         c.alloc_region(8, 4).expect("alloc");
         c.write_pages(7, &pages, &data).expect("write");
@@ -25,7 +25,7 @@ fn mem_contents_survive_kill9_and_restart() {
     // Same data dir, same port is not needed: the client reconnects to the new address.
     let srv = Memd::start(&["--data-dir", d]);
     assert!(srv.stderr().contains("restored"), "{}", srv.stderr());
-    let mut c = MemClient::connect(&srv.addr, 11, SECRET).expect("connect");
+    let mut c = MemClient::connect(&srv.addr, &auth(11)).expect("connect");
     let mut out = vec![0u8; data.len()];
     c.read_pages(7, &pages, &mut out)
         .expect("read after restart");
@@ -43,8 +43,8 @@ fn mem_contents_survive_kill9_and_restart() {
 }
 
 fn replicated(primary: &Memd, backup: &Memd, region: u64) -> ReplicatedRegion {
-    let p = MemClient::connect(&primary.addr, 3, SECRET).expect("primary");
-    let b = MemClient::connect(&backup.addr, 3, SECRET).expect("backup");
+    let p = MemClient::connect(&primary.addr, &auth(3)).expect("primary");
+    let b = MemClient::connect(&backup.addr, &auth(3)).expect("backup");
     ReplicatedRegion::new(region, p, b)
 }
 
@@ -112,10 +112,10 @@ fn mem_replicated_writes_survive_backup_death() {
 fn mem_replicated_reads_fail_over_from_a_hung_primary_with_a_timeout() {
     let primary = Memd::start(&[]);
     let backup = Memd::start(&[]);
-    let mut p = MemClient::connect(&primary.addr, 3, SECRET).expect("primary");
+    let mut p = MemClient::connect(&primary.addr, &auth(3)).expect("primary");
     p.set_timeout(Some(std::time::Duration::from_millis(300)))
         .expect("timeout");
-    let b = MemClient::connect(&backup.addr, 3, SECRET).expect("backup");
+    let b = MemClient::connect(&backup.addr, &auth(3)).expect("backup");
     let mut r = ReplicatedRegion::new(9, p, b);
     r.alloc(4).expect("alloc");
     let data = pattern(9, &[3]);
@@ -140,14 +140,14 @@ fn mem_replicated_reads_fail_over_from_a_hung_primary_with_a_timeout() {
 fn mem_region_migrates_between_servers() {
     let src = Memd::start(&[]);
     let dst = Memd::start(&[]);
-    let mut c = MemClient::connect(&src.addr, 21, SECRET).expect("connect");
+    let mut c = MemClient::connect(&src.addr, &auth(21)).expect("connect");
     let n = 600u64;
     c.alloc_region(4, n).expect("alloc");
     let pages: Vec<u64> = (0..n).step_by(2).collect();
     let data = pattern(4, &pages);
     c.write_pages(4, &pages, &data).expect("write");
     // Another connection of the same vNode (another fault thread) is on the source too.
-    let mut other = MemClient::connect(&src.addr, 21, SECRET).expect("connect");
+    let mut other = MemClient::connect(&src.addr, &auth(21)).expect("connect");
 
     c.migrate_region(4, &dst.addr).expect("migrate");
 
@@ -162,14 +162,14 @@ fn mem_region_migrates_between_servers() {
     assert_eq!(err.code(), Some(ErrorCode::Moved));
     // The source gave the capacity back.
     assert_eq!(
-        MemClient::connect(&src.addr, 21, SECRET)
+        MemClient::connect(&src.addr, &auth(21))
             .expect("connect")
             .server_pages()
             .1,
         16384
     );
     // The client switches over: same data on the target, unwritten pages still zero.
-    let mut c = MemClient::connect(&dst.addr, 21, SECRET).expect("connect to target");
+    let mut c = MemClient::connect(&dst.addr, &auth(21)).expect("connect to target");
     let mut out = vec![0u8; data.len()];
     c.read_pages(4, &pages, &mut out).expect("read on target");
     assert_eq!(out, data);
@@ -217,7 +217,7 @@ fn mem_replicated_region_migrates_and_other_handles_follow() {
         .expect("write through r2 to c and b");
 
     // The old server no longer holds the region.
-    let mut direct = MemClient::connect(&a.addr, 3, SECRET).expect("connect");
+    let mut direct = MemClient::connect(&a.addr, &auth(3)).expect("connect");
     let mut one = vec![0u8; PAGE_SIZE];
     let err = direct.read_pages(12, &[1], &mut one).expect_err("moved");
     assert_eq!(err.moved_to(), Some(c.addr.as_str()));
@@ -236,13 +236,13 @@ fn mem_sync_mode_survives_restart_too() {
     let mut srv = Memd::start(&["--data-dir", d, "--sync"]);
     let data = pattern(77, &[0, 5]);
     {
-        let mut c = MemClient::connect(&srv.addr, 1, SECRET).expect("connect");
+        let mut c = MemClient::connect(&srv.addr, &auth(1)).expect("connect");
         c.alloc_region(2, 8).expect("alloc");
         c.write_pages(2, &[0, 5], &data).expect("write");
     }
     srv.kill9();
     let srv = Memd::start(&["--data-dir", d, "--sync"]);
-    let mut c = MemClient::connect(&srv.addr, 1, SECRET).expect("connect");
+    let mut c = MemClient::connect(&srv.addr, &auth(1)).expect("connect");
     let mut out = vec![0u8; data.len()];
     c.read_pages(2, &[0, 5], &mut out).expect("read");
     assert_eq!(out, data);
@@ -254,7 +254,7 @@ fn mem_migration_under_concurrent_writes_loses_no_acknowledged_write() {
     let src = Memd::start(&[]);
     let dst = Memd::start(&[]);
     let n = 2048u64;
-    let mut c = MemClient::connect(&src.addr, 40, SECRET).expect("connect");
+    let mut c = MemClient::connect(&src.addr, &auth(40)).expect("connect");
     c.alloc_region(1, n).expect("alloc");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
@@ -262,7 +262,7 @@ fn mem_migration_under_concurrent_writes_loses_no_acknowledged_write() {
         let stop = std::sync::Arc::clone(&stop);
         std::thread::spawn(move || {
             // Writes page i % n with generation i; remembers the last acknowledged generation.
-            let mut w = MemClient::connect(&addr, 40, SECRET).expect("connect");
+            let mut w = MemClient::connect(&addr, &auth(40)).expect("connect");
             let mut acked = vec![None; n as usize];
             let mut followed = false;
             let mut i = 0u64;
@@ -290,7 +290,7 @@ fn mem_migration_under_concurrent_writes_loses_no_acknowledged_write() {
     std::thread::sleep(std::time::Duration::from_millis(50));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = writer.join().expect("writer");
-    let mut c = MemClient::connect(&dst.addr, 40, SECRET).expect("connect");
+    let mut c = MemClient::connect(&dst.addr, &auth(40)).expect("connect");
     let mut out = vec![0u8; PAGE_SIZE];
     for (page, gen) in acked.iter().enumerate() {
         c.read_pages(1, &[page as u64], &mut out).expect("read");
@@ -299,4 +299,57 @@ fn mem_migration_under_concurrent_writes_loses_no_acknowledged_write() {
             None => assert!(out.iter().all(|&b| b == 0), "page {page}"),
         }
     }
+}
+
+#[test]
+fn mem_log_reports_a_corrupt_page_serves_its_previous_version_and_is_reattached() {
+    let dir = temp_dir("log-corrupt");
+    let d = dir.to_str().expect("utf-8 path");
+    let mut srv = Memd::start(&["--data-dir", d, "--sync"]);
+    let (v1, v2) = (pattern(1, &[5, 6]), pattern(2, &[5, 6]));
+    {
+        let mut c = MemClient::connect(&srv.addr, &auth(12)).expect("connect");
+        c.alloc_region(3, 64).expect("alloc");
+        c.write_pages(3, &[5, 6], &v1).expect("first versions");
+        c.write_pages(3, &[5, 6], &v2).expect("second versions");
+    }
+    srv.kill9();
+    // Bit rot in page 5's latest version (slot 1: the second write) while the server is down.
+    let file = dir.join(format!("{:016x}-{:016x}.mlog", 12, 3));
+    let mut img = std::fs::read(&file).expect("region file");
+    let at = remote_mem::server::pagefile::slot_offset(64, 5, 1) as usize + 100;
+    img[at] ^= 0x40;
+    std::fs::write(&file, &img).expect("corrupt");
+    let srv = Memd::start(&["--data-dir", d]);
+    // Without the terminal colours tracing may add.
+    let mut log = String::new();
+    let mut esc = false;
+    for ch in srv.stderr().chars() {
+        match (esc, ch) {
+            (false, '\u{1b}') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => log.push(c),
+        }
+    }
+    assert!(log.contains("torn or corrupt record"), "{log}");
+    assert!(log.contains("page=5"), "{log}");
+    // The vNode reattaches its recovered region by id and credential.
+    let mut c = MemClient::connect(&srv.addr, &auth(12)).expect("connect");
+    assert_eq!(c.open_region(3, 64).expect("reattach"), 64);
+    let mut out = vec![0u8; 2 * PAGE_SIZE];
+    c.read_pages(3, &[5, 6], &mut out).expect("read");
+    assert_eq!(
+        &out[..PAGE_SIZE],
+        &v1[..PAGE_SIZE],
+        "page 5: its previous version, never the corrupt one"
+    );
+    assert_eq!(&out[PAGE_SIZE..], &v2[PAGE_SIZE..], "page 6: intact");
+    // Another vNode cannot attach it.
+    let mut other = MemClient::connect(&srv.addr, &auth(13)).expect("connect");
+    assert_eq!(
+        other.open_region(3, 64).expect_err("not its region").code(),
+        Some(ErrorCode::NoRegion)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

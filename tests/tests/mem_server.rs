@@ -8,13 +8,14 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 
-use mem_support::{pattern, spawn_memd, temp_dir, Memd, SECRET};
-use remote_mem::protocol::{self, ErrorCode, Header, Op, HEADER_LEN};
-use remote_mem::{ClientError, MemClient, PAGE_SIZE};
+use mem_support::{auth, pattern, spawn_memd, temp_dir, Memd};
+use remote_mem::protocol::{self, ErrorCode, Header, Op, HEADER_LEN, NONCE_LEN};
+use remote_mem::{ClientAuth, ClientError, MemClient, PAGE_SIZE};
+use vnode_common::secret::Secret;
 
 /// A good client still gets correct data from the server.
 fn assert_serves(addr: &str, vnode: u64) {
-    let mut c = MemClient::connect(addr, vnode, SECRET).expect("good client connects");
+    let mut c = MemClient::connect(addr, &auth(vnode)).expect("good client connects");
     let region = 1000 + vnode;
     c.alloc_region(region, 4).expect("alloc");
     let data = pattern(vnode, &[2, 0]);
@@ -27,9 +28,21 @@ fn assert_serves(addr: &str, vnode: u64) {
 
 /// Sends raw bytes and returns the server's reply frame (op, code) and whether it then closed.
 fn raw_exchange(addr: &str, frames: &[u8]) -> (Header, Vec<u8>, bool) {
-    let mut s = TcpStream::connect(addr).expect("connect");
+    let (mut s, _) = raw_connect(addr);
     s.write_all(frames).expect("send");
     read_reply(&mut s)
+}
+
+/// Connects and reads the server's challenge (the first frame of every connection).
+fn raw_connect(addr: &str) -> (TcpStream, [u8; NONCE_LEN]) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let mut hb = [0u8; HEADER_LEN];
+    s.read_exact(&mut hb).expect("challenge header");
+    let h = Header::decode(&hb).expect("valid challenge header");
+    assert_eq!((h.op, h.len), (Op::Challenge, NONCE_LEN));
+    let mut nonce = [0u8; NONCE_LEN];
+    s.read_exact(&mut nonce).expect("challenge body");
+    (s, nonce)
 }
 
 fn read_reply(s: &mut TcpStream) -> (Header, Vec<u8>, bool) {
@@ -50,16 +63,19 @@ fn error_code(h: &Header, body: &[u8]) -> ErrorCode {
     protocol::decode_error(body).expect("error body").0
 }
 
-fn hello_frame() -> Vec<u8> {
+/// vNode 7's valid answer to `nonce`.
+fn hello_frame(nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
     let mut b = Vec::new();
-    protocol::encode_hello(&mut b, 1, 7, SECRET);
+    auth(7).hello(nonce).expect("nonce").encode(&mut b, 1);
     b
 }
 
 #[test]
 fn mem_wrong_credential_is_refused_and_server_keeps_serving() {
     let srv = Memd::start(&[]);
-    let err = MemClient::connect(&srv.addr, 1, b"not-the-secret").expect_err("must be refused");
+    let wrong = Secret::from_bytes(b"not-the-secret".to_vec()).expect("key");
+    let err = MemClient::connect(&srv.addr, &ClientAuth::from_cluster_key(1, &wrong))
+        .expect_err("must be refused");
     assert_eq!(err.code(), Some(ErrorCode::Auth), "{err}");
     assert!(
         err.to_string().contains(&srv.addr),
@@ -82,18 +98,18 @@ fn mem_malformed_frames_are_refused_and_server_keeps_serving() {
     assert_eq!(error_code(&h, &body), ErrorCode::Malformed);
     assert!(closed);
     // Unknown version.
-    let mut b = hello_frame();
+    let mut b = hello_frame(&[0; NONCE_LEN]);
     b[2] = 99;
     let (h, body, closed) = raw_exchange(&srv.addr, &b);
     assert_eq!(error_code(&h, &body), ErrorCode::Version);
     assert!(closed);
     // After a good hello: a read whose page count disagrees with its length.
-    let mut b = hello_frame();
+    let (mut s, nonce) = raw_connect(&srv.addr);
+    let mut b = hello_frame(&nonce);
     let mut bad = Vec::new();
     protocol::encode_batch(&mut bad, Op::Read, 2, 0, &[1, 2]);
     bad[HEADER_LEN + 8] = 9;
     b.extend_from_slice(&bad);
-    let mut s = TcpStream::connect(&srv.addr).expect("connect");
     s.write_all(&b).expect("send");
     let mut hb = [0u8; HEADER_LEN];
     s.read_exact(&mut hb).expect("hello reply");
@@ -106,7 +122,7 @@ fn mem_malformed_frames_are_refused_and_server_keeps_serving() {
     assert_eq!(error_code(&h, &body), ErrorCode::Malformed);
     assert!(closed);
     // A reply op sent as a request, and an unknown op.
-    let mut b = hello_frame();
+    let mut b = hello_frame(&[0; NONCE_LEN]);
     b[3] = 0x42;
     let (h, body, _) = raw_exchange(&srv.addr, &b);
     assert_eq!(error_code(&h, &body), ErrorCode::Malformed);
@@ -116,10 +132,10 @@ fn mem_malformed_frames_are_refused_and_server_keeps_serving() {
 #[test]
 fn mem_oversized_frame_is_refused_before_its_body() {
     let srv = Memd::start(&[]);
-    let mut b = hello_frame();
+    let (mut s, nonce) = raw_connect(&srv.addr);
+    let mut b = hello_frame(&nonce);
     // A write header claiming 4 GiB - 1: refused from the header alone, nothing more is read.
     b.extend_from_slice(&Header::new(Op::Write, u32::MAX as usize, 3).encode());
-    let mut s = TcpStream::connect(&srv.addr).expect("connect");
     s.write_all(&b).expect("send");
     let mut hb = [0u8; HEADER_LEN];
     s.read_exact(&mut hb).expect("hello reply");
@@ -129,7 +145,7 @@ fn mem_oversized_frame_is_refused_before_its_body() {
     assert_eq!(h.tag, 3);
     assert_eq!(error_code(&h, &body), ErrorCode::Oversized);
     assert!(closed);
-    // A hello whose secret is longer than allowed.
+    // A hello longer than allowed.
     let mut b = Vec::new();
     b.extend_from_slice(&Header::new(Op::Hello, 10 + 100_000, 1).encode());
     let (h, body, _) = raw_exchange(&srv.addr, &b);
@@ -140,7 +156,7 @@ fn mem_oversized_frame_is_refused_before_its_body() {
 #[test]
 fn mem_unallocated_region_is_refused_and_connection_goes_on() {
     let srv = Memd::start(&[]);
-    let mut c = MemClient::connect(&srv.addr, 4, SECRET).expect("connect");
+    let mut c = MemClient::connect(&srv.addr, &auth(4)).expect("connect");
     let mut out = vec![0u8; PAGE_SIZE];
     let err = c.read_pages(77, &[0], &mut out).expect_err("no region 77");
     assert_eq!(err.code(), Some(ErrorCode::NoRegion), "{err}");
@@ -153,7 +169,7 @@ fn mem_unallocated_region_is_refused_and_connection_goes_on() {
     c.alloc_region(5, 2).expect("alloc");
     let err = c.read_pages(5, &[2], &mut out).expect_err("page 2 of 2");
     assert_eq!(err.code(), Some(ErrorCode::OutOfRange));
-    let mut other = MemClient::connect(&srv.addr, 5, SECRET).expect("connect");
+    let mut other = MemClient::connect(&srv.addr, &auth(5)).expect("connect");
     let err = other
         .read_pages(5, &[0], &mut out)
         .expect_err("vnode 5 has no region 5");
@@ -170,7 +186,7 @@ fn mem_unallocated_region_is_refused_and_connection_goes_on() {
 fn mem_capacity_is_enforced() {
     // 64 KiB = 16 pages.
     let srv = Memd::start(&["--capacity", "64K"]);
-    let mut c = MemClient::connect(&srv.addr, 1, SECRET).expect("connect");
+    let mut c = MemClient::connect(&srv.addr, &auth(1)).expect("connect");
     assert_eq!(c.server_pages(), (16, 16));
     c.alloc_region(1, 10).expect("10 of 16 pages");
     let err = c.alloc_region(2, 7).expect_err("7 more pages do not fit");
@@ -192,7 +208,7 @@ fn mem_capacity_is_enforced() {
 #[test]
 fn mem_batches_pipelines_and_split_phase_reads() {
     let srv = Memd::start(&[]);
-    let mut c = MemClient::connect(&srv.addr, 9, SECRET).expect("connect");
+    let mut c = MemClient::connect(&srv.addr, &auth(9)).expect("connect");
     let n = 700u64; // more than two frames' worth
     c.alloc_region(0, n).expect("alloc");
     let all: Vec<u64> = (0..n).collect();
@@ -270,10 +286,14 @@ fn mem_cli_needs_a_secret_unless_insecure() {
         .trim()
         .strip_prefix("listening on ")
         .expect("address line");
-    let c = MemClient::connect(addr, 1, b"anything");
+    let c = MemClient::connect(addr, &ClientAuth::insecure(1));
+    // A client with a real credential cannot tell this server from an impostor: refused.
+    let real = MemClient::connect(addr, &auth(1));
     let _ = child.kill();
     let _ = child.wait();
-    c.expect("insecure server accepts any credential");
+    c.expect("insecure server accepts an insecure client");
+    let err = real.expect_err("a secure client refuses a server that proves nothing");
+    assert!(err.to_string().contains("did not prove"), "{err}");
 }
 
 #[test]
@@ -291,9 +311,11 @@ fn mem_cli_secret_file_and_ready_file() {
     ]);
     let from_file = std::fs::read_to_string(&ready).expect("ready file");
     assert_eq!(from_file.trim(), srv.addr);
-    MemClient::connect(&srv.addr, 1, b"from-a-file").expect("file secret, newline trimmed");
+    let from_file = Secret::from_bytes(b"from-a-file".to_vec()).expect("key");
+    MemClient::connect(&srv.addr, &ClientAuth::from_cluster_key(1, &from_file))
+        .expect("file secret, newline trimmed");
     assert!(
-        MemClient::connect(&srv.addr, 1, SECRET).is_err(),
+        MemClient::connect(&srv.addr, &auth(1)).is_err(),
         "the file wins over the env"
     );
 }
@@ -324,7 +346,7 @@ fn mem_cli_rdma_transport_fails_clearly_here() {
 #[test]
 fn mem_concurrent_clients_on_one_region_see_their_own_writes() {
     let srv = Memd::start(&[]);
-    let mut c = MemClient::connect(&srv.addr, 30, SECRET).expect("connect");
+    let mut c = MemClient::connect(&srv.addr, &auth(30)).expect("connect");
     c.alloc_region(0, 4 * 256).expect("alloc");
     let addr = srv.addr.clone();
     // Four "fault threads", each on its own connection and its own quarter of the region.
@@ -332,7 +354,7 @@ fn mem_concurrent_clients_on_one_region_see_their_own_writes() {
         .map(|t| {
             let addr = addr.clone();
             std::thread::spawn(move || {
-                let mut c = MemClient::connect(&addr, 30, SECRET).expect("connect");
+                let mut c = MemClient::connect(&addr, &auth(30)).expect("connect");
                 let mut out = vec![0u8; 8 * PAGE_SIZE];
                 for round in 0..50u64 {
                     let pages: Vec<u64> = (0..8).map(|k| t * 256 + (round * 8 + k) % 256).collect();
@@ -352,9 +374,9 @@ fn mem_concurrent_clients_on_one_region_see_their_own_writes() {
 #[test]
 fn mem_connections_beyond_the_limit_are_refused_busy() {
     let srv = Memd::start(&["--max-connections", "2"]);
-    let _a = MemClient::connect(&srv.addr, 1, SECRET).expect("first");
-    let mut b = MemClient::connect(&srv.addr, 1, SECRET).expect("second");
-    let err = MemClient::connect(&srv.addr, 1, SECRET).expect_err("third is over the limit");
+    let _a = MemClient::connect(&srv.addr, &auth(1)).expect("first");
+    let mut b = MemClient::connect(&srv.addr, &auth(1)).expect("second");
+    let err = MemClient::connect(&srv.addr, &auth(1)).expect_err("third is over the limit");
     assert_eq!(err.code(), Some(ErrorCode::Busy), "{err}");
     // The served ones go on.
     b.alloc_region(1, 1).expect("alloc");
@@ -362,7 +384,7 @@ fn mem_connections_beyond_the_limit_are_refused_busy() {
     // A slot frees up when a client leaves (its thread notices the close).
     let mut ok = None;
     for _ in 0..100 {
-        match MemClient::connect(&srv.addr, 1, SECRET) {
+        match MemClient::connect(&srv.addr, &auth(1)) {
             Ok(c) => {
                 ok = Some(c);
                 break;

@@ -22,13 +22,8 @@ impl Memd {
 
     fn with_capacity(capacity: &str) -> Memd {
         let mut child = Command::new(bin("vnode-memd"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--capacity",
-                capacity,
-                "--insecure",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--capacity", capacity])
+            .env("VNODE_SECRET", "test-secret")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -261,7 +256,7 @@ fn missing_secret_and_bad_local_mem_are_refused() {
     cmd.env_remove("VNODE_SECRET");
     let f = run_with_deadline(&mut cmd, Duration::from_secs(60));
     assert_eq!(f.status.code(), Some(1));
-    assert!(f.stderr.contains("no memory-server secret"), "{}", f.stderr);
+    assert!(f.stderr.contains("no memory credential"), "{}", f.stderr);
     let mut cmd = vnode_testguest(
         "256M",
         1,

@@ -101,13 +101,20 @@ struct RunArgs {
     /// Largest prefetch window in pages for sequential/strided faults (0: no prefetching).
     #[arg(long, value_name = "PAGES", default_value_t = 64)]
     prefetch: u32,
-    /// The vNode id presented to memory servers (default: this process id).
-    #[arg(long, value_name = "ID")]
+    /// The vNode id presented to memory servers, decimal or 0x-hex (default: a random 64-bit
+    /// id, logged at start-up and shown in the stats).
+    #[arg(long, value_name = "ID", value_parser = parse_vnode_id)]
     vnode_id: Option<u64>,
     /// The ExCache's fault thread busy-polls for faults (lower latency, one busy core).
     #[arg(long, requires = "mem_server")]
     excache_spin: bool,
-    /// File holding the memory servers' shared secret (else $VNODE_SECRET, else none).
+    /// File holding this vNode's memory credential, 64 hex digits from the manager or
+    /// `vnode-cred mem --vnode-id ID` (else $VNODE_MEM_CREDENTIAL). Bound to one vNode id, so
+    /// --vnode-id is required with it.
+    #[arg(long, value_name = "FILE")]
+    mem_credential_file: Option<PathBuf>,
+    /// Single machine: a file holding the cluster key itself (else $VNODE_SECRET); vnode derives
+    /// its own credential from it. Used only when no credential is given.
     #[arg(long, value_name = "FILE")]
     mem_secret_file: Option<PathBuf>,
     /// Serve the control API (HTTP/JSON, `vnode openapi`) on this Unix socket. A stale socket
@@ -117,6 +124,40 @@ struct RunArgs {
     /// Tests only: serve the API on this TCP address too (e.g. 127.0.0.1:0; no access control).
     #[arg(long, value_name = "ADDR", hide = true)]
     api_listen_tcp: Option<String>,
+}
+
+const MEM_CREDENTIAL_ENV: &str = "VNODE_MEM_CREDENTIAL";
+
+fn parse_vnode_id(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("bad vNode id {s:?}: {e}"))
+}
+
+/// Who this vNode is to its memory servers: its own credential (which needs its id), or the
+/// cluster key to derive one from (any id, random by default).
+fn mem_auth(args: &RunArgs, local: bool) -> anyhow::Result<remote_mem::ClientAuth> {
+    use vnode_common::{cred::Credential, secret};
+    let cred = Credential::load(args.mem_credential_file.as_deref(), MEM_CREDENTIAL_ENV)?;
+    if let Some(cred) = cred {
+        let id = args
+            .vnode_id
+            .context("a memory credential is bound to one vNode id: give --vnode-id with it")?;
+        return Ok(remote_mem::VnodeKey::Credential(cred).auth(id));
+    }
+    let id = match args.vnode_id {
+        Some(id) => id,
+        None => vnode_common::cred::random_id()?,
+    };
+    match secret::load(args.mem_secret_file.as_deref(), vnode_common::CLUSTER_KEY_ENV)? {
+        Some(key) => Ok(remote_mem::VnodeKey::ClusterKey(key).auth(id)),
+        None if local => Ok(remote_mem::ClientAuth::insecure(id)),
+        None => anyhow::bail!(
+            "no memory credential: give --mem-credential-file (or {MEM_CREDENTIAL_ENV}), or the cluster key with --mem-secret-file (or VNODE_SECRET)"
+        ),
+    }
 }
 
 fn remote_mem_config(
@@ -138,27 +179,15 @@ fn remote_mem_config(
         .map(config::parse_size)
         .transpose()?
         .unwrap_or(mem_size);
-    let secret = match &args.mem_secret_file {
-        Some(f) => std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?,
-        None => std::env::var("VNODE_SECRET")
-            .unwrap_or_default()
-            .into_bytes(),
-    };
-    let secret = secret
-        .strip_suffix(b"\n")
-        .map(<[u8]>::to_vec)
-        .unwrap_or(secret);
     let local = args.mem_server == ["local"];
-    if secret.is_empty() && !local {
-        anyhow::bail!("no memory-server secret: set VNODE_SECRET or --mem-secret-file");
-    }
+    let auth = mem_auth(args, local)?;
+    tracing::info!(vnode_id = %format_args!("{:#018x}", auth.vnode_id()), "vNode id");
     Ok(Some(vmm::memory::RemoteMemConfig {
         servers: args.mem_server.clone(),
         local_mem,
         policy: args.excache_policy.parse().map_err(anyhow::Error::msg)?,
         prefetch_max: args.prefetch,
-        vnode_id: args.vnode_id.unwrap_or(u64::from(std::process::id())),
-        secret,
+        auth,
         spin: args.excache_spin,
     }))
 }
@@ -243,7 +272,7 @@ fn run(args: RunArgs) -> anyhow::Result<Outcome> {
         id: cfg
             .remote_mem
             .as_ref()
-            .map_or(u64::from(std::process::id()), |r| r.vnode_id),
+            .map_or(u64::from(std::process::id()), |r| r.auth.vnode_id()),
         state: vnode_api::VmState::Created,
         config: cfg.summary(),
         api_socket: opts

@@ -127,6 +127,9 @@ pub fn counters() -> vnode_api::Counters {
             crate::devices::virtio::block::backend::replication_json(),
         )
         .expect("replication_json has DiskReplication's fields"),
+        vnode_id: crate::memory::VNODE_ID
+            .get()
+            .map(|id| format!("{id:#018x}")),
     }
 }
 

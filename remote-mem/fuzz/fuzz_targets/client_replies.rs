@@ -5,22 +5,21 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use remote_mem::protocol::{encode_hello_ok, PAGE_SIZE};
+use remote_mem::protocol::PAGE_SIZE;
 use remote_mem::transport::Scripted;
-use remote_mem::MemClient;
+use remote_mem::{ClientAuth, MemClient};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
     // Half the inputs get a valid handshake so the fuzzer reaches the request replies.
-    let mut replies = Vec::new();
-    if mode & 1 == 0 {
-        encode_hello_ok(&mut replies, 1, 1, 1);
-    }
-    replies.extend_from_slice(rest);
-    let conn = Scripted::new(replies, "fuzz:0");
-    let Ok(mut c) = MemClient::with_conn(Box::new(conn), 1, b"secret") else {
+    let conn = if mode & 1 == 0 {
+        Scripted::after_insecure_handshake(rest, "fuzz:0")
+    } else {
+        Scripted::new(rest.to_vec(), "fuzz:0")
+    };
+    let Ok(mut c) = MemClient::with_conn(Box::new(conn), &ClientAuth::insecure(1)) else {
         return;
     };
     let mut out = vec![0u8; 4 * PAGE_SIZE];

@@ -10,9 +10,8 @@ use remote_mem::protocol::{self, Header, Op, Request, HEADER_LEN};
 fn reencode(h: &Header, req: &Request<'_>) -> Vec<u8> {
     let mut b = Vec::new();
     match *req {
-        Request::Hello { vnode_id, secret } => {
-            protocol::encode_hello(&mut b, h.tag, vnode_id, secret)
-        }
+        Request::Hello(hello) => hello.encode(&mut b, h.tag),
+        Request::Ping => protocol::encode_ping(&mut b, h.tag),
         Request::Alloc { region, pages } => protocol::encode_alloc(&mut b, h.tag, region, pages),
         Request::Free { region } => protocol::encode_free(&mut b, h.tag, region),
         Request::Open { region, pages } => protocol::encode_open(&mut b, h.tag, region, pages),

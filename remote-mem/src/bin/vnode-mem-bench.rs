@@ -18,9 +18,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use remote_mem::server::{Server, ServerConfig};
 use remote_mem::transport::tcp::spin_until_readable;
+use remote_mem::ClientAuth;
 use remote_mem::{MemClient, PAGE_SIZE};
+use vnode_common::secret::Secret;
 
 const SECRET: &[u8] = b"bench-secret";
+
+fn cluster_key() -> Secret {
+    Secret::from_bytes(SECRET.to_vec()).expect("a fixed, valid key")
+}
 const REGION_PAGES: u64 = 16384; // 64 MiB
 const THROUGHPUT_TIME: Duration = Duration::from_secs(1);
 
@@ -180,7 +186,7 @@ fn page_at(i: usize) -> u64 {
 }
 
 fn bench_memd(addr: &str, n: usize, spin: Option<Duration>) -> Result<()> {
-    let mut c = MemClient::connect(addr, 1, SECRET)?;
+    let mut c = MemClient::connect(addr, &ClientAuth::from_cluster_key(1, &cluster_key()))?;
     c.set_spin(spin);
     c.alloc_region(0, REGION_PAGES)?;
     let all: Vec<u64> = (0..REGION_PAGES).collect();
@@ -304,11 +310,8 @@ fn main() -> Result<()> {
     let server = Server::bind(
         "127.0.0.1:0",
         ServerConfig {
-            capacity_pages: REGION_PAGES,
-            data_dir: None,
-            secret: Some(SECRET.to_vec()),
-            sync: false,
             max_connections: 64,
+            ..ServerConfig::new(REGION_PAGES, Some(cluster_key()))
         },
     )?
     .spawn()?;

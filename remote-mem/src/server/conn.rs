@@ -3,23 +3,26 @@
 //! and writes allocates nothing.
 
 use std::io::{self, IoSlice};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use super::metrics::Metrics;
 use super::store::StoreError;
 use super::Shared;
 use crate::client::MemClient;
-use crate::protocol::{self, ErrorCode, Header, Op, PageList, Request, HEADER_LEN, PAGE_SIZE};
+use crate::protocol::{
+    self, ErrorCode, Header, Op, PageList, ProtocolError, Request, HEADER_LEN, PAGE_SIZE, VERSION,
+};
 use crate::transport::Conn;
 
 /// Pages copied per frame when migrating a region.
 const MIGRATE_CHUNK: usize = protocol::MAX_BATCH;
-/// A connection must authenticate within this long, so silent peers cannot pin threads.
-const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest a migration waits on the target for any one step.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct ConnState<'a, C: Conn> {
     conn: C,
     shared: &'a Shared,
-    vnode: Option<u64>,
     body: Vec<u8>,
     out: Vec<u8>,
 }
@@ -35,38 +38,41 @@ pub(super) fn serve<C: Conn>(conn: C, shared: &Shared) {
     let mut st = ConnState {
         conn,
         shared,
-        vnode: None,
         body: Vec::with_capacity(64 * 1024),
         out: Vec::with_capacity(HEADER_LEN + 64 * 1024),
     };
     tracing::debug!(%peer, "connection opened");
-    if let Err(e) = st.conn.set_timeout(Some(HELLO_TIMEOUT)) {
-        tracing::warn!(%peer, error = %e, "cannot set the handshake timeout");
-        return;
-    }
-    match st.run() {
+    let deadline = Instant::now() + shared.cfg.handshake_timeout;
+    let r = st.handshake(deadline).and_then(|vnode| match vnode {
+        Some(v) => st.run(v),
+        None => Ok(()),
+    });
+    match r {
         Ok(()) => tracing::debug!(%peer, "connection closed"),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             tracing::debug!(%peer, "connection closed")
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Metrics::add(&shared.metrics.timeouts, 1);
+            tracing::debug!(%peer, "connection timed out (handshake deadline or idle timeout)")
         }
         Err(e) => tracing::info!(%peer, error = %e, "connection ended"),
     }
 }
 
-/// Answers the first frame of a connection over the limit with an error, and closes it.
-pub(super) fn refuse_busy<C: Conn>(mut conn: C, shared: &Shared) {
-    if conn.set_timeout(Some(HELLO_TIMEOUT)).is_err() {
-        return;
-    }
-    let mut hb = [0u8; HEADER_LEN];
-    let tag = match conn.recv_exact(&mut hb) {
-        Ok(()) => u64::from_le_bytes(hb[8..16].try_into().expect("8 bytes")),
-        Err(_) => return,
-    };
-    Metrics::add(&shared.metrics.bad_frames, 1);
+/// Refuses a connection over the limit on the accept thread: one small `Error` frame (it fits
+/// the socket buffer, so the write does not wait on the peer), then close.
+pub(super) fn refuse_busy(stream: TcpStream, shared: &Shared) {
+    use std::io::Write;
+    Metrics::add(&shared.metrics.busy_refused, 1);
     if let Some(suppressed) = shared.refusal_log.allow() {
         tracing::warn!(
-            peer = conn.peer(),
+            peer = ?stream.peer_addr().ok(),
             limit = shared.cfg.max_connections,
             suppressed,
             "too many connections; refusing"
@@ -74,32 +80,83 @@ pub(super) fn refuse_busy<C: Conn>(mut conn: C, shared: &Shared) {
     }
     let mut out = Vec::new();
     let msg = format!("server busy: {} connections", shared.cfg.max_connections);
-    protocol::encode_error(&mut out, tag, ErrorCode::Busy, &msg);
-    let _ = conn.send(&mut [IoSlice::new(&out)]);
+    protocol::encode_error(&mut out, 0, ErrorCode::Busy, &msg);
+    let mut stream = stream;
+    let _ = stream.set_nonblocking(true);
+    let _ = stream.write(&out);
 }
 
 impl<C: Conn> ConnState<'_, C> {
-    fn run(&mut self) -> io::Result<()> {
+    /// Challenge, hello, hello-ok, all by `deadline`. Returns the authenticated vNode id, or
+    /// `None` when the client was refused.
+    fn handshake(&mut self, deadline: Instant) -> io::Result<Option<u64>> {
+        let nonce = vnode_common::cred::nonce().map_err(io::Error::other)?;
+        self.out.clear();
+        protocol::encode_challenge(&mut self.out, &nonce);
+        self.conn
+            .set_timeout(Some(self.shared.cfg.handshake_timeout))?;
+        self.conn.send(&mut [IoSlice::new(&self.out)])?;
+        let mut hb = [0u8; HEADER_LEN];
+        self.conn.recv_exact_by(&mut hb, deadline)?;
+        let tag = u64::from_le_bytes(hb[8..16].try_into().expect("8 bytes"));
+        let h = match Header::decode(&hb) {
+            Ok(h) if h.op == Op::Hello => h,
+            // Refused before its body is read: no unauthenticated peer makes us buffer a
+            // megabyte.
+            Ok(_) => return self.refuse(tag, ErrorCode::Auth, "hello required first"),
+            Err(ProtocolError::BadVersion(v)) => {
+                let msg = format!(
+                    "protocol version {v} is not spoken here: this server speaks version \
+                     {VERSION} (upgrade the client)"
+                );
+                return self.refuse(tag, ErrorCode::Version, &msg);
+            }
+            Err(e) => return self.refuse(tag, e.code(), &e.to_string()),
+        };
+        self.body.resize(h.len, 0);
+        self.conn.recv_exact_by(&mut self.body[..h.len], deadline)?;
+        let hello = match Request::decode(&h, &self.body[..h.len]) {
+            Ok(Request::Hello(hello)) => hello,
+            Ok(_) => unreachable!("a Hello header decodes to a Hello"),
+            Err(e) => return self.refuse(tag, e.code(), &e.to_string()),
+        };
+        let Some(proof) = self.shared.keys.check(&nonce, &hello) else {
+            let msg = format!(
+                "wrong credential for vNode {:#x} ({:?} role)",
+                hello.vnode_id, hello.role
+            );
+            return self.refuse(tag, ErrorCode::Auth, &msg);
+        };
+        tracing::debug!(peer = self.conn.peer(), vnode_id = hello.vnode_id, role = ?hello.role, "authenticated");
+        let store = &self.shared.store;
+        self.out.clear();
+        protocol::encode_hello_ok(
+            &mut self.out,
+            tag,
+            store.capacity_pages(),
+            store.free_pages(),
+            &proof,
+        );
+        self.conn.send(&mut [IoSlice::new(&self.out)])?;
+        // From here the client may be quiet for long (a fault thread waits for faults); one
+        // that is quiet longer than the idle timeout without a Ping is closed.
+        self.conn.set_timeout(self.shared.cfg.idle_timeout)?;
+        Ok(Some(hello.vnode_id))
+    }
+
+    fn run(&mut self, vnode: u64) -> io::Result<()> {
         let mut hb = [0u8; HEADER_LEN];
         loop {
             self.conn.recv_exact(&mut hb)?;
             let tag = u64::from_le_bytes(hb[8..16].try_into().expect("8 bytes"));
             let h = match Header::decode(&hb) {
-                Ok(h) if h.op.is_request() => h,
+                Ok(h) if h.op.is_request() && h.op != Op::Hello => h,
                 Ok(h) => {
-                    return self.refuse(
-                        tag,
-                        ErrorCode::Malformed,
-                        &format!("{:?} is not a request", h.op),
-                    )
+                    let msg = format!("{:?} is not a request here", h.op);
+                    return self.refuse(tag, ErrorCode::Malformed, &msg).map(drop);
                 }
-                Err(e) => return self.refuse(tag, e.code(), &e.to_string()),
+                Err(e) => return self.refuse(tag, e.code(), &e.to_string()).map(drop),
             };
-            if self.vnode.is_none() && h.op != Op::Hello {
-                // Refused before its body is read: no unauthenticated peer makes us buffer a
-                // megabyte.
-                return self.refuse(tag, ErrorCode::Auth, "hello required first");
-            }
             // Grow only: shrinking and regrowing would zero-fill a page batch every write.
             if self.body.len() < h.len {
                 self.body.resize(h.len, 0);
@@ -107,10 +164,10 @@ impl<C: Conn> ConnState<'_, C> {
             self.conn.recv_exact(&mut self.body[..h.len])?;
             let body = std::mem::take(&mut self.body);
             let next = match Request::decode(&h, &body[..h.len]) {
-                Ok(req) => self.handle(tag, req),
+                Ok(req) => self.handle(tag, vnode, req),
                 Err(e) => self
                     .refuse(tag, e.code(), &e.to_string())
-                    .map(|()| Next::Close),
+                    .map(|_| Next::Close),
             };
             self.body = body;
             match next? {
@@ -120,8 +177,8 @@ impl<C: Conn> ConnState<'_, C> {
         }
     }
 
-    /// Sends an error and ends the connection (the stream can no longer be trusted).
-    fn refuse(&mut self, tag: u64, code: ErrorCode, msg: &str) -> io::Result<()> {
+    /// Sends an error; the caller ends the connection (the stream can no longer be trusted).
+    fn refuse(&mut self, tag: u64, code: ErrorCode, msg: &str) -> io::Result<Option<u64>> {
         let m = &self.shared.metrics;
         Metrics::add(
             if code == ErrorCode::Auth {
@@ -136,24 +193,13 @@ impl<C: Conn> ConnState<'_, C> {
         }
         self.out.clear();
         protocol::encode_error(&mut self.out, tag, code, msg);
-        self.conn.send(&mut [IoSlice::new(&self.out)])
+        self.conn.send(&mut [IoSlice::new(&self.out)])?;
+        Ok(None)
     }
 
-    fn handle(&mut self, tag: u64, req: Request<'_>) -> io::Result<Next> {
-        let vnode = match (self.vnode, req) {
-            (None, Request::Hello { vnode_id, secret }) => {
-                return self.hello(tag, vnode_id, secret)
-            }
-            (None, _) => {
-                self.refuse(tag, ErrorCode::Auth, "hello required first")?;
-                return Ok(Next::Close);
-            }
-            (Some(_), Request::Hello { .. }) => {
-                self.refuse(tag, ErrorCode::Malformed, "second hello")?;
-                return Ok(Next::Close);
-            }
-            (Some(v), _) => v,
-        };
+    /// Serves one request of an authenticated connection. Every region it names belongs to
+    /// `vnode`, the connection's authenticated id: no request carries a vNode id.
+    fn handle(&mut self, tag: u64, vnode: u64, req: Request<'_>) -> io::Result<Next> {
         self.out.clear();
         let store = &self.shared.store;
         let result = match req {
@@ -172,7 +218,8 @@ impl<C: Conn> ConnState<'_, C> {
                 .open_region(vnode, region, pages)
                 .map(|size| protocol::encode_opened(&mut self.out, tag, size)),
             Request::Migrate { region, target } => self.migrate(vnode, region, target),
-            Request::Hello { .. } => unreachable!("handled above"),
+            Request::Ping => Ok(()),
+            Request::Hello(_) => unreachable!("refused by run()"),
         };
         match result {
             Ok(()) if !self.out.is_empty() => {}
@@ -186,31 +233,6 @@ impl<C: Conn> ConnState<'_, C> {
                 protocol::encode_error(&mut self.out, tag, e.code(), &e.to_string());
             }
         }
-        self.conn.send(&mut [IoSlice::new(&self.out)])?;
-        Ok(Next::Continue)
-    }
-
-    fn hello(&mut self, tag: u64, vnode_id: u64, secret: &[u8]) -> io::Result<Next> {
-        let ok = match &self.shared.cfg.secret {
-            Some(expected) => secret_matches(expected, secret),
-            None => true,
-        };
-        if !ok {
-            self.refuse(tag, ErrorCode::Auth, "wrong credential")?;
-            return Ok(Next::Close);
-        }
-        self.vnode = Some(vnode_id);
-        // Authenticated clients may sit idle (a fault thread waits for faults).
-        self.conn.set_timeout(None)?;
-        tracing::debug!(peer = self.conn.peer(), vnode_id, "authenticated");
-        let store = &self.shared.store;
-        self.out.clear();
-        protocol::encode_hello_ok(
-            &mut self.out,
-            tag,
-            store.capacity_pages(),
-            store.free_pages(),
-        );
         self.conn.send(&mut [IoSlice::new(&self.out)])?;
         Ok(Next::Continue)
     }
@@ -234,17 +256,26 @@ impl<C: Conn> ConnState<'_, C> {
     fn migrate(&mut self, vnode: u64, region: u64, target: &str) -> Result<(), StoreError> {
         let store = &self.shared.store;
         let r = store.region(vnode, region)?;
-        let secret: &[u8] = self.shared.cfg.secret.as_deref().unwrap_or(b"insecure");
+        // The servers' own credential, proven by challenge-response: the target sees nonces
+        // and proofs, never a key, and must prove it holds the cluster key before it gets a
+        // single page.
+        let auth = self.shared.keys.as_client(vnode);
         tracing::info!(vnode, region, target, pages = r.pages, "migrating region");
-        let copied = r.move_out(target, |mem| -> Result<(), crate::ClientError> {
-            let mut c = MemClient::connect(target, vnode, secret)?;
-            c.alloc_region(region, r.pages)?;
+        let copied = r.move_out(target, |pages| -> Result<(), String> {
+            let mut c = MemClient::connect(target, &auth).map_err(|e| e.to_string())?;
+            c.set_timeout(Some(MIGRATE_TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            c.alloc_region(region, r.pages).map_err(|e| e.to_string())?;
             let mut idx: Vec<u64> = Vec::with_capacity(MIGRATE_CHUNK);
-            for (i, chunk) in mem.chunks(MIGRATE_CHUNK * PAGE_SIZE).enumerate() {
+            let mut buf = Vec::with_capacity(MIGRATE_CHUNK * PAGE_SIZE);
+            for first in (0..pages.count).step_by(MIGRATE_CHUNK) {
+                let n = (pages.count - first).min(MIGRATE_CHUNK as u64);
                 idx.clear();
-                let first = (i * MIGRATE_CHUNK) as u64;
-                idx.extend(first..first + (chunk.len() / PAGE_SIZE) as u64);
-                c.write_pages(region, &idx, chunk)?;
+                idx.extend(first..first + n);
+                buf.clear();
+                pages.read(first, n, &mut buf).map_err(|e| e.to_string())?;
+                c.write_pages(region, &idx, &buf)
+                    .map_err(|e| e.to_string())?;
             }
             Ok(())
         })?;
@@ -259,29 +290,5 @@ impl<C: Conn> ConnState<'_, C> {
         Metrics::add(&self.shared.metrics.regions_migrated, 1);
         tracing::info!(vnode, region, target, "region migrated");
         Ok(())
-    }
-}
-
-/// Compares in time independent of where the first difference is.
-fn secret_matches(expected: &[u8], got: &[u8]) -> bool {
-    if expected.len() != got.len() {
-        return false;
-    }
-    expected
-        .iter()
-        .zip(got)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::secret_matches;
-
-    #[test]
-    fn secrets_compare_exactly() {
-        assert!(secret_matches(b"abc", b"abc"));
-        assert!(!secret_matches(b"abc", b"abd"));
-        assert!(!secret_matches(b"abc", b"abcd"));
     }
 }

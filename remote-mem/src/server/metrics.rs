@@ -14,6 +14,10 @@ pub struct Metrics {
     pub pages_read: AtomicU64,
     pub pages_written: AtomicU64,
     pub regions_migrated: AtomicU64,
+    /// Connections refused at accept because `--max-connections` were open.
+    pub busy_refused: AtomicU64,
+    /// Connections closed for missing the handshake deadline or the idle timeout.
+    pub timeouts: AtomicU64,
 }
 
 impl Metrics {
@@ -25,7 +29,7 @@ impl Metrics {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "connections={} auth_failures={} bad_frames={} requests_refused={} pages_read={} pages_written={} regions_migrated={}",
+            "connections={} auth_failures={} bad_frames={} requests_refused={} pages_read={} pages_written={} regions_migrated={} busy_refused={} timeouts={}",
             g(&self.connections),
             g(&self.auth_failures),
             g(&self.bad_frames),
@@ -33,6 +37,8 @@ impl Metrics {
             g(&self.pages_read),
             g(&self.pages_written),
             g(&self.regions_migrated),
+            g(&self.busy_refused),
+            g(&self.timeouts),
         )
     }
 }

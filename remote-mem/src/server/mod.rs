@@ -12,6 +12,7 @@ mod conn;
 pub mod log;
 pub mod mapping;
 pub mod metrics;
+pub mod pagefile;
 pub mod store;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -19,9 +20,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use thiserror::Error;
+use vnode_common::secret::Secret;
 
+use crate::auth::ServerKeys;
 use crate::transport::tcp::TcpConn;
 use metrics::{Metrics, RateLimit};
 use store::{Store, StoreError};
@@ -49,18 +53,48 @@ pub struct ServerConfig {
     pub capacity_pages: u64,
     /// The memory log's directory; `None` keeps pages in memory only.
     pub data_dir: Option<PathBuf>,
-    /// The shared secret clients must present; `None` accepts any (`--insecure`).
-    pub secret: Option<Vec<u8>>,
+    /// The cluster key every client's credential derives from; `None` accepts any client
+    /// (`--insecure`).
+    pub cluster_key: Option<Secret>,
     /// msync every write before acknowledging it.
     pub sync: bool,
-    /// Connections served at once; more are refused (each costs a thread).
+    /// Connections served at once; more are refused before a thread is started.
     pub max_connections: usize,
+    /// The whole handshake must be done within this long.
+    pub handshake_timeout: Duration,
+    /// An authenticated connection that sends nothing for this long is closed (clients that
+    /// wait longer send `Ping`s); `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Regions one vNode may hold on this server.
+    pub max_regions_per_vnode: usize,
+    /// Pages one vNode may hold on this server, over all its regions.
+    pub max_pages_per_vnode: u64,
+}
+
+impl ServerConfig {
+    /// A configuration with the defaults `vnode-memd` uses: in memory, secure with
+    /// `cluster_key`, 1024 connections, a 10 s handshake, 15 min idle timeout, 64 regions and
+    /// the whole capacity per vNode.
+    pub fn new(capacity_pages: u64, cluster_key: Option<Secret>) -> Self {
+        ServerConfig {
+            capacity_pages,
+            data_dir: None,
+            cluster_key,
+            sync: false,
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(15 * 60)),
+            max_regions_per_vnode: 64,
+            max_pages_per_vnode: capacity_pages,
+        }
+    }
 }
 
 /// State every connection thread shares.
 pub(crate) struct Shared {
     pub store: Store,
     pub cfg: ServerConfig,
+    pub keys: ServerKeys,
     pub metrics: Metrics,
     /// Connections being served now.
     pub live: std::sync::atomic::AtomicUsize,
@@ -78,8 +112,17 @@ pub struct Server {
 impl Server {
     /// Opens the store (replaying the memory log) and binds `addr`.
     pub fn bind(addr: &str, cfg: ServerConfig) -> Result<Server, ServerError> {
-        let store = Store::open(cfg.capacity_pages, cfg.data_dir.as_deref(), cfg.sync)
-            .map_err(ServerError::Store)?;
+        let limits = store::Limits {
+            regions_per_vnode: cfg.max_regions_per_vnode,
+            pages_per_vnode: cfg.max_pages_per_vnode,
+        };
+        let store = Store::open(
+            cfg.capacity_pages,
+            cfg.data_dir.as_deref(),
+            cfg.sync,
+            limits,
+        )
+        .map_err(ServerError::Store)?;
         let listener = TcpListener::bind(addr).map_err(|source| ServerError::Bind {
             addr: addr.to_string(),
             source,
@@ -88,6 +131,7 @@ impl Server {
             listener,
             shared: Arc::new(Shared {
                 store,
+                keys: ServerKeys::new(cfg.cluster_key.clone()),
                 cfg,
                 metrics: Metrics::default(),
                 live: std::sync::atomic::AtomicUsize::new(0),
@@ -129,15 +173,41 @@ impl Server {
                 Ok(s) => s,
                 // The client went away between SYN and accept: nothing to serve.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => continue,
+                // Out of descriptors or memory (a flood of sockets): keep serving the
+                // connections we have and back off instead of dying or spinning.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
+                    if let Some(suppressed) = self.shared.refusal_log.allow() {
+                        tracing::warn!(error = %e, suppressed, "accept failed; backing off");
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
                 Err(e) => return Err(ServerError::Accept(e)),
             };
             let id = ids.fetch_add(1, Ordering::Relaxed);
             Metrics::add(&self.shared.metrics.connections, 1);
+            // Counted here, before any thread exists: the limit bounds threads, not just
+            // sessions. The connection thread gives the slot back when it ends.
+            let live = self.shared.live.fetch_add(1, Ordering::AcqRel) + 1;
+            if live > self.shared.cfg.max_connections {
+                conn::refuse_busy(stream, &self.shared);
+                self.shared.live.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            }
             let shared = Arc::clone(&self.shared);
             let spawned = thread::Builder::new()
                 .name(format!("memd-conn-{id}"))
-                .spawn(move || serve_stream(stream, &shared));
+                .spawn(move || {
+                    serve_stream(stream, &shared);
+                    shared.live.fetch_sub(1, Ordering::AcqRel);
+                });
             if let Err(e) = spawned {
+                self.shared.live.fetch_sub(1, Ordering::AcqRel);
                 tracing::error!(error = %e, "cannot start a connection thread; dropping the connection");
             }
         }
@@ -165,13 +235,10 @@ fn serve_stream(stream: TcpStream, shared: &Shared) {
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| String::from("?"));
-    let live = shared.live.fetch_add(1, Ordering::AcqRel) + 1;
     match TcpConn::from_stream(stream, peer.clone()) {
-        Ok(c) if live > shared.cfg.max_connections => conn::refuse_busy(c, shared),
         Ok(c) => conn::serve(c, shared),
         Err(e) => tracing::warn!(%peer, error = %e, "cannot set up connection"),
     }
-    shared.live.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// An in-process server; stops accepting when dropped (open connections run until closed).

@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use super::log::{LogError, MemLog};
 use super::mapping::Mapping;
+use super::pagefile::PageFile;
 use crate::protocol::{ErrorCode, PageList, PAGE_SIZE};
 
 #[derive(Debug, Error)]
@@ -44,6 +45,32 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("page {page} of region {region} is damaged in the memory log (no valid version)")]
+    Damaged { region: u64, page: u64 },
+    #[error("cannot write region {region} to the memory log")]
+    LogWrite {
+        region: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vnode {vnode:#x} would hold {what}, over this server's per-vNode limit of {limit}")]
+    Limit {
+        vnode: u64,
+        what: String,
+        limit: u64,
+    },
+    #[error("--capacity of {capacity} bytes is more than {place} can hold ({room} bytes)")]
+    TooLarge {
+        capacity: u64,
+        room: u64,
+        place: String,
+    },
+    #[error("cannot tell how much {place} can hold")]
+    Room {
+        place: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("migration to {target} failed: {reason}")]
     Migrate { target: String, reason: String },
     #[error(transparent)]
@@ -60,9 +87,15 @@ impl StoreError {
             StoreError::Capacity { .. } => ErrorCode::Capacity,
             StoreError::Empty => ErrorCode::Malformed,
             StoreError::OutOfRange { .. } => ErrorCode::OutOfRange,
-            StoreError::Map { .. } | StoreError::Log(_) | StoreError::Migrate { .. } => {
-                ErrorCode::Internal
-            }
+            StoreError::Limit { .. } => ErrorCode::Limit,
+            StoreError::Log(LogError::NoSpace { .. }) => ErrorCode::NoSpace,
+            StoreError::Map { .. }
+            | StoreError::Log(_)
+            | StoreError::Migrate { .. }
+            | StoreError::Damaged { .. }
+            | StoreError::LogWrite { .. }
+            | StoreError::TooLarge { .. }
+            | StoreError::Room { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -74,8 +107,43 @@ pub struct Region {
     state: RwLock<RegionState>,
 }
 
+/// Where a region's pages are: in memory, or in the memory log.
+enum Backing {
+    Memory(Mapping),
+    Log(PageFile),
+}
+
+impl Backing {
+    fn read(&self, region: u64, page: u64, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        match self {
+            Backing::Memory(m) => {
+                let off = page as usize * PAGE_SIZE;
+                out.extend_from_slice(&m.as_slice()[off..off + PAGE_SIZE]);
+                Ok(())
+            }
+            Backing::Log(f) => f
+                .read(page, out)
+                .map_err(|_| StoreError::Damaged { region, page }),
+        }
+    }
+}
+
+/// A region's pages, read-only, while it is being migrated.
+pub struct Pages<'a> {
+    backing: &'a Backing,
+    region: u64,
+    pub count: u64,
+}
+
+impl Pages<'_> {
+    /// Appends pages `first..first + n` to `out`.
+    pub fn read(&self, first: u64, n: u64, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        (first..first + n).try_for_each(|p| self.backing.read(self.region, p, out))
+    }
+}
+
 struct RegionState {
-    mem: Mapping,
+    mem: Backing,
     /// Set, under the write lock, when the region has been migrated: a request that was
     /// already waiting for the lock must not touch the stale copy.
     moved_to: Option<String>,
@@ -110,35 +178,32 @@ impl Region {
         self.check(pages)?;
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
-        let m = st.mem.as_slice();
-        for p in pages.iter() {
-            let off = p as usize * PAGE_SIZE;
-            out.extend_from_slice(&m[off..off + PAGE_SIZE]);
-        }
-        Ok(())
+        pages.iter().try_for_each(|p| st.mem.read(self.id, p, out))
     }
 
-    /// Stores `data` (one page per entry of `pages`); with `sync`, writes it back to the log.
+    /// Stores `data` (one page per entry of `pages`); with `sync`, the memory log is durable
+    /// before this returns.
     pub fn write(&self, pages: PageList<'_>, data: &[u8], sync: bool) -> Result<(), StoreError> {
         self.check(pages)?;
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
-        let m = st.mem.as_mut_slice();
-        for (p, d) in pages.iter().zip(data.chunks_exact(PAGE_SIZE)) {
-            let off = p as usize * PAGE_SIZE;
-            m[off..off + PAGE_SIZE].copy_from_slice(d);
-        }
-        if sync {
-            for p in pages.iter() {
-                st.mem
-                    .sync_range(p as usize * PAGE_SIZE, PAGE_SIZE)
-                    .map_err(|source| StoreError::Map {
+        match &mut st.mem {
+            Backing::Memory(m) => {
+                let m = m.as_mut_slice();
+                for (p, d) in pages.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+                    let off = p as usize * PAGE_SIZE;
+                    m[off..off + PAGE_SIZE].copy_from_slice(d);
+                }
+                Ok(())
+            }
+            Backing::Log(f) => {
+                f.write(pages.iter(), data, sync)
+                    .map_err(|source| StoreError::LogWrite {
                         region: self.id,
                         source,
-                    })?;
+                    })
             }
         }
-        Ok(())
     }
 
     /// Migration: runs `copy` over all pages with every other request held off; when it
@@ -146,11 +211,15 @@ impl Region {
     pub fn move_out<E>(
         &self,
         target: &str,
-        copy: impl FnOnce(&[u8]) -> Result<(), E>,
+        copy: impl FnOnce(&Pages<'_>) -> Result<(), E>,
     ) -> Result<Result<(), E>, StoreError> {
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
-        let r = copy(st.mem.as_slice());
+        let r = copy(&Pages {
+            backing: &st.mem,
+            region: self.id,
+            count: self.pages,
+        });
         if r.is_ok() {
             st.moved_to = Some(target.to_string());
         }
@@ -165,9 +234,25 @@ struct Table {
     used_pages: u64,
 }
 
+/// What one vNode may hold on this server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub regions_per_vnode: usize,
+    pub pages_per_vnode: u64,
+}
+
+impl Limits {
+    /// No limit beyond the server's capacity.
+    pub const NONE: Limits = Limits {
+        regions_per_vnode: usize::MAX,
+        pages_per_vnode: u64::MAX,
+    };
+}
+
 pub struct Store {
     table: RwLock<Table>,
     capacity_pages: u64,
+    limits: Limits,
     log: Option<MemLog>,
     sync: bool,
     /// Serializes allocation and free against the log, so file creation and the table agree.
@@ -181,6 +266,7 @@ impl Store {
         capacity_pages: u64,
         data_dir: Option<&Path>,
         sync: bool,
+        limits: Limits,
     ) -> Result<Store, StoreError> {
         let mut table = Table {
             regions: HashMap::new(),
@@ -188,7 +274,15 @@ impl Store {
             used_pages: 0,
         };
         let log = match data_dir {
-            None => None,
+            None => {
+                check_room(
+                    capacity_pages,
+                    0,
+                    host_memory_bytes(),
+                    "this host's RAM and swap",
+                )?;
+                None
+            }
             Some(dir) => {
                 let (log, found) = MemLog::open(dir, sync)?;
                 for r in found {
@@ -205,12 +299,19 @@ impl Store {
                             id: r.region,
                             pages: r.pages,
                             state: RwLock::new(RegionState {
-                                mem: r.mem,
+                                mem: Backing::Log(r.file),
                                 moved_to: None,
                             }),
                         }),
                     );
                 }
+                check_room(
+                    capacity_pages,
+                    table.used_pages,
+                    // Each page has two slots and two records in the log.
+                    super::log::available_bytes(dir).map(|b| b / 2),
+                    &format!("the data directory {}", dir.display()),
+                )?;
                 if table.used_pages > capacity_pages {
                     tracing::warn!(used = table.used_pages, capacity_pages, "memory log holds more than --capacity; no allocation will succeed until regions are freed");
                 }
@@ -220,6 +321,7 @@ impl Store {
         Ok(Store {
             table: RwLock::new(table),
             capacity_pages,
+            limits,
             log,
             sync,
             alloc_lock: Mutex::new(()),
@@ -274,12 +376,15 @@ impl Store {
                     capacity: self.capacity_pages,
                 });
             }
+            self.check_limits(&t, vnode, pages)?;
         }
         // pages <= capacity, and --capacity is bounded by what usize can address.
         let len = pages as usize * PAGE_SIZE;
         let mem = match &self.log {
-            Some(log) => log.create(vnode, region, pages)?,
-            None => Mapping::anonymous(len).map_err(|source| StoreError::Map { region, source })?,
+            Some(log) => Backing::Log(log.create(vnode, region, pages)?),
+            None => Backing::Memory(
+                Mapping::anonymous(len).map_err(|source| StoreError::Map { region, source })?,
+            ),
         };
         let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
         t.used_pages += pages;
@@ -295,6 +400,32 @@ impl Store {
                 }),
             }),
         );
+        Ok(())
+    }
+
+    /// Refuses an allocation of `pages` more pages that would take `vnode` over its limits.
+    fn check_limits(&self, t: &Table, vnode: u64, pages: u64) -> Result<(), StoreError> {
+        let (mut regions, mut held) = (0usize, 0u64);
+        for ((v, _), r) in &t.regions {
+            if *v == vnode {
+                regions += 1;
+                held += r.pages;
+            }
+        }
+        if regions >= self.limits.regions_per_vnode {
+            return Err(StoreError::Limit {
+                vnode,
+                what: format!("{} regions", regions + 1),
+                limit: self.limits.regions_per_vnode as u64,
+            });
+        }
+        if held.saturating_add(pages) > self.limits.pages_per_vnode {
+            return Err(StoreError::Limit {
+                vnode,
+                what: format!("{} pages", held.saturating_add(pages)),
+                limit: self.limits.pages_per_vnode,
+            });
+        }
         Ok(())
     }
 
@@ -344,6 +475,44 @@ impl Store {
     }
 }
 
+/// Refuses a capacity larger than `room` (bytes free, in page-size units: the memory log
+/// passes half its free space, for its two slots per page) plus what the store already holds.
+fn check_room(
+    capacity_pages: u64,
+    held_pages: u64,
+    room: std::io::Result<u64>,
+    place: &str,
+) -> Result<(), StoreError> {
+    let room = room.map_err(|source| StoreError::Room {
+        place: place.to_string(),
+        source,
+    })?;
+    let page = PAGE_SIZE as u64;
+    let can_hold = room.saturating_add(held_pages.saturating_mul(page));
+    let capacity = capacity_pages.saturating_mul(page);
+    if capacity > can_hold {
+        return Err(StoreError::TooLarge {
+            capacity,
+            room: can_hold,
+            place: place.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// MemTotal + SwapTotal from /proc/meminfo: what anonymous regions could ever use.
+fn host_memory_bytes() -> std::io::Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo")?;
+    let kib = |key: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((kib("MemTotal:") + kib("SwapTotal:")) * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,7 +529,7 @@ mod tests {
 
     #[test]
     fn write_read_capacity_and_namespaces() {
-        let s = Store::open(10, None, false).expect("open");
+        let s = Store::open(10, None, false, Limits::NONE).expect("open");
         s.alloc(1, 0, 4).expect("alloc");
         assert!(matches!(s.alloc(1, 0, 1), Err(StoreError::Exists { .. })));
         assert!(matches!(
@@ -403,5 +572,34 @@ mod tests {
             s.open_region(1, 0, 4),
             Err(StoreError::Moved { .. })
         ));
+    }
+
+    #[test]
+    fn capacity_beyond_the_host_is_refused() {
+        let e = Store::open(u64::MAX / 8192, None, false, Limits::NONE)
+            .err()
+            .expect("an exabyte of RAM is refused");
+        assert!(e.to_string().contains("RAM and swap"), "{e}");
+        assert!(check_room(10, 0, Ok(10 * PAGE_SIZE as u64), "x").is_ok());
+        assert!(check_room(10, 5, Ok(5 * PAGE_SIZE as u64), "x").is_ok());
+        assert!(check_room(10, 0, Ok(9 * PAGE_SIZE as u64), "x").is_err());
+    }
+
+    #[test]
+    fn per_vnode_limits() {
+        let limits = Limits {
+            regions_per_vnode: 2,
+            pages_per_vnode: 5,
+        };
+        let s = Store::open(100, None, false, limits).expect("open");
+        s.alloc(1, 0, 1).expect("first");
+        s.alloc(1, 1, 1).expect("second");
+        let e = s.alloc(1, 2, 1).expect_err("third region");
+        assert_eq!(e.code(), ErrorCode::Limit);
+        assert!(e.to_string().contains("3 regions"), "{e}");
+        s.alloc(2, 0, 5).expect("another vNode has its own budget");
+        s.free(1, 1).expect("free");
+        assert!(matches!(s.alloc(1, 1, 5), Err(StoreError::Limit { .. })));
+        s.alloc(1, 1, 4).expect("within the page limit");
     }
 }

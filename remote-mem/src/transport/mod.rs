@@ -20,6 +20,17 @@ pub trait Conn: Send {
     /// Bounds how long a send or receive may block (`None`: forever). A timeout surfaces as
     /// an `io::Error` of kind `WouldBlock` or `TimedOut`.
     fn set_timeout(&mut self, timeout: Option<std::time::Duration>) -> io::Result<()>;
+    /// Fills `buf` by `deadline` or fails with `TimedOut`, however slowly the peer drips its
+    /// bytes (a per-read timeout would let one byte every few seconds hold a connection open).
+    /// The default sets one timeout for the whole read; TCP re-arms it before every read.
+    fn recv_exact_by(&mut self, buf: &mut [u8], deadline: std::time::Instant) -> io::Result<()> {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.set_timeout(Some(left))?;
+        self.recv_exact(buf)
+    }
     /// Busy-poll up to this long for a reply before sleeping in the kernel (`None`: never).
     /// Transports without the notion ignore it.
     fn set_spin(&mut self, _spin: Option<std::time::Duration>) {}
@@ -40,6 +51,18 @@ impl Scripted {
             pos: 0,
             peer: peer.to_string(),
         }
+    }
+
+    /// A peer that first plays an `--insecure` server's side of the handshake (a challenge,
+    /// then `HelloOk` reporting 100 pages of which 50 are free), then `replies`. For a client
+    /// made with `ClientAuth::insecure`.
+    pub fn after_insecure_handshake(replies: &[u8], peer: &str) -> Self {
+        use crate::protocol::{encode_challenge, encode_hello_ok, NONCE_LEN, PROOF_LEN};
+        let mut all = Vec::new();
+        encode_challenge(&mut all, &[0x5a; NONCE_LEN]);
+        encode_hello_ok(&mut all, 1, 100, 50, &[0; PROOF_LEN]);
+        all.extend_from_slice(replies);
+        Self::new(all, peer)
     }
 }
 

@@ -104,6 +104,24 @@ impl Conn for TcpConn {
         self.reader.read_exact(buf)
     }
 
+    fn recv_exact_by(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.writer.set_read_timeout(Some(left))?;
+            match self.reader.read(&mut buf[filled..]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     fn set_spin(&mut self, spin: Option<Duration>) {
         self.spin = spin;
     }

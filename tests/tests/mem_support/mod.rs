@@ -107,6 +107,10 @@ impl Memd {
         panic!("vnode-memd {pid} did not stop");
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -145,4 +149,14 @@ pub fn pattern(seed: u64, pages: &[u64]) -> Vec<u8> {
         }
     }
     v
+}
+
+/// How a test client with the test cluster key authenticates as vNode `vnode`.
+pub fn auth(vnode: u64) -> remote_mem::ClientAuth {
+    remote_mem::ClientAuth::from_cluster_key(vnode, &cluster_key())
+}
+
+/// The test cluster key.
+pub fn cluster_key() -> vnode_common::secret::Secret {
+    vnode_common::secret::Secret::from_bytes(SECRET.to_vec()).expect("valid test key")
 }

@@ -31,6 +31,9 @@ pub enum FaultError {
 
 /// Pages evicted at once when the ExCache is full (at most an eighth of its capacity).
 const EVICT_BATCH: usize = 32;
+/// A fault thread that has served nothing for this long pings its memory servers, well
+/// inside vnode-memd's default 15-minute idle timeout.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Pages evicted per round of a background shrink, between rounds of faults.
 const SHRINK_BATCH: usize = 1024;
 /// Pages written back per call to the source (a shrink's round, or a flush).
@@ -128,16 +131,28 @@ impl FaultServer {
                 revents: 0,
             },
         ];
+        let mut last_activity = Instant::now();
         loop {
             let shrinking = self.target < self.cache.limit();
             // Spinning polls without sleeping (timeout 0): it saves the wake-up of a sleeping
             // thread on every fault at the price of a busy core. A shrink in progress polls too,
-            // evicting a batch between rounds of faults.
-            let timeout = if self.spin || shrinking { 0 } else { -1 };
+            // evicting a batch between rounds of faults. A sleeping poll wakes every KEEPALIVE
+            // to keep the servers' connections alive through a quiet guest.
+            let timeout = if self.spin || shrinking {
+                0
+            } else {
+                KEEPALIVE.as_millis() as libc::c_int
+            };
             // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
             let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
             if r < 0 {
                 continue; // EINTR
+            }
+            if r > 0 || shrinking {
+                last_activity = Instant::now();
+            } else if last_activity.elapsed() >= KEEPALIVE {
+                last_activity = Instant::now();
+                self.source.keepalive()?;
             }
             if fds[1].revents != 0 {
                 let _ = doorbell.read();

@@ -22,6 +22,9 @@ use source::{LocalSource, PageSource, RemoteSource, SourceError};
 use stats::{ExCacheStats, EXCACHE_STATS};
 use uffd::{GuestUffd, UffdError, PAGE};
 
+/// This process's vNode id, once remote memory is set up (for the stats).
+pub static VNODE_ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 /// Where remote guest RAM lives and how much of it may be resident here.
 #[derive(Clone, Debug)]
 pub struct RemoteMemConfig {
@@ -33,8 +36,8 @@ pub struct RemoteMemConfig {
     pub policy: Policy,
     /// Largest prefetch window in pages (0 turns prefetching off).
     pub prefetch_max: u32,
-    pub vnode_id: u64,
-    pub secret: Vec<u8>,
+    /// Who this vNode is to its memory servers, and the credential it proves that with.
+    pub auth: remote_mem::ClientAuth,
     /// The fault thread busy-polls its userfaultfd instead of sleeping.
     pub spin: bool,
 }
@@ -165,18 +168,13 @@ pub fn remote_memory_with(
         return Err(RemoteMemError::LocalMem(cfg.local_mem));
     }
     let pages = (mem_size as usize) / PAGE;
+    let _ = VNODE_ID.set(cfg.auth.vnode_id());
     let source: Box<dyn PageSource> = if cfg.servers.len() == 1 && cfg.servers[0] == "local" {
         Box::new(LocalSource::new(pages))
     } else {
         Box::new(
-            RemoteSource::connect(
-                &cfg.servers,
-                cfg.vnode_id,
-                &cfg.secret,
-                pages as u64,
-                attach,
-            )
-            .map_err(RemoteMemError::Connect)?,
+            RemoteSource::connect(&cfg.servers, &cfg.auth, pages as u64, attach)
+                .map_err(RemoteMemError::Connect)?,
         )
     };
     // SAFETY: a fresh anonymous private mapping; nothing else refers to the address range.

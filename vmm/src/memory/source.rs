@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use remote_mem::{ClientError, MemClient, RegionHealth, ReplicatedRegion};
+use remote_mem::{ClientAuth, ClientError, MemClient, RegionHealth, ReplicatedRegion};
 
 use super::uffd::PAGE;
 
@@ -31,6 +31,11 @@ pub trait PageSource: Send {
     /// The guest is gone: give its pages back (free the region on the servers). Not called when
     /// the VMM dies, so a crash leaves the pages where they are.
     fn release(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+    /// Nothing has been asked of the source for a while: keep its connections open (memory
+    /// servers close connections idle past their `--idle-timeout`).
+    fn keepalive(&mut self) -> Result<(), SourceError> {
         Ok(())
     }
 }
@@ -93,14 +98,13 @@ impl RemoteSource {
     /// there (a restore).
     pub fn connect(
         servers: &[String],
-        vnode_id: u64,
-        secret: &[u8],
+        auth: &ClientAuth,
         pages: u64,
         attach: bool,
     ) -> Result<Self, SourceError> {
         let mut clients = Vec::with_capacity(servers.len());
         for s in servers {
-            clients.push(MemClient::connect(s, vnode_id, secret)?);
+            clients.push(MemClient::connect(s, auth)?);
         }
         let mut src = match clients.len() {
             1 => RemoteSource::Single(Box::new(clients.pop().expect("one client"))),
@@ -187,6 +191,14 @@ impl PageSource for RemoteSource {
         match self {
             RemoteSource::Single(c) => c.free_region(GUEST_RAM_REGION)?,
             RemoteSource::Replicated(r) => r.free()?,
+        }
+        Ok(())
+    }
+
+    fn keepalive(&mut self) -> Result<(), SourceError> {
+        match self {
+            RemoteSource::Single(c) => c.ping()?,
+            RemoteSource::Replicated(r) => r.ping()?,
         }
         Ok(())
     }

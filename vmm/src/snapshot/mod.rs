@@ -94,7 +94,7 @@ impl SavedConfig {
             Some(rm) if rm.servers == ["local"] => return Err(SnapshotError::LocalPageStore),
             Some(rm) => SavedMemory::Remote {
                 servers: rm.servers.clone(),
-                vnode_id: rm.vnode_id,
+                vnode_id: rm.auth.vnode_id(),
                 local_mem: rm.local_mem,
                 policy: policy_name(rm.policy),
                 prefetch_max: rm.prefetch_max,
@@ -163,10 +163,11 @@ impl SavedConfig {
         (disks, nets)
     }
 
-    /// The remote-memory configuration to attach with, given this process's `secret`.
+    /// The remote-memory configuration to attach with, given this process's key (`None` only
+    /// for a snapshot of local RAM; checked by the caller).
     pub fn remote_mem(
         &self,
-        secret: Vec<u8>,
+        key: Option<&remote_mem::VnodeKey>,
         spin: bool,
     ) -> Result<Option<crate::memory::RemoteMemConfig>, SnapshotError> {
         let SavedMemory::Remote {
@@ -186,8 +187,10 @@ impl SavedConfig {
                 .parse()
                 .map_err(|_| SnapshotError::Policy(policy.clone()))?,
             prefetch_max: *prefetch_max,
-            vnode_id: *vnode_id,
-            secret,
+            auth: match key {
+                Some(k) => k.auth(*vnode_id),
+                None => remote_mem::ClientAuth::insecure(*vnode_id),
+            },
             spin,
         }))
     }
@@ -229,8 +232,12 @@ mod tests {
                 local_mem: 64 << 20,
                 policy: Policy::Fifo,
                 prefetch_max: 8,
-                vnode_id: 77,
-                secret: b"not saved".to_vec(),
+                auth: remote_mem::ClientAuth::vnode(
+                    77,
+                    vnode_common::cred::Credential::from_bytes(
+                        *b"not saved, not saved, not saved!",
+                    ),
+                ),
                 spin: false,
             }),
             mem_prealloc: false,
@@ -248,9 +255,12 @@ mod tests {
         let (disks, nets) = back.devices();
         assert_eq!(disks, c.disks);
         assert_eq!(nets, c.nets);
-        let rm = back.remote_mem(b"s".to_vec(), false).unwrap().unwrap();
+        let key = remote_mem::VnodeKey::ClusterKey(
+            vnode_common::secret::Secret::from_bytes(b"s".to_vec()).unwrap(),
+        );
+        let rm = back.remote_mem(Some(&key), false).unwrap().unwrap();
         assert_eq!(
-            (rm.vnode_id, rm.local_mem, rm.policy),
+            (rm.auth.vnode_id(), rm.local_mem, rm.policy),
             (77, 64 << 20, Policy::Fifo)
         );
         assert_eq!(rm.servers, vec!["127.0.0.1:5".to_string()]);
@@ -267,6 +277,6 @@ mod tests {
         c.remote_mem = None;
         let saved = SavedConfig::from_config(&c).unwrap();
         assert_eq!(saved.memory, SavedMemory::Local);
-        assert!(saved.remote_mem(vec![], false).unwrap().is_none());
+        assert!(saved.remote_mem(None, false).unwrap().is_none());
     }
 }

@@ -44,7 +44,7 @@ pub enum RestoreError {
     },
     #[error("snapshot is inconsistent: {0}")]
     Inconsistent(String),
-    #[error("no memory-server secret: set VNODE_SECRET or --mem-secret-file")]
+    #[error("no memory credential: give the vNode's credential (--mem-credential-file) or the cluster key (--mem-secret-file, VNODE_SECRET)")]
     NoSecret,
 }
 
@@ -53,8 +53,9 @@ pub enum RestoreError {
 pub struct RestoreOptions {
     pub serial: SerialOut,
     pub kvm_device: PathBuf,
-    /// The memory servers' secret (required when guest RAM is remote).
-    pub secret: Vec<u8>,
+    /// The key this vNode proves to its memory servers (required when guest RAM is remote): its
+    /// credential for the snapshot's vNode id, or the cluster key.
+    pub mem_key: Option<remote_mem::VnodeKey>,
     pub excache_spin: bool,
 }
 
@@ -76,7 +77,7 @@ pub fn restored_config(s: &Snapshot, opts: &RestoreOptions) -> Result<VmConfig, 
             c.nets.len()
         )));
     }
-    if matches!(c.memory, SavedMemory::Remote { .. }) && opts.secret.is_empty() {
+    if matches!(c.memory, SavedMemory::Remote { .. }) && opts.mem_key.is_none() {
         return Err(RestoreError::NoSecret);
     }
     let (disks, nets) = c.devices();
@@ -91,7 +92,7 @@ pub fn restored_config(s: &Snapshot, opts: &RestoreOptions) -> Result<VmConfig, 
         corrupt: None,
         disks,
         nets,
-        remote_mem: c.remote_mem(opts.secret.clone(), opts.excache_spin)?,
+        remote_mem: c.remote_mem(opts.mem_key.as_ref(), opts.excache_spin)?,
         mem_prealloc: false,
     })
 }
