@@ -27,13 +27,8 @@ struct Memd {
 impl Memd {
     fn start(capacity: &str) -> Memd {
         let mut child = Command::new(bin("vnode-memd"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--capacity",
-                capacity,
-                "--insecure",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--capacity", capacity])
+            .env("VNODE_SECRET", "test-secret")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -108,7 +103,7 @@ impl Vnode {
                 }
             }
         });
-        wait_for_socket(&sock);
+        wait_for_socket(&sock, &mut child);
         let api = Client::new(&sock).unwrap();
         Vnode {
             child,
@@ -162,9 +157,15 @@ impl Drop for Vnode {
     }
 }
 
-fn wait_for_socket(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+fn wait_for_socket(sock: &Path, child: &mut Child) {
+    // Generous: the machine running the tests may be loaded.
+    let deadline = Instant::now() + Duration::from_secs(120);
     while !sock.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+            panic!("vnode exited ({st}) before its API socket appeared: {err}");
+        }
         assert!(
             Instant::now() < deadline,
             "{} never appeared",
@@ -270,9 +271,11 @@ fn excache_shrinks_and_grows_under_a_running_guest() {
 
     let info = vm.api.resize_excache(64 << 20).unwrap();
     assert_eq!(info.config.excache.unwrap().local_mem, 64 << 20);
-    // Within a second with release binaries; the debug ones tests/run.sh builds write back to
-    // a debug vnode-memd about 4x slower (measured: ~1.5 s for these ~65k dirty pages).
-    let bound = Duration::from_secs(if cfg!(debug_assertions) { 5 } else { 1 });
+    // The target is a second with release binaries on a quiet machine. The debug binaries
+    // tests/run.sh builds write back to a debug vnode-memd several times slower (measured: ~1.5 s
+    // for these ~65k dirty pages on a quiet machine; over 5 s with a load average of 20), so the
+    // bound here is loose and the time is printed.
+    let bound = Duration::from_secs(if cfg!(debug_assertions) { 30 } else { 1 });
     let took = residency_within(&vm, bound, |r| r <= 64 * 256);
     eprintln!("shrunk from {full} pages to 64M in {took:?}");
     let c = vm.api.counters().unwrap().excache.unwrap();
