@@ -124,6 +124,42 @@ struct RunArgs {
     /// Tests only: serve the API on this TCP address too (e.g. 127.0.0.1:0; no access control).
     #[arg(long, value_name = "ADDR", hide = true)]
     api_listen_tcp: Option<String>,
+    /// FOR DEBUGGING ONLY: run without the seccomp filters (capabilities are still dropped).
+    /// By default every thread runs under a seccomp filter of its kind, and a system call
+    /// outside it kills vnode by SIGSYS with a line naming the thread kind and the call.
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Test hook: a thread of KIND (vcpu, device, ...) makes a forbidden call (socket) right
+    /// after entering its sandbox.
+    #[arg(long, value_name = "KIND", hide = true)]
+    debug_syscall_probe: Option<String>,
+}
+
+/// Turns the sandbox on before anything starts a thread: `--no-seccomp` leaves the filters
+/// out, `VNODE_SECCOMP=log` only logs what they would refuse (how the lists were drawn up).
+fn init_sandbox(args: &RunArgs) -> anyhow::Result<()> {
+    use remote_blk::threads::ClientThread;
+    use vmm::sandbox::{self, Mode, ThreadKind};
+    let mode = if args.no_seccomp {
+        Mode::Off
+    } else if std::env::var("VNODE_SECCOMP").as_deref() == Ok("log") {
+        Mode::Log
+    } else {
+        Mode::Enforce
+    };
+    let probe = args
+        .debug_syscall_probe
+        .as_deref()
+        .map(|k| ThreadKind::parse(k).with_context(|| format!("no thread kind {k}")))
+        .transpose()?;
+    sandbox::init(mode, probe)?;
+    remote_blk::threads::on_thread_start(|t| {
+        sandbox::enter_thread(match t {
+            ClientThread::Reader => ThreadKind::NbdReader,
+            ClientThread::Resync => ThreadKind::DiskResync,
+        })
+    });
+    Ok(())
 }
 
 const MEM_CREDENTIAL_ENV: &str = "VNODE_MEM_CREDENTIAL";
@@ -265,6 +301,7 @@ fn install_signals() -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<Outcome> {
+    init_sandbox(&args)?;
     let (cfg, opts) = vm_config(args)?;
     install_signals()?;
     let vmm = vmm::builder::build(&cfg).context("cannot build the VM")?;

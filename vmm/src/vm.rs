@@ -22,6 +22,7 @@ use crate::devices::{StopReason, StopSignal};
 use crate::kvm::persist::VcpuStateHandle;
 use crate::kvm::{self, kick_signal, VcpuControl, VcpuWant};
 use crate::memory::RemoteMemory;
+use crate::sandbox::{self, ThreadKind};
 
 /// How the VM ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -126,7 +127,10 @@ impl RunningVm {
             let (buses, mem, stop, ctl) = (buses.clone(), mem.clone(), stop.clone(), ctl.clone());
             let h = thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || vcpu.run(&buses, &mem, &stop, &ctl))
+                .spawn(move || {
+                    sandbox::enter_thread(ThreadKind::Vcpu);
+                    vcpu.run(&buses, &mem, &stop, &ctl)
+                })
                 .map_err(|source| RunError::Spawn { name, source })?;
             handles.push(h);
         }
@@ -378,6 +382,7 @@ fn start_event_loop(serial: Arc<Mutex<SerialDevice>>, stop: StopSignal) -> Resul
     thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
+            sandbox::enter_thread(ThreadKind::Events);
             while stop.reason().is_none() {
                 if let Err(e) = events.run_with_timeout(500) {
                     tracing::warn!("event loop: {e:?}");

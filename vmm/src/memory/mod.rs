@@ -247,7 +247,10 @@ pub fn remote_memory_with(
     let vm_stop = vm_stop.clone();
     let thread = std::thread::Builder::new()
         .name("excache-fault".into())
-        .spawn(move || server.run(rx, thread_doorbell, vm_stop))
+        .spawn(move || {
+            crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Fault);
+            server.run(rx, thread_doorbell, vm_stop)
+        })
         .map_err(RemoteMemError::Spawn)?;
     Ok(RemoteMemory {
         mem,

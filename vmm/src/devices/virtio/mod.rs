@@ -7,10 +7,12 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod persist;
+pub mod worker;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+pub use worker::{DeviceThread, DeviceWorker};
+
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex};
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use virtio_queue::Queue;
@@ -144,7 +146,7 @@ impl DevicePause {
         self.state.lock().expect("device pause lock poisoned")
     }
 
-    fn register(&self, wake: Arc<EventFd>) -> u64 {
+    pub(super) fn register(&self, wake: Arc<EventFd>) -> u64 {
         let mut st = self.lock();
         st.next_id += 1;
         let id = st.next_id;
@@ -152,7 +154,7 @@ impl DevicePause {
         id
     }
 
-    fn unregister(&self, id: u64) {
+    pub(super) fn unregister(&self, id: u64) {
         self.lock().threads.retain(|(i, _)| *i != id);
         self.cv.notify_all();
     }
@@ -198,57 +200,5 @@ impl DevicePause {
     pub fn resume(&self) {
         self.lock().paused = false;
         self.cv.notify_all();
-    }
-}
-
-/// A device's queue thread, from DRIVER_OK to reset: it runs until `stop` is set, and the
-/// queue-notify eventfd `wake` wakes it (for notifications and to stop).
-pub struct DeviceThread<T> {
-    name: String,
-    thread: JoinHandle<T>,
-    stop: Arc<AtomicBool>,
-    wake: Arc<EventFd>,
-    pause_id: u64,
-}
-
-impl<T: Send + 'static> DeviceThread<T> {
-    /// Starts `run` on a thread called `name`, then wakes it once for what the driver queued
-    /// before DRIVER_OK.
-    pub fn spawn(
-        name: &str,
-        stop: Arc<AtomicBool>,
-        wake: Arc<EventFd>,
-        run: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<Self, ActivateError> {
-        let thread = thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(run)
-            .map_err(ActivateError::Spawn)?;
-        let _ = wake.write(1);
-        let pause_id = DEVICE_PAUSE.register(wake.clone());
-        Ok(Self {
-            name: name.to_owned(),
-            thread,
-            stop,
-            wake,
-            pause_id,
-        })
-    }
-
-    /// Stops the thread and returns what it returned (None if it could not be stopped).
-    pub fn stop(self) -> Option<T> {
-        DEVICE_PAUSE.unregister(self.pause_id);
-        self.stop.store(true, Ordering::Release);
-        if let Err(e) = self.wake.write(1) {
-            tracing::error!(dev = %self.name, "cannot wake the device thread to stop it: {e}");
-            return None;
-        }
-        match self.thread.join() {
-            Ok(v) => Some(v),
-            Err(_) => {
-                tracing::error!(dev = %self.name, "device thread panicked");
-                None
-            }
-        }
     }
 }
