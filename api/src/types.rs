@@ -180,6 +180,9 @@ pub struct VmmCounters {
     pub blk_flushes: u64,
     /// Disks put in DEVICE_NEEDS_RESET by a chain they cannot answer.
     pub blk_broken: u64,
+    /// Requests that waited in the ring because the bytes in flight were at their limit.
+    #[serde(default)]
+    pub blk_throttled: u64,
     /// virtio-net frames and bytes (bytes without the virtio-net header).
     pub net_tx_frames: u64,
     pub net_tx_bytes: u64,

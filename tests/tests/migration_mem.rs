@@ -396,3 +396,36 @@ fn only_servers_may_push_a_region_in() {
     assert_eq!(e.code(), Some(remote_mem::ErrorCode::Auth), "{e}");
     assert_eq!(held(&a.addr), 0);
 }
+
+#[test]
+fn the_bandwidth_cap_holds_and_zero_pages_are_not_sent() {
+    let a = Memd::start_env(
+        "127.0.0.1:0",
+        &["--capacity", "512M", "--migrate-bandwidth", "4M"],
+        &[],
+    );
+    let b = server(&[]);
+    let vnode = 0x55;
+    let mut c = MemClient::connect(&a.addr, &auth(vnode)).expect("connect");
+    // 64 MiB region, 8 MiB of it written: only those 8 MiB cross, at 4 MiB/s (all 64 MiB would
+    // take 16 s).
+    c.alloc_region(0, 64 * 256).expect("alloc");
+    let pages: Vec<u64> = (0..2048).map(|i| i * 8).collect();
+    for chunk in pages.chunks(256) {
+        c.write_pages(0, chunk, &mem_support::pattern(5, chunk))
+            .expect("write");
+    }
+    let t = Instant::now();
+    migrate(&a.addr, vnode, &b.addr);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(8),
+        "8 MiB at 4 MiB/s took {took:?}"
+    );
+    let mut c = MemClient::connect(&b.addr, &auth(vnode)).expect("connect to b");
+    let mut out = vec![0u8; 256 * 4096];
+    c.read_pages(0, &pages[..256], &mut out).expect("read");
+    assert_eq!(out, mem_support::pattern(5, &pages[..256]));
+    c.read_pages(0, &[1], &mut out[..4096]).expect("read");
+    assert!(out[..4096].iter().all(|&x| x == 0));
+}
