@@ -25,14 +25,19 @@ const SECRET_ENV: &str = vnode_common::CLUSTER_KEY_ENV;
 /// and reaches only its own regions. Without a key the server refuses to start, unless
 /// --insecure is given, in which case any client is accepted.
 #[derive(Parser, Debug)]
-#[command(name = "vnode-memd", version)]
+#[command(name = "vnode-memd", version, subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to listen on, e.g. 0.0.0.0:7000 (port 0 picks a free port).
-    #[arg(long)]
-    listen: String,
+    #[arg(long, required = true)]
+    listen: Option<String>,
     /// Total memory this server hands out: bytes, or with a K/M/G/T suffix (powers of 1024).
+    #[arg(long, value_parser = parse_size, required = true)]
+    capacity: Option<u64>,
+    /// Most bytes a second one outgoing live migration sends (K/M/G suffixes; default: no cap).
     #[arg(long, value_parser = parse_size)]
-    capacity: u64,
+    migrate_bandwidth: Option<u64>,
     /// Directory of the memory log: region contents are kept there (two checksummed slots per
     /// page: files twice the region, reserved up front) and survive a restart; recovery reports torn
     /// or corrupt records. A vNode reattaches its recovered region with the Open request (by
@@ -79,6 +84,70 @@ struct Args {
     sync: bool,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Live-migrates a vNode's region from one memory server to another, as an operator
+    /// holding the cluster key (--secret-file or VNODE_SECRET): the region keeps serving the
+    /// VMM while it is copied, and the VMM follows it to the new server by itself. Returns once
+    /// the new server owns the region and the old one has freed it.
+    Migrate {
+        /// The server that holds the region now (HOST:PORT).
+        #[arg(long)]
+        server: String,
+        /// The region, as VNODE_ID:REGION (the vNode id in hex with 0x, or decimal).
+        #[arg(long, value_parser = parse_region)]
+        region: (u64, u64),
+        /// The server to move it to (HOST:PORT).
+        #[arg(long)]
+        to: String,
+        /// File holding the cluster key (else env VNODE_SECRET).
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+    },
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("bad number {s:?}: {e}"))
+}
+
+fn parse_region(s: &str) -> Result<(u64, u64), String> {
+    let (v, r) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not VNODE_ID:REGION"))?;
+    Ok((parse_u64(v)?, parse_u64(r)?))
+}
+
+/// `vnode-memd migrate`: asks `server` to migrate the region, authenticated as a memory server
+/// (role 1) with the servers' credential derived from the cluster key.
+fn run_migrate(
+    server: &str,
+    region: (u64, u64),
+    to: &str,
+    secret_file: Option<&Path>,
+) -> Result<()> {
+    let Some(key) = secret::load(secret_file, SECRET_ENV)? else {
+        bail!("no cluster key: give --secret-file PATH or set {SECRET_ENV}");
+    };
+    let (vnode, region) = region;
+    let auth =
+        remote_mem::ClientAuth::server(vnode, vnode_common::cred::mem_server_credential(&key));
+    let mut c = remote_mem::MemClient::connect(server, &auth)
+        .with_context(|| format!("cannot reach memory server {server}"))?;
+    let t = std::time::Instant::now();
+    c.migrate_region(region, to).with_context(|| {
+        format!("migration of region {vnode:#x}:{region} from {server} to {to} failed")
+    })?;
+    println!(
+        "region {vnode:#x}:{region} migrated from {server} to {to} in {:.3} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     parse_size::Config::new()
         .with_binary()
@@ -115,27 +184,40 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(Command::Migrate {
+        server,
+        region,
+        to,
+        secret_file,
+    }) = &args.command
+    {
+        return run_migrate(server, *region, to, secret_file.as_deref());
+    }
+    let (Some(listen), Some(capacity)) = (args.listen.clone(), args.capacity) else {
+        bail!("--listen and --capacity are required");
+    };
     if args.transport == "rdma" {
         rdma::check_available().context("cannot use the RDMA transport")?;
     }
     let secret = load_secret(&args)?;
-    let capacity_pages = args.capacity / PAGE_SIZE as u64;
+    let capacity_pages = capacity / PAGE_SIZE as u64;
     if capacity_pages == 0 {
         bail!("--capacity must be at least one page ({PAGE_SIZE} bytes)");
     }
-    if usize::try_from(args.capacity).is_err() {
+    if usize::try_from(capacity).is_err() {
         bail!("--capacity exceeds the address space");
     }
     let mut cfg = ServerConfig::new(capacity_pages, secret);
     cfg.data_dir = args.data_dir.clone();
     cfg.sync = args.sync;
+    cfg.migrate_bandwidth = args.migrate_bandwidth;
     cfg.max_connections = args.max_connections;
     cfg.idle_timeout = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
     cfg.max_regions_per_vnode = args.max_regions_per_vnode;
     if let Some(m) = args.max_mem_per_vnode {
         cfg.max_pages_per_vnode = m / PAGE_SIZE as u64;
     }
-    let server = Server::bind(&args.listen, cfg).context("cannot start the memory server")?;
+    let server = Server::bind(&listen, cfg).context("cannot start the memory server")?;
     let addr = server
         .local_addr()
         .context("cannot read the bound address")?

@@ -12,6 +12,7 @@ mod conn;
 pub mod log;
 pub mod mapping;
 pub mod metrics;
+mod migrate;
 pub mod pagefile;
 pub mod store;
 
@@ -69,6 +70,8 @@ pub struct ServerConfig {
     pub max_regions_per_vnode: usize,
     /// Pages one vNode may hold on this server, over all its regions.
     pub max_pages_per_vnode: u64,
+    /// Most bytes a second one outgoing migration sends (`None`: as fast as it goes).
+    pub migrate_bandwidth: Option<u64>,
 }
 
 impl ServerConfig {
@@ -86,6 +89,7 @@ impl ServerConfig {
             idle_timeout: Some(Duration::from_secs(15 * 60)),
             max_regions_per_vnode: 64,
             max_pages_per_vnode: capacity_pages,
+            migrate_bandwidth: None,
         }
     }
 }
