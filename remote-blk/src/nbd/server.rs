@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::thread;
 
 use thiserror::Error;
+use vnode_common::metrics::LatencyHistogram;
 
 use super::protocol::*;
 use super::Stream;
@@ -82,14 +83,44 @@ impl Default for ServerOptions {
     }
 }
 
-/// Server-wide counters of what clients did; logged (debug) when a connection ends.
+/// Server-wide counters of what clients did; logged (debug) when a connection ends and exposed
+/// by `--metrics-listen` (`crate::metrics`).
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Connections accepted, and those open now.
     pub connections: AtomicU64,
+    pub open_connections: AtomicU64,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Service time of each request by command, from its decoding to its reply being queued
+    /// (a sendfile read: sent).
+    pub latency: OpLatency,
+}
+
+/// A latency histogram per NBD command.
+#[derive(Debug, Default)]
+pub struct OpLatency {
+    pub read: LatencyHistogram,
+    pub write: LatencyHistogram,
+    pub flush: LatencyHistogram,
+    pub trim: LatencyHistogram,
+    pub write_zeroes: LatencyHistogram,
+    pub other: LatencyHistogram,
+}
+
+impl OpLatency {
+    pub fn of(&self, kind: u16) -> &LatencyHistogram {
+        match kind {
+            CMD_READ => &self.read,
+            CMD_WRITE => &self.write,
+            CMD_FLUSH => &self.flush,
+            CMD_TRIM => &self.trim,
+            CMD_WRITE_ZEROES => &self.write_zeroes,
+            _ => &self.other,
+        }
+    }
 }
 
 /// Where the server listens.
@@ -158,14 +189,16 @@ impl Server {
                 },
             };
             let id = self.stats.connections.fetch_add(1, Ordering::Relaxed);
+            self.stats.open_connections.fetch_add(1, Ordering::Relaxed);
             let server = Arc::clone(self);
-            thread::Builder::new()
+            let spawned = thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
                     if let Err(e) = server.handle(stream) {
                         tracing::debug!(conn = id, error = %e, "connection ended");
                     }
                     let st = &server.stats;
+                    st.open_connections.fetch_sub(1, Ordering::Relaxed);
                     tracing::debug!(
                         conn = id,
                         requests = st.requests.load(Ordering::Relaxed),
@@ -174,7 +207,11 @@ impl Server {
                         bytes_written = st.bytes_written.load(Ordering::Relaxed),
                         "connection closed; server totals"
                     );
-                })?;
+                });
+            if let Err(e) = spawned {
+                self.stats.open_connections.fetch_sub(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
         }
     }
 

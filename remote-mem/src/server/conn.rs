@@ -222,6 +222,31 @@ impl<C: Conn> ConnState<'_, C> {
         req: Request<'_>,
     ) -> io::Result<Next> {
         self.out.clear();
+        self.execute(tag, vnode, role, req)
+    }
+
+    /// Serves an authenticated request and sends its reply; its service time is recorded
+    /// before the reply goes out, so a client that got its reply finds it in the metrics.
+    fn execute(
+        &mut self,
+        tag: u64,
+        vnode: u64,
+        role: AuthRole,
+        req: Request<'_>,
+    ) -> io::Result<Next> {
+        let started = Instant::now();
+        let lat = &self.shared.metrics.latency;
+        let hist = match &req {
+            Request::Read { .. } => Some(&lat.read),
+            Request::Write { .. } => Some(&lat.write),
+            Request::Alloc { .. } => Some(&lat.alloc),
+            Request::Open { .. } => Some(&lat.open),
+            Request::Free { .. } => Some(&lat.free),
+            Request::Migrate { .. } | Request::MigrateIn { .. } | Request::Commit { .. } => {
+                Some(&lat.migrate)
+            }
+            _ => None,
+        };
         let store = &self.shared.store;
         let result = match req {
             Request::Read { region, pages } => self.read(tag, vnode, region, pages),
@@ -260,6 +285,9 @@ impl<C: Conn> ConnState<'_, C> {
                 self.out.clear();
                 protocol::encode_error(&mut self.out, tag, e.code(), &e.to_string());
             }
+        }
+        if let Some(h) = hist {
+            h.record(started.elapsed());
         }
         self.conn.send(&mut [IoSlice::new(&self.out)])?;
         Ok(Next::Continue)

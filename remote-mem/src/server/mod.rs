@@ -9,6 +9,7 @@
 //! by side.
 
 mod conn;
+mod exposition;
 pub mod log;
 pub mod mapping;
 pub mod metrics;

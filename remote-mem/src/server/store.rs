@@ -446,6 +446,20 @@ impl Store {
         self.capacity_pages.saturating_sub(t.used_pages)
     }
 
+    /// Per vNode: its regions here and their pages.
+    pub fn usage_by_vnode(&self) -> Vec<(u64, u64, u64)> {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let mut by: HashMap<u64, (u64, u64)> = HashMap::new();
+        for ((vnode, _), r) in &t.regions {
+            let e = by.entry(*vnode).or_default();
+            e.0 += 1;
+            e.1 += r.pages;
+        }
+        let mut v: Vec<_> = by.into_iter().map(|(n, (r, p))| (n, r, p)).collect();
+        v.sort_unstable();
+        v
+    }
+
     pub fn sync(&self) -> bool {
         self.sync
     }
@@ -685,15 +699,7 @@ fn check_room(
 
 /// MemTotal + SwapTotal from /proc/meminfo: what anonymous regions could ever use.
 fn host_memory_bytes() -> std::io::Result<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo")?;
-    let kib = |key: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok((kib("MemTotal:") + kib("SwapTotal:")) * 1024)
+    vnode_common::host::mem_and_swap_bytes()
 }
 
 #[cfg(test)]

@@ -118,8 +118,8 @@ pub fn start_blkd(args: &[&str]) -> Server {
     if !unix {
         cmd.args(["--listen", "127.0.0.1:0"]);
     }
-    if std::env::var_os("RUST_LOG").is_none() {
-        cmd.env("RUST_LOG", "warn");
+    if std::env::var_os("VNODE_LOG").is_none() {
+        cmd.env("VNODE_LOG", "warn");
     }
     let mut child = cmd
         .args(args)

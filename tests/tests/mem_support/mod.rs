@@ -138,7 +138,7 @@ pub fn spawn_memd_env(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Child 
         .args(args)
         .envs(env.iter().copied())
         .env("VNODE_SECRET", SECRET_STR)
-        .env("RUST_LOG", "info")
+        .env("VNODE_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).expect("create stderr log"))
