@@ -263,6 +263,17 @@ impl MemClient {
         self.set_socket_timeout(want)
     }
 
+    /// Region operations (alloc, open, free) create, preallocate, truncate and, with `--sync`,
+    /// fsync files on the server: on a loaded host that takes far longer than a page request
+    /// (an alloc was seen past the 500 ms floor), so they wait up to the ceiling. A silent
+    /// server is still failed, only later; the data path keeps its floor.
+    fn arm_region_op(&mut self) -> Result<(), ClientError> {
+        match self.fixed {
+            Some(_) => Ok(()),
+            None => self.set_socket_timeout(Some(deadline::CEILING)),
+        }
+    }
+
     /// Replaces the adaptive deadline with a fixed bound on how long any call may wait on the
     /// server (`None`: wait forever). A server that stops answering then fails the call with a
     /// transport error (and a [`crate::ReplicatedRegion`] fails over).
@@ -307,6 +318,7 @@ impl MemClient {
         let tag = self.begin(16)?;
         protocol::encode_alloc(&mut self.scratch, tag, region, pages);
         self.send_scratch(&[], Expect::Done, tag)?;
+        self.arm_region_op()?;
         self.wait(tag, &mut [])
     }
 
@@ -334,6 +346,7 @@ impl MemClient {
         let tag = self.begin(16)?;
         protocol::encode_open(&mut self.scratch, tag, region, pages);
         self.send_scratch(&[], Expect::Opened, tag)?;
+        self.arm_region_op()?;
         let mut size = [0u8; 8];
         self.wait(tag, &mut size)?;
         Ok(u64::from_le_bytes(size))
@@ -353,6 +366,7 @@ impl MemClient {
         let tag = self.begin(8)?;
         protocol::encode_free(&mut self.scratch, tag, region);
         self.send_scratch(&[], Expect::Done, tag)?;
+        self.arm_region_op()?;
         self.wait(tag, &mut [])
     }
 
