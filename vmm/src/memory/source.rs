@@ -107,7 +107,12 @@ impl RemoteSource {
             clients.push(MemClient::connect(s, auth)?);
         }
         let mut src = match clients.len() {
-            1 => RemoteSource::Single(Box::new(clients.pop().expect("one client"))),
+            1 => {
+                let mut c = clients.pop().expect("one client");
+                // The only copy: nothing to fail over to, so a longer deadline.
+                c.set_deadline_floor(vnode_common::deadline::SOLE_COPY_FLOOR);
+                RemoteSource::Single(Box::new(c))
+            }
             _ => {
                 let backup = clients.pop().expect("two clients");
                 let primary = clients.pop().expect("two clients");
