@@ -115,10 +115,8 @@ fn main() -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
-    let cluster_key = vnode_common::secret::load(
-        args.secret_file.as_deref(),
-        vnode_common::CLUSTER_KEY_ENV,
-    )?;
+    let cluster_key =
+        vnode_common::secret::load(args.secret_file.as_deref(), vnode_common::CLUSTER_KEY_ENV)?;
     let cluster_key = match (cluster_key, args.insecure) {
         (Some(k), false) => Some(k),
         (_, true) => {

@@ -123,7 +123,10 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
     while let Some((t, opt)) = target.rsplit_once(',') {
         match opt {
             "readonly" | "ro" if !read_only => read_only = true,
-            _ => match (opt.strip_prefix("backup="), opt.strip_prefix("credential-file=")) {
+            _ => match (
+                opt.strip_prefix("backup="),
+                opt.strip_prefix("credential-file="),
+            ) {
                 (Some(b), _) if backup.is_none() => backup = Some(b),
                 (_, Some(c)) if credential.is_none() && !c.is_empty() => {
                     credential = Some(PathBuf::from(c))

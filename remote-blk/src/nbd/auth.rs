@@ -14,7 +14,10 @@ type Nonce = [u8; AUTH_NONCE_LEN];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthStep {
     /// Step 1: the client's nonce and the export it wants.
-    Start { client_nonce: Nonce, export: Vec<u8> },
+    Start {
+        client_nonce: Nonce,
+        export: Vec<u8>,
+    },
     /// Step 2: the client's proof.
     Prove { proof: Nonce },
 }
@@ -104,12 +107,22 @@ pub fn decode_challenge(data: &[u8]) -> Result<(Nonce, Nonce), ProtocolError> {
 }
 
 /// What the server proves with the export's credential.
-pub fn server_proof(c: &Credential, client_nonce: &Nonce, server_nonce: &Nonce, export: &[u8]) -> Nonce {
+pub fn server_proof(
+    c: &Credential,
+    client_nonce: &Nonce,
+    server_nonce: &Nonce,
+    export: &[u8],
+) -> Nonce {
     cred::proof(c, AUTH_SERVER_LABEL, &[client_nonce, server_nonce, export])
 }
 
 /// What the client proves with the export's credential.
-pub fn client_proof(c: &Credential, server_nonce: &Nonce, client_nonce: &Nonce, export: &[u8]) -> Nonce {
+pub fn client_proof(
+    c: &Credential,
+    server_nonce: &Nonce,
+    client_nonce: &Nonce,
+    export: &[u8],
+) -> Nonce {
     cred::proof(c, AUTH_CLIENT_LABEL, &[server_nonce, client_nonce, export])
 }
 
@@ -121,7 +134,12 @@ pub fn check_client_proof(
     export: &[u8],
     got: &Nonce,
 ) -> bool {
-    cred::check_proof(c, AUTH_CLIENT_LABEL, &[server_nonce, client_nonce, export], got)
+    cred::check_proof(
+        c,
+        AUTH_CLIENT_LABEL,
+        &[server_nonce, client_nonce, export],
+        got,
+    )
 }
 
 /// Checks the server's proof in constant time.
@@ -132,7 +150,12 @@ pub fn check_server_proof(
     export: &[u8],
     got: &Nonce,
 ) -> bool {
-    cred::check_proof(c, AUTH_SERVER_LABEL, &[client_nonce, server_nonce, export], got)
+    cred::check_proof(
+        c,
+        AUTH_SERVER_LABEL,
+        &[client_nonce, server_nonce, export],
+        got,
+    )
 }
 
 #[cfg(test)]
@@ -155,7 +178,10 @@ mod tests {
         assert!(AuthStep::decode(&[3; 40]).is_err());
         assert!(AuthStep::decode(&[2; 10]).is_err());
         assert!(decode_challenge(&[0; 63]).is_err());
-        assert_eq!(decode_challenge(&encode_challenge(&[1; 32], &[2; 32])), Ok(([1; 32], [2; 32])));
+        assert_eq!(
+            decode_challenge(&encode_challenge(&[1; 32], &[2; 32])),
+            Ok(([1; 32], [2; 32]))
+        );
     }
 
     #[test]

@@ -194,7 +194,11 @@ impl Server {
                 self.live.fetch_sub(1, Ordering::AcqRel);
                 let n = self.stats.busy_refused.fetch_add(1, Ordering::Relaxed);
                 if n.is_multiple_of(1000) {
-                    tracing::warn!(limit = self.max_connections, refused = n + 1, "too many connections; closing new ones");
+                    tracing::warn!(
+                        limit = self.max_connections,
+                        refused = n + 1,
+                        "too many connections; closing new ones"
+                    );
                 }
                 continue;
             }

@@ -159,7 +159,12 @@ impl Server {
     ) -> Result<OptOutcome<'a>, ServerError> {
         let opt = OPT_VNODE_AUTH;
         let Some(key) = &self.cluster_key else {
-            reply(wr, opt, REP_ERR_UNSUP, b"this server has no cluster key (--insecure)")?;
+            reply(
+                wr,
+                opt,
+                REP_ERR_UNSUP,
+                b"this server has no cluster key (--insecure)",
+            )?;
             return Ok(OptOutcome::Continue);
         };
         let step = match AuthStep::decode(data) {
@@ -175,7 +180,12 @@ impl Server {
                 // Unknown names are answered like known ones: the option reveals nothing.
                 let c = cred::blk_credential(key, &String::from_utf8_lossy(&export));
                 let proof = auth::server_proof(&c, &client_nonce, &sn, &export);
-                reply(wr, opt, REP_VNODE_CHALLENGE, &auth::encode_challenge(&sn, &proof))?;
+                reply(
+                    wr,
+                    opt,
+                    REP_VNODE_CHALLENGE,
+                    &auth::encode_challenge(&sn, &proof),
+                )?;
                 st.challenge = Some((client_nonce, sn, export));
                 Ok(OptOutcome::Continue)
             }
@@ -236,7 +246,12 @@ impl Server {
         };
         if !self.allowed(e, st) {
             tracing::info!(export = %e.name, "client without the export's credential refused");
-            reply(wr, opt, REP_ERR_POLICY, b"export requires vNode authentication")?;
+            reply(
+                wr,
+                opt,
+                REP_ERR_POLICY,
+                b"export requires vNode authentication",
+            )?;
             return Ok(OptOutcome::Continue);
         }
         let size = e.backend.size();
@@ -348,7 +363,10 @@ mod tests {
             [REP_SERVER, REP_ACK, REP_ERR_POLICY, REP_ACK],
             "only the public export is listed"
         );
-        assert!(!out.windows(6).any(|w| w == b"locked"), "not named anywhere");
+        assert!(
+            !out.windows(6).any(|w| w == b"locked"),
+            "not named anywhere"
+        );
         let mut out = Vec::new();
         let r = s
             .negotiate(&mut Cursor::new(client(&[go("open")])), &mut out)
