@@ -6,7 +6,9 @@
 //! - [`nbd::client`]: a pipelined client (`submit` + completion callback, or blocking calls).
 //! - [`backend`]: the raw file behind an export.
 //! - [`replica`]: client-side replication (write to N servers, ack when all have it).
+//! - [`threads`]: a start hook for the client's threads (vnode sandboxes them).
 
 pub mod backend;
 pub mod nbd;
 pub mod replica;
+pub mod threads;

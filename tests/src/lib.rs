@@ -72,6 +72,11 @@ impl Finished {
 
 /// Runs `cmd` with stdout/stderr captured, killing it after `deadline`.
 pub fn run_with_deadline(cmd: &mut Command, deadline: Duration) -> Finished {
+    run_watching(cmd, deadline, |_| {})
+}
+
+/// Like [`run_with_deadline`], calling `watch` with the child's pid every 20 ms while it runs.
+pub fn run_watching(cmd: &mut Command, deadline: Duration, mut watch: impl FnMut(u32)) -> Finished {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -80,7 +85,8 @@ pub fn run_with_deadline(cmd: &mut Command, deadline: Duration) -> Finished {
         .expect("spawn");
     let out = drain(child.stdout.take().expect("stdout"));
     let err = drain(child.stderr.take().expect("stderr"));
-    let status = wait_deadline(&mut child, deadline);
+    let pid = child.id();
+    let status = wait_deadline_with(&mut child, deadline, || watch(pid));
     Finished {
         status,
         stdout: out.join().expect("stdout reader"),
@@ -98,8 +104,13 @@ fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
 
 /// Waits for `child`, killing it if it runs past `deadline`.
 pub fn wait_deadline(child: &mut Child, deadline: Duration) -> ExitStatus {
+    wait_deadline_with(child, deadline, || {})
+}
+
+fn wait_deadline_with(child: &mut Child, deadline: Duration, mut tick: impl FnMut()) -> ExitStatus {
     let start = Instant::now();
     loop {
+        tick();
         if let Some(st) = child.try_wait().expect("try_wait") {
             return st;
         }
@@ -110,6 +121,21 @@ pub fn wait_deadline(child: &mut Child, deadline: Duration) -> ExitStatus {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A field of `/proc/PID/status` (e.g. `VmHWM`, `Seccomp`), its value without the unit; None
+/// once the process is gone.
+pub fn proc_status(pid: u32, field: &str) -> Option<String> {
+    status_field(&format!("/proc/{pid}"), field)
+}
+
+/// A field of `DIR/status` (DIR: `/proc/PID` or `/proc/PID/task/TID`), as [`proc_status`].
+pub fn status_field(dir: &str, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("{dir}/status")).ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k == field).then(|| v.split_whitespace().next().unwrap_or("").to_owned())
+    })
 }
 
 /// `vnode run` with the test guest and the given extra arguments.

@@ -286,8 +286,9 @@ fn a_full_data_directory_refuses_the_region_and_the_server_lives() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("more than the data directory"), "{err}");
-    // One that fits starts; then something else fills the filesystem.
-    let srv = Memd::start(&["--capacity", "3M", "--data-dir", data_s]);
+    // One that fits starts (the memory log takes two slots per page: 1.5M of capacity needs
+    // 3M of the 4M); then something else fills the filesystem.
+    let srv = Memd::start(&["--capacity", "1536K", "--data-dir", data_s]);
     let mut c = MemClient::connect(&srv.addr, &auth(VICTIM)).expect("connect");
     c.alloc_region(0, 64).expect("256 KiB fit");
     c.write_pages(0, &[5], &[0xab; PAGE_SIZE]).expect("write");

@@ -11,7 +11,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blk_common::{have_tool, start_blkd, start_nbdkit, start_qemu_nbd, TempDir};
-use vnode_tests::{bin, guest_image, run_with_deadline, vnode_testguest, Finished};
+use vnode_tests::{
+    bin, guest_image, proc_status, run_watching, run_with_deadline, vnode_testguest, Finished,
+};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 const DISK_BYTES: u64 = 64 << 20;
@@ -256,6 +258,49 @@ fn hostile_chains_are_refused_and_the_vmm_lives() {
     );
     assert_eq!(report["outside_ram_status"], 1, "{report}");
     assert_eq!(report["loop_needs_reset"], true, "{report}");
+}
+
+#[test]
+fn aliased_4g_requests_are_refused_and_host_memory_stays_bounded() {
+    let dir = TempDir::new("vmm-blk-aliased");
+    let file = dir.path("disk.img");
+    // Large enough that a 4 GiB request is in range: only the device's own limits refuse it.
+    sparse_file(&file, 8 << 30);
+    let mut hwm_kib = 0u64;
+    let f = run_watching(
+        &mut vnode_testguest(
+            "256M",
+            1,
+            "test=blk sectors=2048 pattern=random mode=hostile-4g",
+            &["--disk", &file.display().to_string()],
+        ),
+        DEADLINE,
+        |pid| {
+            if let Some(kib) = proc_status(pid, "VmHWM").and_then(|v| v.parse().ok()) {
+                hwm_kib = hwm_kib.max(kib);
+            }
+        },
+    );
+    assert_eq!(f.status.code(), Some(0), "{}\n{}", f.stdout, f.stderr);
+    let report = f.last_with("test").expect("report line");
+    // 126 descriptors naming the same 32 MiB: a write and a read of 3.94 GiB, each IOERR.
+    assert_eq!(report["aliased_bytes"], 126u64 << 25, "{report}");
+    assert_eq!(report["aliased_write_status"], 1, "{report}");
+    assert_eq!(report["aliased_read_status"], 1, "{report}");
+    // ...and then normal verified I/O on the same device.
+    assert_eq!(
+        (report["io_errors"].as_u64(), report["errors"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(f.last_with("done").expect("done line")["ok"], true);
+    // Guest RAM (256 MiB, of which the guest touches little) plus 200 MiB at most.
+    eprintln!("vnode peak RSS: {} MiB", hwm_kib >> 10);
+    assert!(hwm_kib > 0, "VmHWM was never read");
+    assert!(
+        hwm_kib < (256 + 200) << 10,
+        "vnode peak RSS {} MiB",
+        hwm_kib >> 10
+    );
 }
 
 #[test]

@@ -55,6 +55,8 @@ pub enum BuildError {
     },
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] io::Error),
+    #[error("cannot start a device thread: {0}")]
+    Thread(#[source] io::Error),
     #[error("cannot write boot structures into guest RAM: {0}")]
     GuestWrite(#[from] vm_memory::GuestMemoryError),
     #[error("--vcpus {0} is more than KVM allows here ({1})")]
@@ -227,7 +229,7 @@ pub(crate) fn attach_disks(
     let mut slots = Vec::with_capacity(disks.len());
     for (index, spec) in disks.iter().enumerate() {
         let backend = open_disk(spec).map_err(|source| BuildError::Disk { index, source })?;
-        let block = Block::new(index, backend, spec.read_only);
+        let block = Block::new(index, backend, spec.read_only).map_err(BuildError::Thread)?;
         let slot = attach_virtio(vm, buses, mem, index, Box::new(block), transports)?;
         tracing::info!(index, base = slot.base, gsi = slot.gsi, source = ?spec.source, "virtio-blk attached");
         slots.push(slot);
@@ -251,7 +253,7 @@ pub(crate) fn attach_nets(
             tap: spec.tap.clone(),
             source,
         })?;
-        let net = Net::new(index, tap, spec.mac);
+        let net = Net::new(index, tap, spec.mac).map_err(BuildError::Thread)?;
         let slot = attach_virtio(vm, buses, mem, first + index, Box::new(net), transports)?;
         tracing::info!(index, base = slot.base, gsi = slot.gsi, tap = %spec.tap, "virtio-net attached");
         slots.push(slot);

@@ -14,4 +14,5 @@ pub mod kvm;
 pub mod memory;
 pub mod metrics;
 pub mod runner;
+pub mod sandbox;
 pub mod snapshot;

@@ -109,6 +109,42 @@ struct RunArgs {
     /// its own credential from it. Used only when no credential is given.
     #[arg(long, value_name = "FILE")]
     mem_secret_file: Option<PathBuf>,
+    /// FOR DEBUGGING ONLY: run without the seccomp filters (capabilities are still dropped).
+    /// By default every thread runs under a seccomp filter of its kind, and a system call
+    /// outside it kills vnode by SIGSYS with a line naming the thread kind and the call.
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Test hook: a thread of KIND (vcpu, device, ...) makes a forbidden call (socket) right
+    /// after entering its sandbox.
+    #[arg(long, value_name = "KIND", hide = true)]
+    debug_syscall_probe: Option<String>,
+}
+
+/// Turns the sandbox on before anything starts a thread: `--no-seccomp` leaves the filters
+/// out, `VNODE_SECCOMP=log` only logs what they would refuse (how the lists were drawn up).
+fn init_sandbox(args: &RunArgs) -> anyhow::Result<()> {
+    use remote_blk::threads::ClientThread;
+    use vmm::sandbox::{self, Mode, ThreadKind};
+    let mode = if args.no_seccomp {
+        Mode::Off
+    } else if std::env::var("VNODE_SECCOMP").as_deref() == Ok("log") {
+        Mode::Log
+    } else {
+        Mode::Enforce
+    };
+    let probe = args
+        .debug_syscall_probe
+        .as_deref()
+        .map(|k| ThreadKind::parse(k).with_context(|| format!("no thread kind {k}")))
+        .transpose()?;
+    sandbox::init(mode, probe)?;
+    remote_blk::threads::on_thread_start(|t| {
+        sandbox::enter_thread(match t {
+            ClientThread::Reader => ThreadKind::NbdReader,
+            ClientThread::Resync => ThreadKind::DiskResync,
+        })
+    });
+    Ok(())
 }
 
 const MEM_CREDENTIAL_ENV: &str = "VNODE_MEM_CREDENTIAL";
@@ -214,6 +250,7 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<Outcome> {
+    init_sandbox(&args)?;
     let (cfg, stats) = vm_config(args)?;
     let vmm = vmm::builder::build(&cfg).context("cannot build the VM")?;
     let outcome = runner::run(vmm)?;

@@ -44,6 +44,8 @@ pub struct Metrics {
     /// virtio-blk requests completed (all disks), by outcome.
     pub blk_requests: Counter,
     pub blk_bad_requests: Counter,
+    /// Requests that waited in the ring for others to complete (the bytes-in-flight cap).
+    pub blk_throttled: Counter,
     pub blk_io_errors: Counter,
     pub blk_bytes_read: Counter,
     pub blk_bytes_written: Counter,
@@ -74,6 +76,7 @@ pub static METRICS: Metrics = Metrics {
     serial_errors: Counter::new(),
     blk_requests: Counter::new(),
     blk_bad_requests: Counter::new(),
+    blk_throttled: Counter::new(),
     blk_io_errors: Counter::new(),
     blk_bytes_read: Counter::new(),
     blk_bytes_written: Counter::new(),

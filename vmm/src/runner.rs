@@ -12,6 +12,7 @@ use crate::builder::Vmm;
 use crate::devices::serial::StdinInput;
 use crate::devices::StopReason;
 use crate::metrics::METRICS;
+use crate::sandbox::{self, ThreadKind};
 
 /// How the VM ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -52,11 +53,16 @@ pub fn run(vmm: Vmm) -> Result<Outcome, RunError> {
         let (buses, mem, stop) = (buses.clone(), mem.clone(), stop.clone());
         thread::Builder::new()
             .name(name.clone())
-            .spawn(move || vcpu.run(&buses, &mem, &stop))
+            .spawn(move || {
+                sandbox::enter_thread(ThreadKind::Vcpu);
+                vcpu.run(&buses, &mem, &stop)
+            })
             .map_err(|source| RunError::Spawn { name, source })?;
     }
     start_event_loop(serial.clone(), stop.clone())?;
     install_stats_signal();
+    // Every thread is started: the main thread closes its own sandbox last.
+    sandbox::enter_thread(ThreadKind::Main);
     let reason = loop {
         if let Some(r) = stop.wait_timeout(Duration::from_millis(200)) {
             break r;
@@ -90,6 +96,7 @@ fn start_event_loop(
     thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
+            sandbox::enter_thread(ThreadKind::Events);
             while stop.reason().is_none() {
                 if let Err(e) = events.run_with_timeout(500) {
                     tracing::warn!("event loop: {e:?}");

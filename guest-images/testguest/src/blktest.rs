@@ -2,7 +2,9 @@
 //! (batches of requests in flight), flushes, then reads them all back and verifies them
 //! (`mode=verify`: only the read-back, for a disk an earlier run wrote). `mode=hostile` first
 //! sends a read into a buffer outside RAM (must get IOERR) and a looping chain (must set
-//! DEVICE_NEEDS_RESET), resets the device, and then does the normal run.
+//! DEVICE_NEEDS_RESET), resets the device, and then does the normal run. `mode=hostile-4g` first
+//! sends a write and a read whose buffers alias one 32 MiB area 126 times (3.94 GiB each: the
+//! device must answer IOERR without holding that much), and then does the normal run.
 //!
 //! Output: `{"test":"blk",...}` then `{"done":true,"ok":..,"errors":..}`; exit 0 if every request
 //! succeeded and every word matched, 1 otherwise, 2 if there is no usable disk.
@@ -52,6 +54,7 @@ pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
         blk = start(slot, region.gpa(0)); // the reset the looping chain made necessary
         h
     });
+    let aliased = (cfg.blk_mode == BlkMode::Hostile4g).then(|| aliased_4g(&mut blk, &region));
     let verify_only = cfg.blk_mode == BlkMode::Verify;
     let sectors = cfg.sectors.unwrap_or(blk.capacity);
     if sectors > blk.capacity {
@@ -112,6 +115,15 @@ pub fn run(vcpu: u32, info: &BootInfo, cfg: &Config) -> ! {
             t.io_errors += 1;
         }
     }
+    if let Some((write, read)) = aliased {
+        line = line
+            .u64("aliased_bytes", ALIASED_SEGS * u64::from(ALIASED_LEN))
+            .u64("aliased_write_status", u64::from(write))
+            .u64("aliased_read_status", u64::from(read));
+        if write != 1 || read != 1 {
+            t.io_errors += 1;
+        }
+    }
     port::serial_write(line.finish());
     let errors = t.mism.errors + t.io_errors;
     finish(errors == 0, errors)
@@ -144,6 +156,34 @@ fn hostile_chains(blk: &mut Blk) -> (u8, bool) {
     let looping = [(hdr, 16, D_NEXT, 1), (buf, 512, D_WRITE | D_NEXT, 0)];
     let loop_reset = blk.raw_chain(T_IN, &looping) == Err(Error::NeedsReset);
     (outside_ram, loop_reset)
+}
+
+/// Data descriptors of an aliased request: the driver's queue (128) less header and status.
+const ALIASED_SEGS: u64 = 126;
+const ALIASED_LEN: u32 = 32 << 20;
+
+/// Sends a write then a read of `ALIASED_SEGS` descriptors that all name the same 32 MiB of R
+/// (past the driver's own RAM); returns their status bytes.
+fn aliased_4g(blk: &mut Blk, region: &Region) -> (u8, u8) {
+    let scratch = region.gpa(0) + (2 << 20);
+    if region.bytes() < (2 << 20) + u64::from(ALIASED_LEN) {
+        fail("not enough RAM for the aliased buffer", 2);
+    }
+    let (hdr, st) = (blk.header_addr(), blk.status_addr());
+    let mut status = [0u8; 2];
+    for (i, (kind, dir)) in [(T_OUT, 0), (T_IN, D_WRITE)].into_iter().enumerate() {
+        let mut descs = [(0u64, 0u32, 0u16, 0u16); ALIASED_SEGS as usize + 2];
+        descs[0] = (hdr, 16, D_NEXT, 1);
+        for k in 1..=ALIASED_SEGS as usize {
+            descs[k] = (scratch, ALIASED_LEN, dir | D_NEXT, k as u16 + 1);
+        }
+        descs[ALIASED_SEGS as usize + 1] = (st, 1, D_WRITE, 0);
+        status[i] = match blk.raw_chain(kind, &descs) {
+            Ok(s) => s,
+            Err(e) => fail(e.what(), 1),
+        };
+    }
+    (status[0], status[1])
 }
 
 fn get_id(blk: &mut Blk) -> [u8; 20] {

@@ -41,6 +41,9 @@ pub enum BlkMode {
     Verify,
     /// Send the device hostile descriptor chains, reset it, then a short `rw` run.
     Hostile,
+    /// Send a write and a read whose data descriptors alias one 32 MiB buffer 126 times
+    /// (3.94 GiB each, the most a chain may hold), then a short `rw` run.
+    Hostile4g,
 }
 
 impl BlkMode {
@@ -49,6 +52,7 @@ impl BlkMode {
             BlkMode::Rw => "rw",
             BlkMode::Verify => "verify",
             BlkMode::Hostile => "hostile",
+            BlkMode::Hostile4g => "hostile-4g",
         }
     }
 }
@@ -199,6 +203,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadValue<'_>> {
                     b"rw" => BlkMode::Rw,
                     b"verify" => BlkMode::Verify,
                     b"hostile" => BlkMode::Hostile,
+                    b"hostile-4g" => BlkMode::Hostile4g,
                     _ => return Err(bad),
                 }
             }

@@ -447,7 +447,10 @@ impl NbdClient {
         let rx_inner = Arc::clone(&inner);
         let rx = thread::Builder::new()
             .name("nbd-client-rx".into())
-            .spawn(move || receive(&rx_inner, reader))?;
+            .spawn(move || {
+                crate::threads::started(crate::threads::ClientThread::Reader);
+                receive(&rx_inner, reader)
+            })?;
         Ok(Self {
             inner,
             info,

@@ -230,7 +230,10 @@ impl ReplicatedClient {
         let s = Arc::clone(&shared);
         let resync = std::thread::Builder::new()
             .name("blk-resync".into())
-            .spawn(move || resync::run(&s))
+            .spawn(move || {
+                crate::threads::started(crate::threads::ClientThread::Resync);
+                resync::run(&s)
+            })
             .map_err(ReplicaError::Spawn)?;
         Ok(Self {
             shared,

@@ -261,16 +261,21 @@ impl<C: Conn> ConnState<'_, C> {
         // single page.
         let auth = self.shared.keys.as_client(vnode);
         tracing::info!(vnode, region, target, pages = r.pages, "migrating region");
-        let copied = r.move_out(target, |mem| -> Result<(), crate::ClientError> {
-            let mut c = MemClient::connect(target, &auth)?;
-            c.set_timeout(Some(MIGRATE_TIMEOUT))?;
-            c.alloc_region(region, r.pages)?;
+        let copied = r.move_out(target, |pages| -> Result<(), String> {
+            let mut c = MemClient::connect(target, &auth).map_err(|e| e.to_string())?;
+            c.set_timeout(Some(MIGRATE_TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            c.alloc_region(region, r.pages).map_err(|e| e.to_string())?;
             let mut idx: Vec<u64> = Vec::with_capacity(MIGRATE_CHUNK);
-            for (i, chunk) in mem.chunks(MIGRATE_CHUNK * PAGE_SIZE).enumerate() {
+            let mut buf = Vec::with_capacity(MIGRATE_CHUNK * PAGE_SIZE);
+            for first in (0..pages.count).step_by(MIGRATE_CHUNK) {
+                let n = (pages.count - first).min(MIGRATE_CHUNK as u64);
                 idx.clear();
-                let first = (i * MIGRATE_CHUNK) as u64;
-                idx.extend(first..first + (chunk.len() / PAGE_SIZE) as u64);
-                c.write_pages(region, &idx, chunk)?;
+                idx.extend(first..first + n);
+                buf.clear();
+                pages.read(first, n, &mut buf).map_err(|e| e.to_string())?;
+                c.write_pages(region, &idx, &buf)
+                    .map_err(|e| e.to_string())?;
             }
             Ok(())
         })?;

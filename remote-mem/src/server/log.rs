@@ -1,15 +1,24 @@
 //! The memory log: what a memory server stores, kept in `--data-dir` so it survives a restart.
 //!
-//! Each region is one file, `<vnode>-<region>.pages` (both as 16 hex digits), `pages * 4096`
-//! bytes long, mapped shared into the server: a page write is a store into the page cache, and
-//! the kernel writes it back. So the contents survive the server's death (kill -9 included) at
-//! no cost on the write path; `--sync` adds an msync before each write is acknowledged, for
-//! surviving a host crash too.
+//! Each region is one file, `<vnode>-<region>.mlog` (both as 16 hex digits), in the
+//! double-buffered, checksummed format of [`super::pagefile`], mapped shared into the server: a
+//! page write is a store into the page cache plus a 32-byte record, and the kernel writes it
+//! back. What survives what:
+//! - the server's death (kill -9 included): every acknowledged write, with or without `--sync`
+//!   (the page cache outlives the process); a write torn by the kill was not acknowledged and
+//!   its page's previous version is served;
+//! - a host crash, with `--sync` (an fdatasync per write batch before it is acknowledged, about
+//!   one disk flush per batch): every acknowledged write;
+//! - a host crash without `--sync`: the most recent writes may be lost (the kernel writes pages
+//!   back in its own order, within about 30 s), and a page whose both slots were caught
+//!   half-written is reported damaged and refused; a torn page is never served.
 //!
-//! Why files rather than an append-only log: the VMM writes the same pages over and over
-//! (every eviction of a hot page), so a log would grow without bound and need compaction,
-//! while a page file is its own compacted log. A region's creation is made atomic by creating
-//! it under a temporary name and renaming it.
+//! Recovery checks every record and reports torn records and damaged pages (in the log and in
+//! [`LoggedRegion::recovery`]). Why two slots per page rather than an append-only log: the VMM
+//! writes the same pages over and over (every eviction of a hot page), so a log would grow
+//! without bound and need compaction; two slots bound the file at twice the region
+//! and keep the previous version of every page until its replacement is complete. A region's
+//! creation is made atomic by creating it under a temporary name and renaming it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -17,8 +26,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use super::mapping::Mapping;
-use crate::protocol::PAGE_SIZE;
+use super::pagefile::{self, PageFile, PageFileError, Recovery};
 
 #[derive(Debug, Error)]
 pub enum LogError {
@@ -48,11 +56,11 @@ pub enum LogError {
         #[source]
         source: io::Error,
     },
-    #[error("memory log {path}: cannot map region file")]
+    #[error("memory log {path}: cannot use region file")]
     Map {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: PageFileError,
     },
 }
 
@@ -61,7 +69,9 @@ pub struct LoggedRegion {
     pub vnode: u64,
     pub region: u64,
     pub pages: u64,
-    pub mem: Mapping,
+    pub file: PageFile,
+    /// Torn records and damaged pages found in it.
+    pub recovery: Recovery,
 }
 
 /// The data directory.
@@ -91,6 +101,10 @@ impl MemLog {
                 let _ = fs::remove_file(&path);
                 continue;
             }
+            if name.ends_with(".pages") {
+                tracing::warn!(path = %path.display(), "ignoring a region file of the old, unchecksummed format");
+                continue;
+            }
             let Some((vnode, region)) = parse_name(name) else {
                 continue;
             };
@@ -102,24 +116,20 @@ impl MemLog {
                     path: path.clone(),
                     source,
                 })?;
-            let len = file
-                .metadata()
-                .map_err(|source| LogError::Open {
-                    path: path.clone(),
-                    source,
-                })?
-                .len();
-            let pages = len / PAGE_SIZE as u64;
-            if pages == 0 || len % PAGE_SIZE as u64 != 0 {
-                tracing::warn!(path = %path.display(), len, "ignoring region file of bad size");
-                continue;
-            }
-            let mem = map(&file, &path, len)?;
+            let (file, recovery) = match PageFile::open(file) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "ignoring an unusable region file");
+                    continue;
+                }
+            };
+            report(&path, &recovery);
             found.push(LoggedRegion {
                 vnode,
                 region,
-                pages,
-                mem,
+                pages: file.pages(),
+                file,
+                recovery,
             });
         }
         Ok((
@@ -132,19 +142,18 @@ impl MemLog {
     }
 
     fn path(&self, vnode: u64, region: u64) -> PathBuf {
-        self.dir.join(format!("{vnode:016x}-{region:016x}.pages"))
+        self.dir.join(format!("{vnode:016x}-{region:016x}.mlog"))
     }
 
-    /// Creates the zero-filled (sparse) file of a new region and maps it.
-    pub fn create(&self, vnode: u64, region: u64, pages: u64) -> Result<Mapping, LogError> {
+    /// Creates the file of a new region (its blocks reserved), formatted and mapped.
+    pub fn create(&self, vnode: u64, region: u64, pages: u64) -> Result<PageFile, LogError> {
         let path = self.path(vnode, region);
         let tmp = path.with_extension("tmp");
         let create_err = |source| LogError::Create {
             path: path.clone(),
             source,
         };
-        let len = pages
-            .checked_mul(PAGE_SIZE as u64)
+        let len = pagefile::file_len(pages)
             .ok_or_else(|| create_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
         let file = OpenOptions::new()
             .read(true)
@@ -167,12 +176,16 @@ impl MemLog {
                 Reserve::Io(source) => LogError::Create { path, source },
             });
         }
+        let pf = PageFile::create(file, pages).map_err(|source| LogError::Map {
+            path: path.clone(),
+            source,
+        })?;
         if self.sync {
-            file.sync_all().map_err(create_err)?;
+            pf.sync().map_err(create_err)?;
         }
         fs::rename(&tmp, &path).map_err(create_err)?;
         self.sync_dir().map_err(create_err)?;
-        map(&file, &path, len)
+        Ok(pf)
     }
 
     /// Deletes a region's file.
@@ -192,6 +205,25 @@ impl MemLog {
             File::open(&self.dir)?.sync_all()?;
         }
         Ok(())
+    }
+}
+
+/// Logs what recovery found in one file: a line per problem (the first few) and a summary.
+fn report(path: &Path, r: &Recovery) {
+    const SHOWN: usize = 8;
+    for page in r.torn.iter().take(SHOWN) {
+        tracing::warn!(path = %path.display(), page, "torn or corrupt record; serving the page's previous version");
+    }
+    for page in r.damaged.iter().take(SHOWN) {
+        tracing::error!(path = %path.display(), page, "page damaged (no valid version); reads of it are refused");
+    }
+    if !r.torn.is_empty() || !r.damaged.is_empty() {
+        tracing::warn!(
+            path = %path.display(),
+            torn = r.torn.len(),
+            damaged = r.damaged.len(),
+            "memory log recovery found bad records"
+        );
     }
 }
 
@@ -237,18 +269,8 @@ fn reserve(file: &File, dir: &Path, len: u64) -> Result<(), Reserve> {
     }
 }
 
-fn map(file: &File, path: &Path, len: u64) -> Result<Mapping, LogError> {
-    let map_err = |source| LogError::Map {
-        path: path.to_path_buf(),
-        source,
-    };
-    let len =
-        usize::try_from(len).map_err(|_| map_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
-    Mapping::file(file, len).map_err(map_err)
-}
-
 fn parse_name(name: &str) -> Option<(u64, u64)> {
-    let stem = name.strip_suffix(".pages")?;
+    let stem = name.strip_suffix(".mlog")?;
     let (v, r) = stem.split_once('-')?;
     Some((
         u64::from_str_radix(v, 16).ok()?,
@@ -259,14 +281,15 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::PAGE_SIZE;
 
     #[test]
     fn names_round_trip() {
         assert_eq!(
-            parse_name("000000000000002a-0000000000000003.pages"),
+            parse_name("000000000000002a-0000000000000003.mlog"),
             Some((42, 3))
         );
-        assert_eq!(parse_name("junk.pages"), None);
+        assert_eq!(parse_name("junk.mlog"), None);
         assert_eq!(parse_name("1-2.tmp"), None);
     }
 
@@ -278,12 +301,17 @@ mod tests {
             let (log, found) = MemLog::open(&dir, true).expect("open");
             assert!(found.is_empty());
             let mut m = log.create(7, 1, 2).expect("create");
-            m.as_mut_slice()[PAGE_SIZE..PAGE_SIZE + 3].copy_from_slice(b"abc");
+            let mut page = vec![0u8; PAGE_SIZE];
+            page[..3].copy_from_slice(b"abc");
+            m.write([1].into_iter(), &page, true).expect("write");
         }
         let (log, found) = MemLog::open(&dir, false).expect("reopen");
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].vnode, found[0].region, found[0].pages), (7, 1, 2));
-        assert_eq!(&found[0].mem.as_slice()[PAGE_SIZE..PAGE_SIZE + 3], b"abc");
+        let mut out = Vec::new();
+        found[0].file.read(1, &mut out).expect("page 1");
+        assert_eq!(&out[..3], b"abc");
+        assert_eq!(found[0].recovery.pages, 1);
         log.remove(7, 1).expect("remove");
         let _ = fs::remove_dir_all(&dir);
     }

@@ -12,6 +12,7 @@ mod conn;
 pub mod log;
 pub mod mapping;
 pub mod metrics;
+pub mod pagefile;
 pub mod store;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use super::log::{LogError, MemLog};
 use super::mapping::Mapping;
+use super::pagefile::PageFile;
 use crate::protocol::{ErrorCode, PageList, PAGE_SIZE};
 
 #[derive(Debug, Error)]
@@ -40,6 +41,14 @@ pub enum StoreError {
     OutOfRange { region: u64, page: u64, pages: u64 },
     #[error("cannot map memory for region {region}")]
     Map {
+        region: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("page {page} of region {region} is damaged in the memory log (no valid version)")]
+    Damaged { region: u64, page: u64 },
+    #[error("cannot write region {region} to the memory log")]
+    LogWrite {
         region: u64,
         #[source]
         source: std::io::Error,
@@ -83,6 +92,8 @@ impl StoreError {
             StoreError::Map { .. }
             | StoreError::Log(_)
             | StoreError::Migrate { .. }
+            | StoreError::Damaged { .. }
+            | StoreError::LogWrite { .. }
             | StoreError::TooLarge { .. }
             | StoreError::Room { .. } => ErrorCode::Internal,
         }
@@ -96,8 +107,43 @@ pub struct Region {
     state: RwLock<RegionState>,
 }
 
+/// Where a region's pages are: in memory, or in the memory log.
+enum Backing {
+    Memory(Mapping),
+    Log(PageFile),
+}
+
+impl Backing {
+    fn read(&self, region: u64, page: u64, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        match self {
+            Backing::Memory(m) => {
+                let off = page as usize * PAGE_SIZE;
+                out.extend_from_slice(&m.as_slice()[off..off + PAGE_SIZE]);
+                Ok(())
+            }
+            Backing::Log(f) => f
+                .read(page, out)
+                .map_err(|_| StoreError::Damaged { region, page }),
+        }
+    }
+}
+
+/// A region's pages, read-only, while it is being migrated.
+pub struct Pages<'a> {
+    backing: &'a Backing,
+    region: u64,
+    pub count: u64,
+}
+
+impl Pages<'_> {
+    /// Appends pages `first..first + n` to `out`.
+    pub fn read(&self, first: u64, n: u64, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        (first..first + n).try_for_each(|p| self.backing.read(self.region, p, out))
+    }
+}
+
 struct RegionState {
-    mem: Mapping,
+    mem: Backing,
     /// Set, under the write lock, when the region has been migrated: a request that was
     /// already waiting for the lock must not touch the stale copy.
     moved_to: Option<String>,
@@ -132,35 +178,32 @@ impl Region {
         self.check(pages)?;
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
-        let m = st.mem.as_slice();
-        for p in pages.iter() {
-            let off = p as usize * PAGE_SIZE;
-            out.extend_from_slice(&m[off..off + PAGE_SIZE]);
-        }
-        Ok(())
+        pages.iter().try_for_each(|p| st.mem.read(self.id, p, out))
     }
 
-    /// Stores `data` (one page per entry of `pages`); with `sync`, writes it back to the log.
+    /// Stores `data` (one page per entry of `pages`); with `sync`, the memory log is durable
+    /// before this returns.
     pub fn write(&self, pages: PageList<'_>, data: &[u8], sync: bool) -> Result<(), StoreError> {
         self.check(pages)?;
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
-        let m = st.mem.as_mut_slice();
-        for (p, d) in pages.iter().zip(data.chunks_exact(PAGE_SIZE)) {
-            let off = p as usize * PAGE_SIZE;
-            m[off..off + PAGE_SIZE].copy_from_slice(d);
-        }
-        if sync {
-            for p in pages.iter() {
-                st.mem
-                    .sync_range(p as usize * PAGE_SIZE, PAGE_SIZE)
-                    .map_err(|source| StoreError::Map {
+        match &mut st.mem {
+            Backing::Memory(m) => {
+                let m = m.as_mut_slice();
+                for (p, d) in pages.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+                    let off = p as usize * PAGE_SIZE;
+                    m[off..off + PAGE_SIZE].copy_from_slice(d);
+                }
+                Ok(())
+            }
+            Backing::Log(f) => {
+                f.write(pages.iter(), data, sync)
+                    .map_err(|source| StoreError::LogWrite {
                         region: self.id,
                         source,
-                    })?;
+                    })
             }
         }
-        Ok(())
     }
 
     /// Migration: runs `copy` over all pages with every other request held off; when it
@@ -168,11 +211,15 @@ impl Region {
     pub fn move_out<E>(
         &self,
         target: &str,
-        copy: impl FnOnce(&[u8]) -> Result<(), E>,
+        copy: impl FnOnce(&Pages<'_>) -> Result<(), E>,
     ) -> Result<Result<(), E>, StoreError> {
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
-        let r = copy(st.mem.as_slice());
+        let r = copy(&Pages {
+            backing: &st.mem,
+            region: self.id,
+            count: self.pages,
+        });
         if r.is_ok() {
             st.moved_to = Some(target.to_string());
         }
@@ -252,7 +299,7 @@ impl Store {
                             id: r.region,
                             pages: r.pages,
                             state: RwLock::new(RegionState {
-                                mem: r.mem,
+                                mem: Backing::Log(r.file),
                                 moved_to: None,
                             }),
                         }),
@@ -261,7 +308,8 @@ impl Store {
                 check_room(
                     capacity_pages,
                     table.used_pages,
-                    super::log::available_bytes(dir),
+                    // Each page has two slots and two records in the log.
+                    super::log::available_bytes(dir).map(|b| b / 2),
                     &format!("the data directory {}", dir.display()),
                 )?;
                 if table.used_pages > capacity_pages {
@@ -333,8 +381,10 @@ impl Store {
         // pages <= capacity, and --capacity is bounded by what usize can address.
         let len = pages as usize * PAGE_SIZE;
         let mem = match &self.log {
-            Some(log) => log.create(vnode, region, pages)?,
-            None => Mapping::anonymous(len).map_err(|source| StoreError::Map { region, source })?,
+            Some(log) => Backing::Log(log.create(vnode, region, pages)?),
+            None => Backing::Memory(
+                Mapping::anonymous(len).map_err(|source| StoreError::Map { region, source })?,
+            ),
         };
         let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
         t.used_pages += pages;
@@ -425,7 +475,8 @@ impl Store {
     }
 }
 
-/// Refuses a capacity larger than `room` (bytes free) plus what the store already holds.
+/// Refuses a capacity larger than `room` (bytes free, in page-size units: the memory log
+/// passes half its free space, for its two slots per page) plus what the store already holds.
 fn check_room(
     capacity_pages: u64,
     held_pages: u64,

@@ -2,14 +2,14 @@
 //! of a 64 KiB guest (descriptor table at 0, available ring at 0x100, headers and buffers after
 //! it, wherever the descriptors point), its first byte picks the queue size (1..=16, so the
 //! table and ring fit in the first bytes libFuzzer mutates). Every available chain is popped and parsed; parsing must never panic,
-//! and a parsed request's buffers and status byte must lie in guest RAM.
+//! and a parsed request's buffers and status byte must lie in guest RAM, within the limits.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm::devices::virtio::block::request::parse;
+use vmm::devices::virtio::block::request::{parse, Limits};
 
 const RAM: usize = 0x1_0000;
 
@@ -38,8 +38,13 @@ fuzz_target!(|data: &[u8]| {
         let Some(chain) = q.pop_descriptor_chain(&mem) else {
             break;
         };
-        if let Ok(req) = parse(&mem, chain, 254) {
+        let limits = Limits {
+            seg_max: 254,
+            size_max: 4096,
+        };
+        if let Ok(req) = parse(&mem, chain, limits) {
             assert!(GuestMemoryBackend::check_range(&mem, req.status, 1));
+            assert!(req.data.len() <= 254 && u64::from(req.data_len) <= 254 * 4096);
             for (addr, len) in req.data {
                 assert!(len == 0 || GuestMemoryBackend::check_range(&mem, addr, len as usize));
             }

@@ -5,7 +5,7 @@ mod vcpu;
 mod vm;
 
 pub use exit::{handle_exit, ExitAction};
-pub use vcpu::{Vcpu, VcpuBoot};
+pub use vcpu::{Vcpu, VcpuBoot, RUN_TIME_IOCTLS as VCPU_RUN_TIME_IOCTLS};
 pub use vm::Vm;
 
 use std::path::PathBuf;

@@ -1,6 +1,8 @@
 //! One vCPU: its boot state, and the run loop that dispatches exits until the VM stops.
 
-use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, CpuId, Msrs,
+};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -8,6 +10,22 @@ use super::{handle_exit, ioctl_err, ExitAction, KvmError};
 use crate::devices::bus::IoBuses;
 use crate::devices::{StopReason, StopSignal};
 use crate::metrics::METRICS;
+
+/// The ioctls a vCPU thread makes once the guest runs (`run` and the exits it handles): its
+/// seccomp filter (`sandbox`) allows these and no other.
+pub const RUN_TIME_IOCTLS: [u64; 5] = {
+    use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
+    const KVMIO: u32 = 0xAE;
+    let regs = std::mem::size_of::<kvm_regs>() as u32;
+    let events = std::mem::size_of::<kvm_vcpu_events>() as u32;
+    [
+        ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0) as u64, // KVM_RUN
+        ioctl_expr(_IOC_READ, KVMIO, 0x81, regs) as u64, // KVM_GET_REGS
+        ioctl_expr(_IOC_WRITE, KVMIO, 0x82, regs) as u64, // KVM_SET_REGS
+        ioctl_expr(_IOC_READ, KVMIO, 0x9f, events) as u64, // KVM_GET_VCPU_EVENTS
+        ioctl_expr(_IOC_WRITE, KVMIO, 0xa0, events) as u64, // KVM_SET_VCPU_EVENTS
+    ]
+};
 
 /// Where a vCPU starts: its general registers and a function that fills in its special registers.
 pub struct VcpuBoot {

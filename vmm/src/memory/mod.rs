@@ -182,7 +182,10 @@ pub fn remote_memory_with(
     let vm_stop = vm_stop.clone();
     let thread = std::thread::Builder::new()
         .name("excache-fault".into())
-        .spawn(move || server.run(thread_stop, vm_stop))
+        .spawn(move || {
+            crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Fault);
+            server.run(thread_stop, vm_stop)
+        })
         .map_err(RemoteMemError::Spawn)?;
     Ok(RemoteMemory {
         mem,

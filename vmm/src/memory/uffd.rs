@@ -39,6 +39,17 @@ pub enum Fault {
 /// The UFFDIO_COPY ioctl number and its write-protect mode (the userfaultfd crate's `copy` has
 /// no way to ask for a write-protected install, which must be atomic with the copy).
 const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+
+/// The userfaultfd ioctls the fault thread makes once the guest runs (UFFDIO_UNREGISTER,
+/// UFFDIO_WAKE, UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WRITEPROTECT, from linux/userfaultfd.h):
+/// its seccomp filter (`sandbox`) allows these and no other.
+pub const RUN_TIME_IOCTLS: [libc::c_ulong; 5] = [
+    0x8010_aa01,
+    0x8010_aa02,
+    UFFDIO_COPY,
+    0xc020_aa04,
+    0xc018_aa06,
+];
 const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
 const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 

@@ -7,10 +7,12 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod persist;
+pub mod worker;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+pub use worker::{DeviceThread, DeviceWorker};
+
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -114,53 +116,5 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
             .and_then(|o| config.get(o.checked_add(i)?))
             .copied()
             .unwrap_or(0);
-    }
-}
-
-/// A device's queue thread, from DRIVER_OK to reset: it runs until `stop` is set, and the
-/// queue-notify eventfd `wake` wakes it (for notifications and to stop).
-pub struct DeviceThread<T> {
-    name: String,
-    thread: JoinHandle<T>,
-    stop: Arc<AtomicBool>,
-    wake: Arc<EventFd>,
-}
-
-impl<T: Send + 'static> DeviceThread<T> {
-    /// Starts `run` on a thread called `name`, then wakes it once for what the driver queued
-    /// before DRIVER_OK.
-    pub fn spawn(
-        name: &str,
-        stop: Arc<AtomicBool>,
-        wake: Arc<EventFd>,
-        run: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<Self, ActivateError> {
-        let thread = thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(run)
-            .map_err(ActivateError::Spawn)?;
-        let _ = wake.write(1);
-        Ok(Self {
-            name: name.to_owned(),
-            thread,
-            stop,
-            wake,
-        })
-    }
-
-    /// Stops the thread and returns what it returned (None if it could not be stopped).
-    pub fn stop(self) -> Option<T> {
-        self.stop.store(true, Ordering::Release);
-        if let Err(e) = self.wake.write(1) {
-            tracing::error!(dev = %self.name, "cannot wake the device thread to stop it: {e}");
-            return None;
-        }
-        match self.thread.join() {
-            Ok(v) => Some(v),
-            Err(_) => {
-                tracing::error!(dev = %self.name, "device thread panicked");
-                None
-            }
-        }
     }
 }

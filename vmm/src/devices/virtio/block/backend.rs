@@ -124,7 +124,10 @@ impl FileBackend {
                 let (file, rx) = (file.clone(), rx.clone());
                 std::thread::Builder::new()
                     .name("blk-file".into())
-                    .spawn(move || io_thread(&file, &rx))
+                    .spawn(move || {
+                        crate::sandbox::enter_thread(crate::sandbox::ThreadKind::BlockIo);
+                        io_thread(&file, &rx)
+                    })
                     .map_err(BackendError::Io)
             })
             .collect::<Result<Vec<_>, _>>()?;

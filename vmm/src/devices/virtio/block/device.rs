@@ -10,38 +10,55 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::BlockBackend;
 use super::handler::{DiskParams, Handler};
-use super::request::{ID_BYTES, SECTOR_SIZE};
+use super::request::{Limits, ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, DeviceThread, Interrupt, VirtioDevice,
+    read_config_bytes, ActivateError, DeviceThread, DeviceWorker, Interrupt, VirtioDevice,
 };
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub const VIRTIO_BLK_F_SIZE_MAX: u32 = 1;
 pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
 pub const VIRTIO_BLK_F_RO: u32 = 5;
 pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
 pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
 
 const QUEUE_SIZE: u16 = 256;
-/// Data buffers per request: the queue size less the header and status descriptors.
-const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// What a request may hold (advertised, and enforced whatever the driver does): data buffers
+/// per request (the queue size less the header and status descriptors), bytes per buffer. So a
+/// request carries at most ~16 MiB, however its descriptors alias guest memory.
+const LIMITS: Limits = Limits {
+    seg_max: QUEUE_SIZE as u32 - 2,
+    size_max: 64 << 10,
+};
+/// Data bytes the backend holds for one queue at a time (each in a buffer of its own); more
+/// requests wait in the ring.
+const MAX_IN_FLIGHT: u64 = 32 << 20;
 
 pub struct Block {
     name: String,
     backend: Arc<dyn BlockBackend>,
     read_only: bool,
+    worker: DeviceWorker,
     running: Option<DeviceThread<()>>,
 }
 
 impl Block {
-    /// Disk `index` (its thread is `blk<index>`); read-only if asked or if the backend is.
-    pub fn new(index: usize, backend: Arc<dyn BlockBackend>, read_only: bool) -> Self {
+    /// Disk `index` (its thread, started now, is `blk<index>`); read-only if asked or if the
+    /// backend is.
+    pub fn new(
+        index: usize,
+        backend: Arc<dyn BlockBackend>,
+        read_only: bool,
+    ) -> std::io::Result<Self> {
         let read_only = read_only || backend.read_only();
-        Self {
-            name: format!("blk{index}"),
+        let name = format!("blk{index}");
+        Ok(Self {
+            worker: DeviceWorker::new(&name)?,
+            name,
             backend,
             read_only,
             running: None,
-        }
+        })
     }
 
     fn capacity_sectors(&self) -> u64 {
@@ -52,7 +69,8 @@ impl Block {
     fn config_bytes(&self) -> [u8; 24] {
         let mut c = [0u8; 24];
         c[0..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
-        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[8..12].copy_from_slice(&LIMITS.size_max.to_le_bytes());
+        c[12..16].copy_from_slice(&LIMITS.seg_max.to_le_bytes());
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         c
     }
@@ -76,8 +94,10 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f =
-            (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH);
+        let mut f = (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH);
         if self.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -113,14 +133,13 @@ impl VirtioDevice for Block {
                 capacity: self.capacity_sectors() * SECTOR_SIZE,
                 read_only: self.read_only,
                 id: self.id(),
-                seg_max: SEG_MAX,
+                limits: LIMITS,
+                max_in_flight: MAX_IN_FLIGHT,
                 writeback: features & (1 << VIRTIO_BLK_F_FLUSH) != 0,
             },
             name: self.name.clone(),
         };
-        self.running = Some(DeviceThread::spawn(&self.name, stop, wake, move || {
-            handler.run()
-        })?);
+        self.running = Some(self.worker.start(stop, wake, move || handler.run())?);
         Ok(())
     }
 
@@ -151,18 +170,23 @@ mod tests {
 
     #[test]
     fn config_space_and_features() {
-        let b = Block::new(0, Arc::new(Fixed(1 << 20, false)), false);
+        let b = Block::new(0, Arc::new(Fixed(1 << 20, false)), false).unwrap();
         let mut cap = [0u8; 8];
         b.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 2048);
         let mut bs = [0u8; 4];
         b.read_config(20, &mut bs);
         assert_eq!(u32::from_le_bytes(bs), 512);
+        b.read_config(8, &mut bs);
+        assert_eq!(u32::from_le_bytes(bs), 64 << 10, "size_max");
+        b.read_config(12, &mut bs);
+        assert_eq!(u32::from_le_bytes(bs), 254, "seg_max");
+        assert_ne!(b.features() & (1 << VIRTIO_BLK_F_SIZE_MAX), 0);
         b.read_config(200, &mut bs);
         assert_eq!(bs, [0; 4]);
         assert_eq!(b.features() & (1 << VIRTIO_BLK_F_RO), 0);
         assert_ne!(b.features() & (1 << VIRTIO_BLK_F_FLUSH), 0);
-        let ro = Block::new(1, Arc::new(Fixed(4096, true)), false);
+        let ro = Block::new(1, Arc::new(Fixed(4096, true)), false).unwrap();
         assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
         assert_eq!(&ro.id()[..11], b"vnode-blk1\0");
     }

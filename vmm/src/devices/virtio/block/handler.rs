@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{BackendError, BlockBackend, BlockOp};
-use super::request::{parse, Request, RequestType, ID_BYTES, SECTOR_SIZE};
+use super::request::{parse, Limits, Request, RequestType, ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::{Interrupt, INT_USED_RING};
 use crate::metrics::{RateLimit, METRICS};
 
@@ -34,7 +34,11 @@ pub struct DiskParams {
     pub capacity: u64,
     pub read_only: bool,
     pub id: [u8; ID_BYTES as usize],
-    pub seg_max: u32,
+    pub limits: Limits,
+    /// Data bytes of the requests handed to the backend and not yet answered, at most: a
+    /// request that would go over waits (in the ring) until others complete. One request is
+    /// always let through, so a request larger than this still runs, alone.
+    pub max_in_flight: u64,
     /// VIRTIO_BLK_F_FLUSH was negotiated: writes may be cached until a FLUSH. Without it the
     /// device is write-through, so every write goes to the backend with FUA.
     pub writeback: bool,
@@ -63,6 +67,10 @@ struct State {
     rx: Receiver<Reply>,
     pending: HashMap<u64, Pending>,
     next_token: u64,
+    /// Data bytes of the requests in `pending`.
+    in_flight: u64,
+    /// A request popped from the ring that did not fit under `max_in_flight`: the next to go.
+    waiting: Option<Pending>,
     broken: bool,
     used: bool,
 }
@@ -76,6 +84,8 @@ impl Handler {
             rx,
             pending: HashMap::new(),
             next_token: 0,
+            in_flight: 0,
+            waiting: None,
             broken: false,
             used: false,
         };
@@ -87,13 +97,14 @@ impl Handler {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            if !st.broken {
-                self.drain_queue(&mut st);
-            }
             while let Ok((token, res)) = st.rx.try_recv() {
                 if let Some(p) = st.pending.remove(&token) {
+                    st.in_flight -= data_bytes(&p.req);
                     self.complete(&mut st, p, res);
                 }
+            }
+            if !st.broken {
+                self.drain_queue(&mut st);
             }
             if std::mem::take(&mut st.used) {
                 self.interrupt.signal(INT_USED_RING);
@@ -101,30 +112,49 @@ impl Handler {
         }
     }
 
+    /// Starts requests from the ring (the waiting one first) until it is empty or the next
+    /// one would take the bytes in flight over the limit.
     fn drain_queue(&mut self, st: &mut State) {
+        loop {
+            let Some(p) = st.waiting.take().or_else(|| self.next_request(st)) else {
+                return;
+            };
+            let bytes = data_bytes(&p.req);
+            if st.in_flight > 0 && st.in_flight + bytes > self.disk.max_in_flight {
+                if st.waiting.replace(p).is_none() {
+                    METRICS.blk_throttled.inc();
+                }
+                return;
+            }
+            self.start(st, p);
+        }
+    }
+
+    /// Pops chains until one parses; a bad one is answered (or breaks the queue) on the way.
+    fn next_request(&mut self, st: &mut State) -> Option<Pending> {
         while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
-            match parse(&self.mem, chain, self.disk.seg_max) {
-                Ok(req) => self.start(st, Pending { head, req }),
-                Err(f) => {
-                    METRICS.blk_bad_requests.inc();
-                    if BAD_REQUEST_LOG.allow() {
-                        tracing::warn!(dev = %self.name, "bad request from the guest: {}", f.error);
-                    }
-                    match f.status {
-                        Some(status) => self.finish(st, head, status, S_IOERR, 0),
-                        None => {
-                            // Nothing to report the error through: stop using the queue
-                            // until the driver resets the device.
-                            st.broken = true;
-                            METRICS.blk_broken.inc();
-                            self.interrupt.needs_reset();
-                            return;
-                        }
-                    }
+            let f = match parse(&self.mem, chain, self.disk.limits) {
+                Ok(req) => return Some(Pending { head, req }),
+                Err(f) => f,
+            };
+            METRICS.blk_bad_requests.inc();
+            if BAD_REQUEST_LOG.allow() {
+                tracing::warn!(dev = %self.name, "bad request from the guest: {}", f.error);
+            }
+            match f.status {
+                Some(status) => self.finish(st, head, status, S_IOERR, 0),
+                None => {
+                    // Nothing to report the error through: stop using the queue until the
+                    // driver resets the device.
+                    st.broken = true;
+                    METRICS.blk_broken.inc();
+                    self.interrupt.needs_reset();
+                    return None;
                 }
             }
         }
+        None
     }
 
     /// Answers at once, or hands the request to the backend.
@@ -160,6 +190,7 @@ impl Handler {
         };
         let token = st.next_token;
         st.next_token += 1;
+        st.in_flight += data_bytes(&p.req);
         st.pending.insert(token, p);
         let (tx, wake) = (st.tx.clone(), self.wake.clone());
         self.backend.submit(
@@ -263,12 +294,20 @@ impl Handler {
     }
 }
 
+/// The bytes a request holds while the backend has it (a read's reply, a write's copy).
+fn data_bytes(r: &Request) -> u64 {
+    match r.kind {
+        RequestType::In | RequestType::Out => u64::from(r.data_len),
+        _ => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::virtio::block::backend::Done;
     use crate::devices::virtio::STATUS_DEVICE_NEEDS_RESET;
-    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::{AtomicU32, AtomicU64};
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -285,6 +324,11 @@ mod tests {
         full: bool,
         /// The FUA flag of every write, in order.
         fua: Mutex<Vec<bool>>,
+        /// Each request completes this long after it was submitted.
+        delay: Duration,
+        /// Data bytes submitted and not completed yet, and the most seen at once.
+        outstanding: Arc<AtomicU64>,
+        most: AtomicU64,
     }
 
     impl BlockBackend for MemDisk {
@@ -295,6 +339,13 @@ mod tests {
             false
         }
         fn submit(&self, op: BlockOp, done: Done) {
+            let bytes = match &op {
+                BlockOp::Read { len, .. } => u64::from(*len),
+                BlockOp::Write { data, .. } => data.len() as u64,
+                BlockOp::Flush => 0,
+            };
+            let now = self.outstanding.fetch_add(bytes, Ordering::SeqCst) + bytes;
+            self.most.fetch_max(now, Ordering::SeqCst);
             let mut d = self.data.lock().unwrap();
             let r = match op {
                 BlockOp::Read { offset, len } => {
@@ -312,7 +363,12 @@ mod tests {
             };
             drop(d);
             // Complete from another thread, as the NBD client does.
-            std::thread::spawn(move || done(r));
+            let (delay, outstanding) = (self.delay, self.outstanding.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                outstanding.fetch_sub(bytes, Ordering::SeqCst);
+                done(r)
+            });
         }
     }
 
@@ -360,7 +416,11 @@ mod tests {
                 capacity: 64 * 512,
                 read_only: false,
                 id,
-                seg_max: 8,
+                limits: Limits {
+                    seg_max: 8,
+                    size_max: 0x1_0000,
+                },
+                max_in_flight: 2048,
                 writeback,
             },
             name: "blk-test".into(),
@@ -390,10 +450,17 @@ mod tests {
     }
 
     fn disk(full: bool) -> Arc<MemDisk> {
+        slow_disk(full, Duration::ZERO)
+    }
+
+    fn slow_disk(full: bool, delay: Duration) -> Arc<MemDisk> {
         Arc::new(MemDisk {
             data: Mutex::new(vec![0; 64 * 512]),
             full,
             fua: Mutex::new(Vec::new()),
+            delay,
+            outstanding: Arc::new(AtomicU64::new(0)),
+            most: AtomicU64::new(0),
         })
     }
 
@@ -487,6 +554,63 @@ mod tests {
         run_at(&m, GuestAddress(0x8000), &descs, d.clone(), 1, true);
         run_at(&m, GuestAddress(0xc000), &descs, d.clone(), 1, false);
         assert_eq!(*d.fua.lock().unwrap(), vec![false, true]);
+    }
+
+    #[test]
+    fn requests_over_the_bytes_in_flight_wait_and_then_run() {
+        let m = mem();
+        // Five 1 KiB writes against a 2 KiB cap: two at a time, all done, none refused.
+        let descs: Vec<_> = (0..5u16)
+            .flat_map(|i| {
+                let h = 0x1_0000 + u64::from(i) * 0x1000;
+                header(&m, h, 1, u64::from(i) * 2);
+                m.write_slice(
+                    &[i as u8 + 1; 1024],
+                    GuestAddress(0x2_0000 + u64::from(i) * 0x1000),
+                )
+                .unwrap();
+                [
+                    raw(h, 16, N, 3 * i + 1),
+                    raw(0x2_0000 + u64::from(i) * 0x1000, 1024, N, 3 * i + 2),
+                    raw(h + 0x100, 1, W, 0),
+                ]
+            })
+            .collect();
+        let d = slow_disk(false, Duration::from_millis(30));
+        assert_eq!(run(&m, &descs, d.clone(), 5), 0);
+        assert_eq!(d.most.load(Ordering::SeqCst), 2048, "two in flight at most");
+        for i in 0..5u16 {
+            assert_eq!(status_at(&m, 0x1_0000 + u64::from(i) * 0x1000), S_OK);
+            let at = usize::from(i) * 1024;
+            assert_eq!(d.data.lock().unwrap()[at..at + 1024], [i as u8 + 1; 1024]);
+        }
+    }
+
+    #[test]
+    fn aliased_buffers_over_size_max_are_an_io_error_without_a_copy() {
+        let m = mem();
+        // Eight writable 960 KiB buffers aliasing the same guest RAM (as a 4 GiB request would):
+        // refused before anything is allocated, and the queue goes on.
+        let (h0, h1) = (0x1_0000, 0x1_1000);
+        header(&m, h0, 0, 0);
+        header(&m, h1, 8, 0);
+        let mut descs = vec![raw(h0, 16, N, 1)];
+        descs.extend((1..=8).map(|i| raw(0x1_0000, 0xf_0000, W | N, i + 1)));
+        descs.push(raw(h0 + 0x100, 1, W, 0));
+        descs.extend([
+            raw(h1, 16, N, 11),
+            raw(0x2_0000, 20, W | N, 12),
+            raw(h1 + 0x100, 1, W, 0),
+        ]);
+        let d = disk(false);
+        assert_eq!(run(&m, &descs, d.clone(), 2), 0);
+        assert_eq!(status_at(&m, h0), S_IOERR);
+        assert_eq!(status_at(&m, h1), S_OK);
+        assert_eq!(
+            d.most.load(Ordering::SeqCst),
+            0,
+            "nothing reached the backend"
+        );
     }
 
     #[test]

@@ -58,6 +58,18 @@ pub enum RequestError {
     TooManySegments(usize, u32),
     #[error("data length {0} is not a multiple of 512 bytes")]
     Unaligned(u32),
+    #[error("data buffer of {0} bytes, more than the {1} this device takes")]
+    SegmentTooLarge(u32, u32),
+}
+
+/// What the device advertises (VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX) and so enforces: a
+/// request's data is at most `seg_max * size_max` bytes, whatever its descriptors alias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Data buffers per request.
+    pub seg_max: u32,
+    /// Bytes per data buffer.
+    pub size_max: u32,
 }
 
 impl RequestError {
@@ -108,11 +120,11 @@ where
     }
 }
 
-/// Parses a chain. `seg_max` bounds the number of data buffers.
+/// Parses a chain within `limits`.
 pub fn parse<M>(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<M>,
-    seg_max: u32,
+    limits: Limits,
 ) -> Result<Request, ParseFailure>
 where
     M: Deref<Target = GuestMemoryMmap>,
@@ -133,7 +145,7 @@ where
         return Err(no_status(RequestError::NoStatus));
     }
     let status = status_desc.addr();
-    parse_body(mem, rest, seg_max, status).map_err(|error| ParseFailure {
+    parse_body(mem, rest, limits, status).map_err(|error| ParseFailure {
         error,
         status: Some(status),
     })
@@ -143,7 +155,7 @@ where
 fn parse_body(
     mem: &GuestMemoryMmap,
     descs: &[Descriptor],
-    seg_max: u32,
+    limits: Limits,
     status: GuestAddress,
 ) -> Result<Request, RequestError> {
     let (head, data_descs) = descs.split_first().ok_or(RequestError::BadHeader)?;
@@ -161,8 +173,11 @@ fn parse_body(
         T_GET_ID => RequestType::GetId,
         other => RequestType::Unsupported(other),
     };
-    if data_descs.len() > seg_max as usize {
-        return Err(RequestError::TooManySegments(data_descs.len(), seg_max));
+    if data_descs.len() > limits.seg_max as usize {
+        return Err(RequestError::TooManySegments(
+            data_descs.len(),
+            limits.seg_max,
+        ));
     }
     // FLUSH and unknown types carry no data the device touches: their direction is not checked.
     let direction = match kind {
@@ -173,11 +188,14 @@ fn parse_body(
     let mut data = Vec::with_capacity(data_descs.len());
     let mut data_len = 0u32;
     for d in data_descs {
+        if d.len() > limits.size_max {
+            return Err(RequestError::SegmentTooLarge(d.len(), limits.size_max));
+        }
         in_ram(mem, d)?;
         if direction.is_some_and(|device_writes| d.is_write_only() != device_writes) {
             return Err(RequestError::WrongDirection(raw_kind));
         }
-        // The chain iterator refuses chains of more than 4 GiB, so this cannot saturate.
+        // At most seg_max * size_max bytes: cannot saturate with the device's limits.
         data_len = data_len.saturating_add(d.len());
         data.push((d.addr(), d.len()));
     }
@@ -209,6 +227,10 @@ mod tests {
     const STATUS: u64 = 0x3_0000;
     const W: u16 = VRING_DESC_F_WRITE as u16;
     const N: u16 = VRING_DESC_F_NEXT as u16;
+    const LIMITS: Limits = Limits {
+        seg_max: 8,
+        size_max: 0x1_0000,
+    };
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap()
@@ -238,7 +260,7 @@ mod tests {
         let q = MockSplitQueue::create(mem, GuestAddress(0x8000), 16);
         let raws: Vec<_> = descs.iter().map(|&(a, l, f)| raw(a, l, f, 0)).collect();
         let chain = q.build_desc_chain(&raws).unwrap();
-        parse(mem, chain, 8)
+        parse(mem, chain, LIMITS)
     }
 
     /// Parses a chain given with explicit flags and next indices.
@@ -247,7 +269,7 @@ mod tests {
         q.add_desc_chains(descs, 0).unwrap();
         let mut queue: Queue = q.create_queue().unwrap();
         let chain = queue.iter(mem).unwrap().next().unwrap();
-        parse(mem, chain, 8)
+        parse(mem, chain, LIMITS)
     }
 
     #[test]
@@ -332,6 +354,54 @@ mod tests {
         d.push((STATUS, 1, W));
         let e = parse_linked(&m, &d).unwrap_err();
         assert_eq!(e.error, RequestError::TooManySegments(9, 8));
+    }
+
+    #[test]
+    fn segments_over_size_max_are_refused_before_anything_is_read() {
+        let m = mem();
+        header(&m, T_OUT, 0);
+        // Eight aliased 64 KiB + 512 buffers: each one over the limit.
+        let mut d = vec![(HDR, 16, 0)];
+        d.extend((0..8).map(|_| (BUF, 0x1_0200, 0)));
+        d.push((STATUS, 1, W));
+        let e = parse_linked(&m, &d).unwrap_err();
+        assert_eq!(e.error, RequestError::SegmentTooLarge(0x1_0200, 0x1_0000));
+        assert_eq!(e.status, Some(GuestAddress(STATUS)));
+        // At the limit: accepted.
+        let mut d = vec![(HDR, 16, 0)];
+        d.extend((0..8).map(|_| (BUF, 0x1_0000, 0)));
+        d.push((STATUS, 1, W));
+        assert_eq!(parse_linked(&m, &d).unwrap().data_len, 8 * 0x1_0000);
+    }
+
+    #[test]
+    fn aliased_buffers_totalling_4_gib_are_refused() {
+        // 16 MiB of guest RAM, a 256-entry queue, the device's own limits, and 254 device-
+        // writable descriptors each naming the same 16 MiB: 4064 MiB of "data".
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        header(&m, T_IN, 0);
+        let q = MockSplitQueue::create(&m, GuestAddress(0x4_0000), 256);
+        let mut raws = vec![raw(HDR, 16, 0, 0)];
+        raws.extend((0..254).map(|_| raw(0, 16 << 20, W, 0)));
+        raws.push(raw(STATUS, 1, W, 0));
+        let chain = q.build_desc_chain(&raws).unwrap();
+        let limits = Limits {
+            seg_max: 254,
+            size_max: 64 << 10,
+        };
+        let e = parse(&m, chain, limits).unwrap_err();
+        assert_eq!(e.error, RequestError::SegmentTooLarge(16 << 20, 64 << 10));
+        assert_eq!(e.status, Some(GuestAddress(STATUS)));
+        // A chain longer than the queue (a loop through all 256 entries) has no status.
+        let q = MockSplitQueue::create(&m, GuestAddress(0x4_0000), 256);
+        let looped: Vec<_> = (0..256u16)
+            .map(|i| raw(HDR, 16, N, (i + 1) % 256))
+            .collect();
+        q.add_desc_chains(&looped, 0).unwrap();
+        let mut queue: Queue = q.create_queue().unwrap();
+        let chain = queue.iter(&m).unwrap().next().unwrap();
+        let e = parse(&m, chain, limits).unwrap_err();
+        assert_eq!((e.error, e.status), (RequestError::BadChain, None));
     }
 
     #[test]

@@ -249,6 +249,33 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn aliased_and_overlong_chains_stay_bounded() {
+        // 16 MiB of guest RAM and a 256-entry queue: 255 receive descriptors each naming the
+        // same 16 MiB (4080 MiB in all; virtio-queue itself stops a chain at 4 GiB) give a
+        // chain of one frame's length, no more.
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let q = MockSplitQueue::create(&m, GuestAddress(0x4_0000), 256);
+        let raws: Vec<_> = (0..255).map(|_| raw(0, 16 << 20, W, 0)).collect();
+        let chain = q.build_desc_chain(&raws).unwrap();
+        let b = parse(&m, chain, Direction::Rx, 65_565).unwrap();
+        assert_eq!(b.len, 65_565);
+        // The same on the transmit queue is refused.
+        let q = MockSplitQueue::create(&m, GuestAddress(0x4_0000), 256);
+        let raws: Vec<_> = (0..255).map(|_| raw(0, 16 << 20, 0, 0)).collect();
+        let chain = q.build_desc_chain(&raws).unwrap();
+        let e = parse(&m, chain, Direction::Tx, 65_565).unwrap_err();
+        assert_eq!(e.error, ChainError::TooLong(255 << 24));
+        // A loop through every entry of the table: longer than the queue, refused.
+        let q = MockSplitQueue::create(&m, GuestAddress(0x4_0000), 256);
+        let looped: Vec<_> = (0..256u16).map(|i| raw(0, 64, N, (i + 1) % 256)).collect();
+        q.add_desc_chains(&looped, 0).unwrap();
+        let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
+        let chain = queue.pop_descriptor_chain(&m).unwrap();
+        let e = parse(&m, chain, Direction::Tx, 65_565).unwrap_err();
+        assert_eq!(e.error, ChainError::Broken);
+    }
+
+    #[test]
     fn gather_and_scatter_follow_the_segments() {
         let m = mem();
         let b = Buffers {

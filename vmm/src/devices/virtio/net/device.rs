@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::handler::{Handler, NetStats};
 use super::tap::Tap;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, DeviceThread, Interrupt, VirtioDevice,
+    read_config_bytes, ActivateError, DeviceThread, DeviceWorker, Interrupt, VirtioDevice,
 };
 
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -26,6 +26,7 @@ pub struct Net {
     name: String,
     tap: Arc<Tap>,
     mac: [u8; 6],
+    worker: DeviceWorker,
     running: Option<DeviceThread<NetStats>>,
 }
 
@@ -41,14 +42,16 @@ pub fn default_mac(tap: &str) -> [u8; 6] {
 }
 
 impl Net {
-    /// Net device `index` (its thread is `net<index>`) on an open TAP.
-    pub fn new(index: usize, tap: Tap, mac: [u8; 6]) -> Self {
-        Self {
-            name: format!("net{index}"),
+    /// Net device `index` (its thread, started now, is `net<index>`) on an open TAP.
+    pub fn new(index: usize, tap: Tap, mac: [u8; 6]) -> std::io::Result<Self> {
+        let name = format!("net{index}");
+        Ok(Self {
+            worker: DeviceWorker::new(&name)?,
+            name,
             tap: Arc::new(tap),
             mac,
             running: None,
-        }
+        })
     }
 
     /// virtio_net_config up to `status`: the MAC and the link state.
@@ -105,7 +108,7 @@ impl VirtioDevice for Net {
             interrupt,
             name: self.name.clone(),
         };
-        let thread = DeviceThread::spawn(&self.name, stop, wake, move || handler.run())?;
+        let thread = self.worker.start(stop, wake, move || handler.run())?;
         self.running = Some(thread);
         Ok(())
     }
