@@ -196,13 +196,16 @@ pub fn command<C: CommandFactory>(program: Program) -> Command {
         ExitTable::Guest => GUEST_EXITS,
         ExitTable::Standard => STANDARD_EXITS,
     };
-    let cmd = C::command();
-    let after = match cmd.get_after_help() {
-        Some(own) => format!("{own}\n\n{table}\n\n{LOG_HELP}"),
-        None => format!("{table}\n\n{LOG_HELP}"),
-    };
+    let mut cmd = with_after_help(C::command(), table);
+    // `vnode run --help` shows the table too.
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .collect();
+    for name in subs {
+        cmd = cmd.mut_subcommand(name, |s| with_after_help(s, table));
+    }
     cmd.version(crate::version::VERSION)
-        .after_help(after)
         .arg(
             Arg::new(LOG_FORMAT)
                 .long(LOG_FORMAT)
@@ -225,6 +228,14 @@ pub fn command<C: CommandFactory>(program: Program) -> Command {
         )
 }
 
+fn with_after_help(cmd: Command, table: &str) -> Command {
+    let after = match cmd.get_after_help() {
+        Some(own) => format!("{own}\n\n{table}\n\n{LOG_HELP}"),
+        None => format!("{table}\n\n{LOG_HELP}"),
+    };
+    cmd.after_help(after)
+}
+
 /// What the command line asks for.
 pub enum Action<C> {
     Run(C, LogFormat),
@@ -237,23 +248,37 @@ pub fn parse<C: CommandFactory + FromArgMatches>(
     args: impl IntoIterator<Item = OsString>,
 ) -> Result<Action<C>, clap::Error> {
     let args: Vec<OsString> = args.into_iter().collect();
-    // `--generate` alone must work on a command that requires a subcommand too (clap's
-    // `exclusive` lifts required arguments, not a required subcommand).
-    let needs_sub = cmd.is_subcommand_required_set();
-    let relaxed = cmd.clone().subcommand_required(false);
-    let mut m: ArgMatches = relaxed.try_get_matches_from(&args)?;
+    let mut m: ArgMatches = match cmd.clone().try_get_matches_from(&args) {
+        Ok(m) => m,
+        Err(strict) => {
+            // `--generate` alone must work where arguments, a group or a subcommand are
+            // required (clap's `exclusive` lifts required arguments only).
+            return match relaxed(cmd).try_get_matches_from(&args) {
+                Ok(m) => match m.get_one::<Generate>(GENERATE) {
+                    Some(g) => Ok(Action::Generate(*g)),
+                    None => Err(strict),
+                },
+                Err(_) => Err(strict),
+            };
+        }
+    };
     if let Some(g) = m.get_one::<Generate>(GENERATE) {
         return Ok(Action::Generate(*g));
-    }
-    if needs_sub && m.subcommand_name().is_none() {
-        // clap's own "requires a subcommand" error.
-        m = cmd.try_get_matches_from(&args)?;
     }
     let format = m
         .get_one::<LogFormat>(LOG_FORMAT)
         .copied()
         .unwrap_or_default();
     Ok(Action::Run(C::from_arg_matches_mut(&mut m)?, format))
+}
+
+/// `cmd` with nothing required, to recognise `--generate` alone.
+fn relaxed(mut cmd: Command) -> Command {
+    let groups: Vec<_> = cmd.get_groups().map(|g| g.get_id().clone()).collect();
+    for g in groups {
+        cmd = cmd.mut_group(g, |g| g.required(false));
+    }
+    cmd.subcommand_required(false).arg_required_else_help(false)
 }
 
 /// Writes completions for `shell` or the man page of `cmd` to `out`.
@@ -277,9 +302,16 @@ pub fn usage_line(name: &str, e: &clap::Error) -> String {
     if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
         return format!("{name}: error: a command is required (see --help)");
     }
+    // clap's message is its first paragraph (a list of missing arguments may follow on
+    // indented lines); tips and usage come after a blank line.
     let text = e.render().to_string();
-    let first = text.lines().next().unwrap_or("invalid arguments");
-    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let para: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = para.join(" ");
+    let first = msg.strip_prefix("error: ").unwrap_or(&msg);
     format!("{name}: error: {first} (see --help)")
 }
 

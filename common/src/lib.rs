@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod cred;
 pub mod deadline;
+pub mod host;
 pub mod logging;
 pub mod metrics;
 pub mod ready;

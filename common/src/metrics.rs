@@ -11,7 +11,7 @@ mod histogram;
 mod http;
 mod sampled;
 
-pub use histogram::LatencyHistogram;
+pub use histogram::{LatencyFamily, LatencyHistogram};
 pub use http::{router, serve, MetricsError, MetricsServer};
 pub use prometheus_client;
 pub use prometheus_client::registry::Registry;

@@ -90,6 +90,14 @@ pub struct Started {
     pub later: Receiver<String>,
 }
 
+/// A server a test started is killed when the test ends, passed or not.
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts `cmd` with stdout piped (stdin null unless set) and waits up to `timeout` for its
 /// `listening on ADDR` line. On failure the child is killed and reaped.
 pub fn spawn_and_wait(cmd: &mut Command, timeout: Duration) -> Result<Started, ReadyError> {

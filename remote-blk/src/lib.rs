@@ -6,9 +6,11 @@
 //! - [`nbd::client`]: a pipelined client (`submit` + completion callback, or blocking calls).
 //! - [`backend`]: the raw file behind an export.
 //! - [`replica`]: client-side replication (write to N servers, ack when all have it).
+//! - [`metrics`]: the server's Prometheus registry (`--metrics-listen`).
 //! - [`threads`]: a start hook for the client's threads (vnode sandboxes them).
 
 pub mod backend;
+pub mod metrics;
 pub mod nbd;
 pub mod replica;
 pub mod threads;

@@ -10,21 +10,30 @@
 //! response option, unless `--public NAME`. Without a key it refuses to start unless
 //! `--insecure` (every export open to anyone, as plain NBD servers are).
 //! Once listening it prints `listening on ADDR` on stdout (and writes ADDR to `--ready-file`),
-//! so scripts and tests can bind port 0 and wait for that line instead of sleeping.
+//! so scripts and tests can bind port 0 and wait for that line instead of sleeping. Every option
+//! is checked before any file is created or any port bound (the CLI contract: `vnode_common::cli`).
 
 use std::collections::HashSet;
-use std::io::{IsTerminal, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use remote_blk::backend::FileBackend;
+use remote_blk::metrics::ExportFile;
 use remote_blk::nbd::server::{Export, Listener, Server, ServerOptions, Threading};
+use vnode_common::cli::{self, Exit, ExitTable, Failure, Program, ResultExt};
+use vnode_common::{metrics, ready};
 
 #[derive(Debug, Parser)]
-#[command(name = "vnode-blkd", about = "NBD storage server for vNode")]
+#[command(
+    name = "vnode-blkd",
+    about = "NBD storage server for vNode",
+    group = clap::ArgGroup::new("address").required(true).args(["listen", "socket"])
+)]
 struct Args {
     /// TCP address to listen on (port 0 picks a free one).
     #[arg(long, conflicts_with = "socket")]
@@ -75,6 +84,10 @@ struct Args {
     /// Write the bound address here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free one; printed as
+    /// `metrics on ADDR` before `listening on`).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 fn parse_size(s: &str) -> Option<u64> {
@@ -105,16 +118,23 @@ fn parse_threads(s: &str) -> Result<Threading> {
     }
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    let args = Args::parse();
+/// Everything the command line asks for, checked before any side effect.
+struct Plan {
+    exports: Vec<(String, PathBuf, Option<u64>)>,
+    public: HashSet<String>,
+    opts: ServerOptions,
+}
+
+fn plan(args: &Args) -> Result<Plan> {
+    let exports = args
+        .exports
+        .iter()
+        .map(|spec| parse_export(spec))
+        .collect::<Result<Vec<_>>>()?;
+    let public: HashSet<String> = args.public.iter().cloned().collect();
+    if let Some(name) = public.iter().find(|n| !exports.iter().any(|e| &e.0 == *n)) {
+        bail!("--public for unknown export {name:?}");
+    }
     let cluster_key =
         vnode_common::secret::load(args.secret_file.as_deref(), vnode_common::CLUSTER_KEY_ENV)?;
     let cluster_key = match (cluster_key, args.insecure) {
@@ -128,23 +148,6 @@ fn main() -> Result<()> {
             vnode_common::CLUSTER_KEY_ENV
         ),
     };
-    let mut public: HashSet<String> = args.public.iter().cloned().collect();
-    let mut exports = Vec::new();
-    for spec in &args.exports {
-        let (name, path, size) = parse_export(spec)?;
-        let backend = FileBackend::open(&path, size, args.direct)
-            .with_context(|| format!("export {name}"))?;
-        tracing::info!(export = %name, path = %path.display(), size = backend.size(), "export");
-        exports.push(Export {
-            public: public.remove(&name),
-            name,
-            backend,
-            read_only: args.read_only,
-        });
-    }
-    if let Some(name) = public.iter().next() {
-        bail!("--public for unknown export {name:?}");
-    }
     let follow = match args.follow_client_cpu.as_str() {
         "on" => true,
         "off" => false,
@@ -167,28 +170,70 @@ fn main() -> Result<()> {
             .with_context(|| format!("--reply-batch {:?}: expected a size", args.reply_batch))?,
         ..ServerOptions::default()
     };
-    let server = Server::new(exports, opts);
-    let (listener, addr) = match (&args.listen, &args.socket) {
-        (Some(a), None) => {
+    Ok(Plan {
+        exports,
+        public,
+        opts,
+    })
+}
+
+fn bind(args: &Args) -> Result<(Listener, String)> {
+    match (&args.listen, &args.socket) {
+        (Some(a), _) => {
             let l = TcpListener::bind(a).with_context(|| format!("listen on {a}"))?;
             let addr = l.local_addr()?.to_string();
-            (Listener::Tcp(l), addr)
+            Ok((Listener::Tcp(l), addr))
         }
         (None, Some(p)) => {
             let _ = std::fs::remove_file(p);
             let l = UnixListener::bind(p).with_context(|| format!("listen on {}", p.display()))?;
-            (Listener::Unix(l), p.display().to_string())
+            Ok((Listener::Unix(l), p.display().to_string()))
         }
-        _ => bail!("give exactly one of --listen ADDR and --socket PATH"),
-    };
-    if let Some(f) = &args.ready_file {
-        std::fs::write(f, &addr).with_context(|| format!("write {}", f.display()))?;
+        (None, None) => bail!("give --listen ADDR or --socket PATH"),
     }
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "listening on {addr}")?;
-    out.flush()?;
-    drop(out);
+}
+
+fn run(args: Args) -> Result<Exit, Failure> {
+    let Plan {
+        exports: specs,
+        public,
+        opts,
+    } = plan(&args).usage()?;
+    // Bind before creating any export file: a port in use leaves nothing behind.
+    let (listener, addr) = bind(&args)?;
+    let mut exports = Vec::new();
+    let mut files = Vec::new();
+    for (name, path, size) in specs {
+        let backend = FileBackend::open(&path, size, args.direct)
+            .with_context(|| format!("export {name}"))?;
+        tracing::info!(export = %name, path = %path.display(), size = backend.size(), "export");
+        files.push(ExportFile {
+            name: name.clone(),
+            path,
+        });
+        exports.push(Export {
+            public: public.contains(&name),
+            name,
+            backend,
+            read_only: args.read_only,
+        });
+    }
+    let server = Server::new(exports, opts);
+    if let Some(m) = &args.metrics_listen {
+        let registry = Arc::new(remote_blk::metrics::registry(&server, files));
+        let srv = metrics::serve(m, registry)?;
+        ready::announce_metrics(&srv.local_addr().to_string())?;
+    }
+    ready::announce(&addr, args.ready_file.as_deref())?;
     tracing::info!(%addr, threads = %args.threads, "serving");
-    server.serve(&listener)?;
-    Ok(())
+    server.serve(&listener).runtime()?;
+    Ok(Exit::Success)
+}
+
+fn main() -> ExitCode {
+    let program = Program {
+        default_log: "info",
+        exits: ExitTable::Standard,
+    };
+    cli::main(program, run)
 }

@@ -300,6 +300,24 @@ impl MemClient {
         self.wait(tag, &mut [])
     }
 
+    /// Migration, as a memory server (role 1): creates `region` here as an incoming copy that
+    /// only this connection writes and nobody else sees, dropped if the connection ends before
+    /// [`MemClient::commit_region`].
+    pub fn migrate_in(&mut self, region: u64, pages: u64) -> Result<(), ClientError> {
+        let tag = self.begin(16)?;
+        protocol::encode_region_pages(&mut self.scratch, Op::MigrateIn, tag, region, pages);
+        self.send_scratch(&[], Expect::Done, tag)?;
+        self.wait(tag, &mut [])
+    }
+
+    /// Migration, as a memory server: makes the incoming `region` the server's own.
+    pub fn commit_region(&mut self, region: u64) -> Result<(), ClientError> {
+        let tag = self.begin(8)?;
+        protocol::encode_region(&mut self.scratch, Op::Commit, tag, region);
+        self.send_scratch(&[], Expect::Done, tag)?;
+        self.wait(tag, &mut [])
+    }
+
     /// Attaches to `region`, which must exist (allocated by an earlier connection of this
     /// vNode, e.g. the VMM this one restores) and have `pages` pages (0: any). Returns its size.
     pub fn open_region(&mut self, region: u64, pages: u64) -> Result<u64, ClientError> {

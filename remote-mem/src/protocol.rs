@@ -28,6 +28,8 @@
 //! | `Migrate` | region u64, addr_len u16, target server address (UTF-8) |
 //! | `Open` | region u64, pages u64 (the size the client expects; 0: any) |
 //! | `Ping` | empty (keeps an idle connection alive; answered `Done`) |
+//! | `MigrateIn` | region u64, pages u64 (role 1 only: a region migrating in, see below) |
+//! | `Commit` | region u64 (role 1 only: the migrated region becomes this server's) |
 //!
 //! Server bodies (server to client):
 //!
@@ -77,6 +79,39 @@
 //! that `target` proves it holds the cluster key, create the region there and copy it. The
 //! target learns nothing secret (it sees a proof over nonces); a target that is not a real
 //! server fails its proof and nothing is sent to it.
+//!
+//! ## Live migration (`Migrate`, served by `server/migrate.rs`)
+//!
+//! Who asks: anyone authenticated for the vNode: the vNode itself, or an operator or the
+//! manager holding the cluster key and connecting as role 1 (`vnode-memd migrate`). The
+//! operator is the intended trigger: draining or balancing servers is the cluster's decision,
+//! and the VMM needs to do nothing, since it follows the region by itself. The `Migrate` reply
+//! comes when the migration has finished (or failed).
+//!
+//! ```text
+//!   source                                          target (role-1 connection)
+//!   start tracking writes (dirty bitmap)
+//!   MigrateIn region, pages        ------------->   incoming region: capacity taken, invisible
+//!                                                   to every other connection, dropped if this
+//!                                                   connection ends before Commit
+//!   pass 1: Write every non-zero page  --------->   (pipelined, 256 pages per frame)
+//!   pass 2..: Write the pages written meanwhile ->  (until few are left, or 8 passes)
+//!   switch: hold off the region's requests,
+//!   Write the last dirty pages     ------------->
+//!   Commit region                  ------------->   the region is the target's (memory log:
+//!                                  <-------------   renamed into place), Done
+//!   region marked moved: requests get Error Moved "region N moved to ADDR"; the copy freed
+//! ```
+//!
+//! While the copy runs, the region keeps serving reads and writes; only requests that arrive
+//! during the switch wait (for the last dirty pages and one round trip). A client that gets
+//! `Moved` connects to ADDR with its own credential and retries. Exactly one server owns the
+//! region at every moment: the source until `Commit` is acknowledged, the target from then on.
+//! If the target or the connection fails before that, the source keeps the region and the
+//! target drops its incoming copy; if the `Commit` reply is lost, the source frees the
+//! target's copy with a role-1 `Free` before it goes on serving. Known gap: with `--data-dir`,
+//! a source killed between the target's commit and its own removal of the region's file finds
+//! that file again at restart (a second, stale copy) until the manager reconciles them.
 //!
 //! Connection state machine (server side):
 //!
@@ -143,6 +178,8 @@ pub enum Op {
     Migrate = 0x06,
     Open = 0x07,
     Ping = 0x08,
+    MigrateIn = 0x0a,
+    Commit = 0x0b,
     Challenge = 0x80,
     HelloOk = 0x81,
     Done = 0x82,
@@ -162,6 +199,8 @@ impl Op {
             0x06 => Op::Migrate,
             0x07 => Op::Open,
             0x08 => Op::Ping,
+            0x0a => Op::MigrateIn,
+            0x0b => Op::Commit,
             0x80 => Op::Challenge,
             0x81 => Op::HelloOk,
             0x82 => Op::Done,
@@ -183,6 +222,8 @@ impl Op {
             Op::Migrate => 10 + MAX_ADDR,
             Op::Open => 16,
             Op::Ping => 0,
+            Op::MigrateIn => 16,
+            Op::Commit => 8,
             Op::Challenge => NONCE_LEN,
             Op::HelloOk => HELLO_OK_LEN,
             Op::Done => 0,
@@ -396,6 +437,13 @@ pub enum Request<'a> {
         pages: u64,
     },
     Ping,
+    MigrateIn {
+        region: u64,
+        pages: u64,
+    },
+    Commit {
+        region: u64,
+    },
 }
 
 /// Who is authenticating in a `Hello`.
@@ -490,23 +538,25 @@ impl<'a> Request<'a> {
                     proof,
                 }))
             }
-            Op::Alloc | Op::Open => {
+            Op::Alloc | Op::Open | Op::MigrateIn => {
                 if body.len() != 16 {
                     return Err(bad("body is not 16 bytes"));
                 }
                 let (region, pages) = (u64_at(body, 0), u64_at(body, 8));
-                Ok(if op == Op::Alloc {
-                    Request::Alloc { region, pages }
-                } else {
-                    Request::Open { region, pages }
+                Ok(match op {
+                    Op::Alloc => Request::Alloc { region, pages },
+                    Op::Open => Request::Open { region, pages },
+                    _ => Request::MigrateIn { region, pages },
                 })
             }
-            Op::Free => {
+            Op::Free | Op::Commit => {
                 if body.len() != 8 {
                     return Err(bad("body is not 8 bytes"));
                 }
-                Ok(Request::Free {
-                    region: u64_at(body, 0),
+                let region = u64_at(body, 0);
+                Ok(match op {
+                    Op::Free => Request::Free { region },
+                    _ => Request::Commit { region },
                 })
             }
             Op::Read | Op::Write => Self::decode_batch(op, body),
@@ -591,7 +641,12 @@ pub fn encode_ping(buf: &mut Vec<u8>, tag: u64) {
 
 /// Appends a whole `Alloc` frame.
 pub fn encode_alloc(buf: &mut Vec<u8>, tag: u64, region: u64, pages: u64) {
-    buf.extend_from_slice(&Header::new(Op::Alloc, 16, tag).encode());
+    encode_region_pages(buf, Op::Alloc, tag, region, pages);
+}
+
+/// Appends a whole `Alloc` or `MigrateIn` frame.
+pub fn encode_region_pages(buf: &mut Vec<u8>, op: Op, tag: u64, region: u64, pages: u64) {
+    buf.extend_from_slice(&Header::new(op, 16, tag).encode());
     buf.extend_from_slice(&region.to_le_bytes());
     buf.extend_from_slice(&pages.to_le_bytes());
 }
@@ -622,7 +677,12 @@ pub fn decode_opened(body: &[u8]) -> Result<u64, ProtocolError> {
 
 /// Appends a whole `Free` frame.
 pub fn encode_free(buf: &mut Vec<u8>, tag: u64, region: u64) {
-    buf.extend_from_slice(&Header::new(Op::Free, 8, tag).encode());
+    encode_region(buf, Op::Free, tag, region);
+}
+
+/// Appends a whole `Free` or `Commit` frame.
+pub fn encode_region(buf: &mut Vec<u8>, op: Op, tag: u64, region: u64) {
+    buf.extend_from_slice(&Header::new(op, 8, tag).encode());
     buf.extend_from_slice(&region.to_le_bytes());
 }
 
@@ -808,6 +868,21 @@ mod tests {
         let mut buf = Vec::new();
         encode_ping(&mut buf, 8);
         assert_eq!(decode_frame(&buf).map(|f| f.1), Ok(Request::Ping));
+        buf.clear();
+        encode_region_pages(&mut buf, Op::MigrateIn, 3, 4, 5);
+        assert_eq!(
+            decode_frame(&buf).map(|f| f.1),
+            Ok(Request::MigrateIn {
+                region: 4,
+                pages: 5
+            })
+        );
+        buf.clear();
+        encode_region(&mut buf, Op::Commit, 3, 4);
+        assert_eq!(
+            decode_frame(&buf).map(|f| f.1),
+            Ok(Request::Commit { region: 4 })
+        );
         let mut buf = Vec::new();
         encode_alloc(&mut buf, 2, 4, 100);
         assert_eq!(

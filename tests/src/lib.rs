@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests in tests/tests/: where the binaries and guest images
 //! are, and running `vnode` with a deadline.
 
+pub mod prom;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -375,7 +375,8 @@ fn no_key_or_credential_crosses_the_wire() {
     let client_wire = client_wire.join().expect("relay");
     let server_wire = server_wire.join().expect("relay");
     assert!(
-        client_wire.len() > PAGE_SIZE && server_wire.len() > 8 * PAGE_SIZE,
+        // A live migration skips zero pages: the written page crosses, the 7 others do not.
+        client_wire.len() > PAGE_SIZE && server_wire.len() > PAGE_SIZE,
         "traffic recorded"
     );
     for (wire, name) in [(&client_wire, "client"), (&server_wire, "server-to-server")] {

@@ -225,11 +225,12 @@ fn bad_disks_fail_with_one_line() {
         format!("nbd://{}/disk", l.local_addr().unwrap())
     };
     let missing = dir.path("missing.img").display().to_string();
-    for (disk, expect) in [
-        (missing.as_str(), "cannot open"),
-        ("ftp://host/disk", "invalid --disk"),
-        ("nbd://host:notaport/disk", "invalid --disk"),
-        (refused.as_str(), "refused"),
+    // A malformed value is a usage error (250); one that cannot be opened, a set-up error (251).
+    for (disk, expect, code) in [
+        (missing.as_str(), "cannot open", 251),
+        ("ftp://host/disk", "invalid --disk", 250),
+        ("nbd://host:notaport/disk", "invalid --disk", 250),
+        (refused.as_str(), "refused", 251),
     ] {
         let f = run_with_deadline(
             Command::new(bin("vnode"))
@@ -238,7 +239,7 @@ fn bad_disks_fail_with_one_line() {
                 .args(["--cmdline", "test=blk", "--disk", disk]),
             Duration::from_secs(60),
         );
-        assert_eq!(f.status.code(), Some(1), "{disk}: {}", f.stderr);
+        assert_eq!(f.status.code(), Some(code), "{disk}: {}", f.stderr);
         let lines: Vec<_> = f.stderr.lines().collect();
         assert_eq!(lines.len(), 1, "{disk}: {}", f.stderr);
         assert!(lines[0].contains(expect), "{disk}: {}", f.stderr);
@@ -357,7 +358,7 @@ fn unknown_export_fails_with_one_line() {
             .args(["--cmdline", "test=blk", "--disk", &server.uri("nope")]),
         Duration::from_secs(60),
     );
-    assert_eq!(f.status.code(), Some(1), "{}", f.stderr);
+    assert_eq!(f.status.code(), Some(251), "{}", f.stderr);
     assert_eq!(f.stderr.lines().count(), 1, "{}", f.stderr);
     assert!(f.stderr.contains("disk 0: nbd:"), "{}", f.stderr);
     assert!(f.stderr.contains("nope"), "{}", f.stderr);

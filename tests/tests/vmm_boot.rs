@@ -59,7 +59,7 @@ fn preallocated_ram_runs_the_workload_and_is_refused_with_remote_memory() {
     c.args(["run", "--kernel", tg.to_str().unwrap(), "--mem-prealloc"])
         .args(["--mem-server", "local", "--local-mem", "64M"]);
     let f = run_with_deadline(&mut c, Duration::from_secs(60));
-    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert_eq!(f.status.code(), Some(250), "a usage error: {}", f.stderr);
     assert!(f.stderr.contains("cannot be used with"), "{}", f.stderr);
 }
 

@@ -209,8 +209,8 @@ fn dead_memory_server_stops_the_vm_naming_it() {
     let f = run_and_interrupt(&addr, || memd.kill());
     assert_eq!(
         f.status.code(),
-        Some(1),
-        "stdout:\n{}\nstderr:\n{}",
+        Some(252),
+        "a fatal error at run time; stdout:\n{}\nstderr:\n{}",
         f.stdout,
         f.stderr
     );
@@ -255,7 +255,7 @@ fn missing_secret_and_bad_local_mem_are_refused() {
     );
     cmd.env_remove("VNODE_SECRET");
     let f = run_with_deadline(&mut cmd, Duration::from_secs(60));
-    assert_eq!(f.status.code(), Some(1));
+    assert_eq!(f.status.code(), Some(250), "{}", f.stderr);
     assert!(f.stderr.contains("no memory credential"), "{}", f.stderr);
     let mut cmd = vnode_testguest(
         "256M",
@@ -264,7 +264,7 @@ fn missing_secret_and_bad_local_mem_are_refused() {
         &["--mem-server", "local", "--local-mem", "1G"],
     );
     let f = run_with_deadline(&mut cmd, Duration::from_secs(60));
-    assert_eq!(f.status.code(), Some(1));
+    assert_eq!(f.status.code(), Some(250), "{}", f.stderr);
     assert!(f.stderr.contains("--local-mem"), "{}", f.stderr);
 }
 
@@ -297,6 +297,6 @@ fn guest_ram_is_freed_on_the_server_when_the_vm_exits_and_kept_when_it_is_killed
     let mut cmd = vnode_testguest("256M", 1, cmdline, &args);
     cmd.env("VNODE_SECRET", "test-secret");
     let f = run_with_deadline(&mut cmd, DEADLINE);
-    assert_eq!(f.status.code(), Some(1), "{}", f.stderr);
+    assert_eq!(f.status.code(), Some(251), "{}", f.stderr);
     assert!(f.stderr.contains("capacity exceeded"), "{}", f.stderr);
 }

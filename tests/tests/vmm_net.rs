@@ -376,24 +376,35 @@ fn bad_net_values_fail_with_one_line() {
     // Hold the TAP the way vnode would: a second opener gets EBUSY.
     let held = hold_tap(&tap.name);
     let cases = [
-        ("tap=lo".to_owned(), "lo exists and is not a TAP device"),
-        ("tap=".to_owned(), "must be 1 to 15 bytes"),
-        ("tap=abcdefghijklmnop".to_owned(), "must be 1 to 15 bytes"),
-        ("tap=a/b".to_owned(), "must be 1 to 15 bytes"),
+        // Malformed values are usage errors (250); a TAP that cannot be used, set-up errors (251).
+        (
+            "tap=lo".to_owned(),
+            "lo exists and is not a TAP device",
+            251,
+        ),
+        ("tap=".to_owned(), "must be 1 to 15 bytes", 250),
+        (
+            "tap=abcdefghijklmnop".to_owned(),
+            "must be 1 to 15 bytes",
+            250,
+        ),
+        ("tap=a/b".to_owned(), "must be 1 to 15 bytes", 250),
         (
             "tap=x,mac=01:00:5e:00:00:01".to_owned(),
             "mac must be six hex bytes",
+            250,
         ),
         (
             "tap=x,mac=52:54:00:zz:00:01".to_owned(),
             "mac must be six hex bytes",
+            250,
         ),
-        ("tap0".to_owned(), "expected tap=NAME[,mac=MAC]"),
-        (format!("tap={}", tap.name), "is busy"),
+        ("tap0".to_owned(), "expected tap=NAME[,mac=MAC]", 250),
+        (format!("tap={}", tap.name), "is busy", 251),
     ];
-    for (spec, want) in cases {
+    for (spec, want, want_code) in cases {
         let (code, stderr) = bad_net(&spec);
-        assert_eq!(code, Some(1), "{spec}: {stderr}");
+        assert_eq!(code, Some(want_code), "{spec}: {stderr}");
         assert!(stderr.starts_with("vnode: error: "), "{spec}: {stderr}");
         assert!(stderr.contains(want), "{spec}: want {want:?} in {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{spec}: {stderr}");

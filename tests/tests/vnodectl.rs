@@ -43,7 +43,7 @@ fn scratch(name: &str) -> PathBuf {
 #[test]
 fn a_missing_kernel_is_a_clear_error() {
     let f = vnodectl(&["bench", "fio", "--", "--kernel", "/no/such/vmlinux"]);
-    assert_eq!(f.status.code(), Some(1), "{}", f.stderr);
+    assert_eq!(f.status.code(), Some(251), "{}", f.stderr);
     assert!(
         f.stderr
             .contains("vnodectl: error: kernel /no/such/vmlinux does not exist"),
@@ -56,7 +56,7 @@ fn a_missing_kernel_is_a_clear_error() {
 #[test]
 fn vnode_failing_to_build_the_vm_is_reported() {
     let f = bench_testguest(&["fio"], &["--disk", "/no/such/disk.img"]);
-    assert_eq!(f.status.code(), Some(1), "{}", f.stderr);
+    assert_eq!(f.status.code(), Some(252), "{}", f.stderr);
     assert!(
         f.stderr
             .contains("vnodectl: error: vnode failed: vnode: error:"),
@@ -65,7 +65,7 @@ fn vnode_failing_to_build_the_vm_is_reported() {
     );
     let d = doc(&f);
     assert_eq!(d["vnodectl"]["ok"], false);
-    assert_eq!(d["vnodectl"]["vnode_exit"], 1);
+    assert_eq!(d["vnodectl"]["vnode_exit"], 251, "vnode could not set up");
 }
 
 #[test]
@@ -74,7 +74,7 @@ fn a_guest_that_never_prints_the_protocol_is_a_clear_error() {
         &["fio-randread", "--runtime", "5"],
         &["--cmdline", "test=cpu"],
     );
-    assert_eq!(f.status.code(), Some(1), "{}", f.stderr);
+    assert_eq!(f.status.code(), Some(252), "{}", f.stderr);
     assert!(
         f.stderr.contains("no VNODE-JSON block on the console"),
         "{}",
@@ -271,7 +271,7 @@ fn a_failed_guest_job_fails_vnodectl() {
         .args(["--", "--kernel"])
         .arg(&fake);
     let f = run_with_deadline(&mut c, Duration::from_secs(60));
-    assert_eq!(f.status.code(), Some(1), "{}", f.stderr);
+    assert_eq!(f.status.code(), Some(252), "{}", f.stderr);
     assert!(
         f.stderr.contains(
             "the guest job reported an error: {\"error\":\"no such block device /dev/vdb\""

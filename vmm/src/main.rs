@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use vnode_common::cli::{self, Exit, ExitTable, Failure, Program, ResultExt};
 
 use vmm::config::{self, SerialOut, VmConfig};
 use vmm::runner::{self, Outcome};
@@ -22,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a guest and run it until it exits. vnode exits with the guest's status (0 = success).
+    /// Boot a guest and run it until it exits. vnode exits with the guest's status (0 = success;
+    /// 250-253 are vnode's own, see below).
     Run(RunArgs),
 }
 
@@ -200,6 +202,10 @@ fn remote_mem_config(
         .map(config::parse_size)
         .transpose()?
         .unwrap_or(mem_size);
+    // Checked here too (the builder checks it again) so that it is a usage error (250).
+    if !(1 << 20..=mem_size).contains(&local_mem) {
+        anyhow::bail!("--local-mem {local_mem} must be at least 1 MiB and at most --mem");
+    }
     let local = args.mem_server == ["local"];
     let auth = mem_auth(args, local)?;
     tracing::info!(vnode_id = %format_args!("{:#018x}", auth.vnode_id()), "vNode id");
@@ -249,37 +255,28 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
     Ok((cfg, args.stats))
 }
 
-fn run(args: RunArgs) -> anyhow::Result<Outcome> {
+/// Configuration errors exit 250, set-up errors 251, a fatal VM error 252; otherwise the guest's
+/// status (`vnode_common::cli`).
+fn run(args: RunArgs) -> Result<Exit, Failure> {
     init_sandbox(&args)?;
-    let (cfg, stats) = vm_config(args)?;
+    let (cfg, stats) = vm_config(args).usage()?;
     let vmm = vmm::builder::build(&cfg).context("cannot build the VM")?;
     let outcome = runner::run(vmm)?;
     if stats {
         eprintln!("{}", runner::stats_json());
     }
-    Ok(outcome)
+    match outcome {
+        Outcome::Guest(status) => Ok(Exit::Guest(status)),
+        Outcome::Fatal(msg) => Err(Failure::new(Exit::Runtime, anyhow::anyhow!(msg))),
+    }
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VNODE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Run(args) => match run(args) {
-            Ok(Outcome::Guest(status)) => ExitCode::from(status),
-            Ok(Outcome::Fatal(msg)) => {
-                eprintln!("vnode: error: {msg}");
-                ExitCode::from(1)
-            }
-            Err(e) => {
-                eprintln!("vnode: error: {e:#}");
-                ExitCode::from(1)
-            }
-        },
-    }
+    let program = Program {
+        default_log: "warn",
+        exits: ExitTable::Guest,
+    };
+    cli::main(program, |cli: Cli| match cli.command {
+        Command::Run(args) => run(args),
+    })
 }

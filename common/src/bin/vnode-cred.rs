@@ -9,9 +9,11 @@
 //! `credential-file=` read.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use vnode_common::cli::{self, Exit, ExitTable, Failure, Program, ResultExt};
 use vnode_common::{cred, secret, CLUSTER_KEY_ENV};
 
 #[derive(Debug, Parser)]
@@ -43,7 +45,7 @@ enum Kind {
     },
 }
 
-fn parse_id(s: &str) -> Result<u64, String> {
+fn parse_id(s: &str) -> std::result::Result<u64, String> {
     match s.strip_prefix("0x") {
         Some(h) => u64::from_str_radix(h, 16),
         None => s.parse(),
@@ -51,15 +53,25 @@ fn parse_id(s: &str) -> Result<u64, String> {
     .map_err(|e| format!("bad vNode id {s:?}: {e}"))
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    let key = secret::load(args.secret_file.as_deref(), CLUSTER_KEY_ENV)?.with_context(|| {
-        format!("no cluster key: give --secret-file PATH or set {CLUSTER_KEY_ENV}")
-    })?;
+fn run(args: Args) -> Result<Exit, Failure> {
+    let key = secret::load(args.secret_file.as_deref(), CLUSTER_KEY_ENV)
+        .usage()?
+        .with_context(|| {
+            format!("no cluster key: give --secret-file PATH or set {CLUSTER_KEY_ENV}")
+        })
+        .usage()?;
     let c = match args.kind {
         Kind::Mem { vnode_id } => cred::mem_credential(&key, vnode_id),
         Kind::Blk { export } => cred::blk_credential(&key, &export),
     };
     println!("{}", c.to_hex());
-    Ok(())
+    Ok(Exit::Success)
+}
+
+fn main() -> ExitCode {
+    let program = Program {
+        default_log: "warn",
+        exits: ExitTable::Standard,
+    };
+    cli::main(program, run)
 }

@@ -17,9 +17,14 @@ enum ToyCmd {
 
 #[derive(clap::Parser, Debug)]
 #[command(name = "flat")]
+#[command(group = clap::ArgGroup::new("addr").required(true).args(["listen", "socket"]))]
 struct Flat {
     #[arg(long)]
-    listen: String,
+    listen: Option<String>,
+    #[arg(long)]
+    socket: Option<String>,
+    #[arg(long)]
+    size: String,
 }
 
 const P: Program = Program {
@@ -118,6 +123,11 @@ fn generate_needs_no_other_argument_and_builds_everything() {
     // Not with anything else.
     let cmd = command::<Flat>(P);
     assert!(parse::<Flat>(cmd, args(&["flat", "--listen", "x", "--generate", "man"])).is_err());
+    let cmd = command::<Flat>(P);
+    assert!(matches!(
+        parse::<Flat>(cmd, args(&["flat", "--listen", "x", "--size", "1"])),
+        Ok(Action::Run(..))
+    ));
 }
 
 #[test]

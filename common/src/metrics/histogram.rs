@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
 
 /// log2 of the buckets per power of two.
 const SUB_BITS: u32 = 5;
@@ -148,6 +150,54 @@ impl EncodeMetric for LatencyHistogram {
 
     fn metric_type(&self) -> MetricType {
         MetricType::Histogram
+    }
+}
+
+/// Several latency histograms under one name, told apart by one label (e.g. `op="read"`),
+/// exposed as `NAME_seconds`.
+#[derive(Debug)]
+pub struct LatencyFamily {
+    name: String,
+    help: String,
+    label: String,
+    members: Vec<(String, LatencyHistogram)>,
+}
+
+impl LatencyFamily {
+    /// Registers `members` as `name`_seconds{`label`="..."}.
+    pub fn register(
+        registry: &mut Registry,
+        name: &str,
+        help: &str,
+        label: &str,
+        members: Vec<(&str, LatencyHistogram)>,
+    ) {
+        registry.register_collector(Box::new(LatencyFamily {
+            name: name.to_owned(),
+            help: help.to_owned(),
+            label: label.to_owned(),
+            members: members
+                .into_iter()
+                .map(|(v, h)| (v.to_owned(), h))
+                .collect(),
+        }));
+    }
+}
+
+impl Collector for LatencyFamily {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let unit = Unit::Seconds;
+        let mut enc = encoder.encode_descriptor(
+            &self.name,
+            &self.help,
+            Some(&unit),
+            MetricType::Histogram,
+        )?;
+        for (value, h) in &self.members {
+            let labels = [(self.label.as_str(), value.as_str())];
+            h.encode(enc.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

@@ -129,7 +129,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::metrics::{encode, LatencyHistogram};
+    use crate::metrics::{encode, LatencyFamily, LatencyHistogram};
 
     #[test]
     fn sampled_values_are_read_at_each_scrape() {
@@ -145,13 +145,19 @@ mod tests {
         });
         let h = LatencyHistogram::new();
         h.record_us(40);
-        r.register("demo_read_seconds", "Read service time", h);
+        r.register("demo_read_seconds", "Read service time", h.clone());
+        LatencyFamily::register(&mut r, "demo_op", "Per op", "op", vec![("read", h)]);
         let text = encode(&r);
         assert!(text.contains("# TYPE demo_pages_read counter\n"), "{text}");
         assert!(text.contains("\ndemo_pages_read_total 3\n"), "{text}");
         assert!(text.contains("\ndemo_connections 2\n"), "{text}");
         assert!(text.contains("\ndemo_bytes{vnode=\"7\"} 4096\n"), "{text}");
         assert!(text.contains("demo_read_seconds_count 1\n"), "{text}");
+        assert!(text.contains("# UNIT demo_op_seconds seconds\n"), "{text}");
+        assert!(
+            text.contains("demo_op_seconds_count{op=\"read\"} 1\n"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"), "{text}");
         n.store(5, Ordering::Relaxed);
         assert!(encode(&r).contains("\ndemo_pages_read_total 5\n"));

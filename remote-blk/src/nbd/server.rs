@@ -23,6 +23,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+use vnode_common::metrics::LatencyHistogram;
 use vnode_common::secret::Secret;
 
 use super::protocol::*;
@@ -98,10 +99,13 @@ impl Default for ServerOptions {
     }
 }
 
-/// Server-wide counters of what clients did; logged (debug) when a connection ends.
+/// Server-wide counters of what clients did; logged (debug) when a connection ends and exposed
+/// by `--metrics-listen` (`crate::metrics`).
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Connections accepted, and those open now.
     pub connections: AtomicU64,
+    pub open_connections: AtomicU64,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub bytes_read: AtomicU64,
@@ -110,6 +114,33 @@ pub struct Stats {
     pub auth_failures: AtomicU64,
     /// Connections closed at accept because `max_connections` were open.
     pub busy_refused: AtomicU64,
+    /// Service time of each request by command, from its decoding to its reply being queued
+    /// (a sendfile read: sent).
+    pub latency: OpLatency,
+}
+
+/// A latency histogram per NBD command.
+#[derive(Debug, Default)]
+pub struct OpLatency {
+    pub read: LatencyHistogram,
+    pub write: LatencyHistogram,
+    pub flush: LatencyHistogram,
+    pub trim: LatencyHistogram,
+    pub write_zeroes: LatencyHistogram,
+    pub other: LatencyHistogram,
+}
+
+impl OpLatency {
+    pub fn of(&self, kind: u16) -> &LatencyHistogram {
+        match kind {
+            CMD_READ => &self.read,
+            CMD_WRITE => &self.write,
+            CMD_FLUSH => &self.flush,
+            CMD_TRIM => &self.trim,
+            CMD_WRITE_ZEROES => &self.write_zeroes,
+            _ => &self.other,
+        }
+    }
 }
 
 /// Where the server listens.
@@ -202,8 +233,9 @@ impl Server {
                 }
                 continue;
             }
+            self.stats.open_connections.fetch_add(1, Ordering::Relaxed);
             let server = Arc::clone(self);
-            thread::Builder::new()
+            let spawned = thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
                     if let Err(e) = server.handle(stream) {
@@ -211,6 +243,7 @@ impl Server {
                     }
                     server.live.fetch_sub(1, Ordering::AcqRel);
                     let st = &server.stats;
+                    st.open_connections.fetch_sub(1, Ordering::Relaxed);
                     tracing::debug!(
                         conn = id,
                         requests = st.requests.load(Ordering::Relaxed),
@@ -219,7 +252,12 @@ impl Server {
                         bytes_written = st.bytes_written.load(Ordering::Relaxed),
                         "connection closed; server totals"
                     );
-                })?;
+                });
+            if let Err(e) = spawned {
+                self.stats.open_connections.fetch_sub(1, Ordering::Relaxed);
+                self.live.fetch_sub(1, Ordering::AcqRel);
+                return Err(e.into());
+            }
         }
     }
 

@@ -14,6 +14,10 @@ fn reencode(h: &Header, req: &Request<'_>) -> Vec<u8> {
         Request::Ping => protocol::encode_ping(&mut b, h.tag),
         Request::Alloc { region, pages } => protocol::encode_alloc(&mut b, h.tag, region, pages),
         Request::Free { region } => protocol::encode_free(&mut b, h.tag, region),
+        Request::MigrateIn { region, pages } => {
+            protocol::encode_region_pages(&mut b, Op::MigrateIn, h.tag, region, pages)
+        }
+        Request::Commit { region } => protocol::encode_region(&mut b, Op::Commit, h.tag, region),
         Request::Open { region, pages } => protocol::encode_open(&mut b, h.tag, region, pages),
         Request::Migrate { region, target } => {
             protocol::encode_migrate(&mut b, h.tag, region, target)

@@ -16,10 +16,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use clap::Parser;
 use remote_mem::server::{Server, ServerConfig};
 use remote_mem::transport::tcp::spin_until_readable;
 use remote_mem::ClientAuth;
 use remote_mem::{MemClient, PAGE_SIZE};
+use vnode_common::cli::{self, Exit, ExitTable, Failure, Program, ResultExt};
 use vnode_common::secret::Secret;
 
 const SECRET: &[u8] = b"bench-secret";
@@ -282,25 +284,41 @@ fn pin_to(cpu: usize) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let mut n = 20_000usize;
-    let mut placement = String::from("any");
-    let mut spin = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == "--placement" {
-            placement = args.next().context("--placement any|same|split")?;
-        } else if a == "--spin-us" {
-            let us: u64 = args.next().context("--spin-us N")?.parse()?;
-            spin = Some(Duration::from_micros(us));
-        } else {
-            n = a.parse().context(
-                "usage: vnode-mem-bench [ITERATIONS] [--placement any|same|split] [--spin-us N]",
-            )?;
-        }
-    }
+/// Page-read round trips and throughput of vnode-memd over loopback, beside a raw TCP echo.
+#[derive(Parser)]
+#[command(name = "vnode-mem-bench")]
+struct Args {
+    /// Round trips per latency line.
+    #[arg(default_value_t = 20_000)]
+    iterations: usize,
+    /// Thread placement: any (the scheduler's), same (all on CPU 0), split (servers on CPU 1,
+    /// client on CPU 0).
+    #[arg(long, default_value = "any", value_parser = ["any", "same", "split"])]
+    placement: String,
+    /// Clients busy-poll this many microseconds for each reply before sleeping.
+    #[arg(long, value_name = "N")]
+    spin_us: Option<u64>,
+}
+
+fn main() -> std::process::ExitCode {
+    let program = Program {
+        default_log: "warn",
+        exits: ExitTable::Standard,
+    };
+    cli::main(program, |a: Args| {
+        bench(
+            a.iterations,
+            &a.placement,
+            a.spin_us.map(Duration::from_micros),
+        )
+        .runtime()?;
+        Ok::<_, Failure>(Exit::Success)
+    })
+}
+
+fn bench(n: usize, placement: &str, spin: Option<Duration>) -> Result<()> {
     // Servers' threads inherit the affinity of the thread that creates them.
-    match placement.as_str() {
+    match placement {
         "any" => {}
         "same" => pin_to(0)?,
         "split" => pin_to(1)?,

@@ -2,29 +2,31 @@
 //! in `protocol.rs`). Buffers are per connection and reused, so a steady stream of page reads
 //! and writes allocates nothing.
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use super::metrics::Metrics;
-use super::store::StoreError;
+use super::store::{Region, StoreError};
 use super::Shared;
-use crate::client::MemClient;
 use crate::protocol::{
-    self, ErrorCode, Header, Op, PageList, ProtocolError, Request, HEADER_LEN, PAGE_SIZE, VERSION,
+    self, AuthRole, ErrorCode, Header, Op, PageList, ProtocolError, Request, HEADER_LEN, PAGE_SIZE,
+    VERSION,
 };
 use crate::transport::Conn;
-
-/// Pages copied per frame when migrating a region.
-const MIGRATE_CHUNK: usize = protocol::MAX_BATCH;
-/// Longest a migration waits on the target for any one step.
-const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct ConnState<'a, C: Conn> {
     conn: C,
     shared: &'a Shared,
     body: Vec<u8>,
     out: Vec<u8>,
+    /// The authenticated vNode, once the handshake is done.
+    vnode: Option<u64>,
+    /// Regions migrating in over this (role 1) connection, not yet committed: dropped when the
+    /// connection ends, so a source that dies or gives up leaves nothing behind.
+    incoming: HashMap<u64, Arc<Region>>,
 }
 
 /// What to do after a reply is sent.
@@ -40,13 +42,21 @@ pub(super) fn serve<C: Conn>(conn: C, shared: &Shared) {
         shared,
         body: Vec::with_capacity(64 * 1024),
         out: Vec::with_capacity(HEADER_LEN + 64 * 1024),
+        vnode: None,
+        incoming: HashMap::new(),
     };
     tracing::debug!(%peer, "connection opened");
     let deadline = Instant::now() + shared.cfg.handshake_timeout;
-    let r = st.handshake(deadline).and_then(|vnode| match vnode {
-        Some(v) => st.run(v),
+    let r = st.handshake(deadline).and_then(|who| match who {
+        Some((v, role)) => st.run(v, role),
         None => Ok(()),
     });
+    if let Some(vnode) = st.vnode {
+        for (region, r) in st.incoming.drain() {
+            tracing::warn!(%peer, vnode, region, "migration into this server ended before its commit; incoming copy dropped");
+            shared.store.abort_incoming(vnode, r);
+        }
+    }
     match r {
         Ok(()) => tracing::debug!(%peer, "connection closed"),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -87,9 +97,9 @@ pub(super) fn refuse_busy(stream: TcpStream, shared: &Shared) {
 }
 
 impl<C: Conn> ConnState<'_, C> {
-    /// Challenge, hello, hello-ok, all by `deadline`. Returns the authenticated vNode id, or
-    /// `None` when the client was refused.
-    fn handshake(&mut self, deadline: Instant) -> io::Result<Option<u64>> {
+    /// Challenge, hello, hello-ok, all by `deadline`. Returns the authenticated vNode id and
+    /// role, or `None` when the client was refused.
+    fn handshake(&mut self, deadline: Instant) -> io::Result<Option<(u64, AuthRole)>> {
         let nonce = vnode_common::cred::nonce().map_err(io::Error::other)?;
         self.out.clear();
         protocol::encode_challenge(&mut self.out, &nonce);
@@ -103,29 +113,33 @@ impl<C: Conn> ConnState<'_, C> {
             Ok(h) if h.op == Op::Hello => h,
             // Refused before its body is read: no unauthenticated peer makes us buffer a
             // megabyte.
-            Ok(_) => return self.refuse(tag, ErrorCode::Auth, "hello required first"),
+            Ok(_) => {
+                return self
+                    .refuse(tag, ErrorCode::Auth, "hello required first")
+                    .map(|_| None)
+            }
             Err(ProtocolError::BadVersion(v)) => {
                 let msg = format!(
                     "protocol version {v} is not spoken here: this server speaks version \
                      {VERSION} (upgrade the client)"
                 );
-                return self.refuse(tag, ErrorCode::Version, &msg);
+                return self.refuse(tag, ErrorCode::Version, &msg).map(|_| None);
             }
-            Err(e) => return self.refuse(tag, e.code(), &e.to_string()),
+            Err(e) => return self.refuse(tag, e.code(), &e.to_string()).map(|_| None),
         };
         self.body.resize(h.len, 0);
         self.conn.recv_exact_by(&mut self.body[..h.len], deadline)?;
         let hello = match Request::decode(&h, &self.body[..h.len]) {
             Ok(Request::Hello(hello)) => hello,
             Ok(_) => unreachable!("a Hello header decodes to a Hello"),
-            Err(e) => return self.refuse(tag, e.code(), &e.to_string()),
+            Err(e) => return self.refuse(tag, e.code(), &e.to_string()).map(|_| None),
         };
         let Some(proof) = self.shared.keys.check(&nonce, &hello) else {
             let msg = format!(
                 "wrong credential for vNode {:#x} ({:?} role)",
                 hello.vnode_id, hello.role
             );
-            return self.refuse(tag, ErrorCode::Auth, &msg);
+            return self.refuse(tag, ErrorCode::Auth, &msg).map(|_| None);
         };
         tracing::debug!(peer = self.conn.peer(), vnode_id = hello.vnode_id, role = ?hello.role, "authenticated");
         let store = &self.shared.store;
@@ -141,10 +155,11 @@ impl<C: Conn> ConnState<'_, C> {
         // From here the client may be quiet for long (a fault thread waits for faults); one
         // that is quiet longer than the idle timeout without a Ping is closed.
         self.conn.set_timeout(self.shared.cfg.idle_timeout)?;
-        Ok(Some(hello.vnode_id))
+        self.vnode = Some(hello.vnode_id);
+        Ok(Some((hello.vnode_id, hello.role)))
     }
 
-    fn run(&mut self, vnode: u64) -> io::Result<()> {
+    fn run(&mut self, vnode: u64, role: AuthRole) -> io::Result<()> {
         let mut hb = [0u8; HEADER_LEN];
         loop {
             self.conn.recv_exact(&mut hb)?;
@@ -164,7 +179,7 @@ impl<C: Conn> ConnState<'_, C> {
             self.conn.recv_exact(&mut self.body[..h.len])?;
             let body = std::mem::take(&mut self.body);
             let next = match Request::decode(&h, &body[..h.len]) {
-                Ok(req) => self.handle(tag, vnode, req),
+                Ok(req) => self.handle(tag, vnode, role, req),
                 Err(e) => self
                     .refuse(tag, e.code(), &e.to_string())
                     .map(|_| Next::Close),
@@ -178,7 +193,7 @@ impl<C: Conn> ConnState<'_, C> {
     }
 
     /// Sends an error; the caller ends the connection (the stream can no longer be trusted).
-    fn refuse(&mut self, tag: u64, code: ErrorCode, msg: &str) -> io::Result<Option<u64>> {
+    fn refuse(&mut self, tag: u64, code: ErrorCode, msg: &str) -> io::Result<()> {
         let m = &self.shared.metrics;
         Metrics::add(
             if code == ErrorCode::Auth {
@@ -194,13 +209,44 @@ impl<C: Conn> ConnState<'_, C> {
         self.out.clear();
         protocol::encode_error(&mut self.out, tag, code, msg);
         self.conn.send(&mut [IoSlice::new(&self.out)])?;
-        Ok(None)
+        Ok(())
     }
 
     /// Serves one request of an authenticated connection. Every region it names belongs to
     /// `vnode`, the connection's authenticated id: no request carries a vNode id.
-    fn handle(&mut self, tag: u64, vnode: u64, req: Request<'_>) -> io::Result<Next> {
+    fn handle(
+        &mut self,
+        tag: u64,
+        vnode: u64,
+        role: AuthRole,
+        req: Request<'_>,
+    ) -> io::Result<Next> {
         self.out.clear();
+        self.execute(tag, vnode, role, req)
+    }
+
+    /// Serves an authenticated request and sends its reply; its service time is recorded
+    /// before the reply goes out, so a client that got its reply finds it in the metrics.
+    fn execute(
+        &mut self,
+        tag: u64,
+        vnode: u64,
+        role: AuthRole,
+        req: Request<'_>,
+    ) -> io::Result<Next> {
+        let started = Instant::now();
+        let lat = &self.shared.metrics.latency;
+        let hist = match &req {
+            Request::Read { .. } => Some(&lat.read),
+            Request::Write { .. } => Some(&lat.write),
+            Request::Alloc { .. } => Some(&lat.alloc),
+            Request::Open { .. } => Some(&lat.open),
+            Request::Free { .. } => Some(&lat.free),
+            Request::Migrate { .. } | Request::MigrateIn { .. } | Request::Commit { .. } => {
+                Some(&lat.migrate)
+            }
+            _ => None,
+        };
         let store = &self.shared.store;
         let result = match req {
             Request::Read { region, pages } => self.read(tag, vnode, region, pages),
@@ -208,16 +254,23 @@ impl<C: Conn> ConnState<'_, C> {
                 region,
                 pages,
                 data,
-            } => store
-                .region(vnode, region)
-                .and_then(|r| r.write(pages, data, store.sync()))
-                .map(|()| Metrics::add(&self.shared.metrics.pages_written, pages.len() as u64)),
+            } => match self.incoming.get(&region) {
+                // Only a role-1 connection has incoming regions.
+                Some(r) => Ok(Arc::clone(r)),
+                None => store.region(vnode, region),
+            }
+            .and_then(|r| r.write(pages, data, store.sync()))
+            .map(|()| Metrics::add(&self.shared.metrics.pages_written, pages.len() as u64)),
             Request::Alloc { region, pages } => store.alloc(vnode, region, pages),
             Request::Free { region } => store.free(vnode, region),
             Request::Open { region, pages } => store
                 .open_region(vnode, region, pages)
                 .map(|size| protocol::encode_opened(&mut self.out, tag, size)),
-            Request::Migrate { region, target } => self.migrate(vnode, region, target),
+            Request::Migrate { region, target } => {
+                super::migrate::migrate_out(self.shared, vnode, region, target)
+            }
+            Request::MigrateIn { region, pages } => self.migrate_in(vnode, role, region, pages),
+            Request::Commit { region } => self.commit(vnode, role, region),
             Request::Ping => Ok(()),
             Request::Hello(_) => unreachable!("refused by run()"),
         };
@@ -232,6 +285,9 @@ impl<C: Conn> ConnState<'_, C> {
                 self.out.clear();
                 protocol::encode_error(&mut self.out, tag, e.code(), &e.to_string());
             }
+        }
+        if let Some(h) = hist {
+            h.record(started.elapsed());
         }
         self.conn.send(&mut [IoSlice::new(&self.out)])?;
         Ok(Next::Continue)
@@ -252,43 +308,52 @@ impl<C: Conn> ConnState<'_, C> {
         Ok(())
     }
 
-    /// Copies the region to `target` with writers held off, then hands it over.
-    fn migrate(&mut self, vnode: u64, region: u64, target: &str) -> Result<(), StoreError> {
-        let store = &self.shared.store;
-        let r = store.region(vnode, region)?;
-        // The servers' own credential, proven by challenge-response: the target sees nonces
-        // and proofs, never a key, and must prove it holds the cluster key before it gets a
-        // single page.
-        let auth = self.shared.keys.as_client(vnode);
-        tracing::info!(vnode, region, target, pages = r.pages, "migrating region");
-        let copied = r.move_out(target, |pages| -> Result<(), String> {
-            let mut c = MemClient::connect(target, &auth).map_err(|e| e.to_string())?;
-            c.set_timeout(Some(MIGRATE_TIMEOUT))
-                .map_err(|e| e.to_string())?;
-            c.alloc_region(region, r.pages).map_err(|e| e.to_string())?;
-            let mut idx: Vec<u64> = Vec::with_capacity(MIGRATE_CHUNK);
-            let mut buf = Vec::with_capacity(MIGRATE_CHUNK * PAGE_SIZE);
-            for first in (0..pages.count).step_by(MIGRATE_CHUNK) {
-                let n = (pages.count - first).min(MIGRATE_CHUNK as u64);
-                idx.clear();
-                idx.extend(first..first + n);
-                buf.clear();
-                pages.read(first, n, &mut buf).map_err(|e| e.to_string())?;
-                c.write_pages(region, &idx, &buf)
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok(())
-        })?;
-        if let Err(e) = copied {
-            tracing::warn!(vnode, region, target, error = %e, "migration failed; region stays here");
-            return Err(StoreError::Migrate {
-                target: target.to_string(),
-                reason: e.to_string(),
-            });
+    /// The target side of a migration: an incoming region owned by this connection.
+    fn migrate_in(
+        &mut self,
+        vnode: u64,
+        role: AuthRole,
+        region: u64,
+        pages: u64,
+    ) -> Result<(), StoreError> {
+        if role != AuthRole::Server {
+            return Err(StoreError::ServerOnly { what: "MigrateIn" });
         }
-        store.mark_moved(vnode, region, target)?;
-        Metrics::add(&self.shared.metrics.regions_migrated, 1);
-        tracing::info!(vnode, region, target, "region migrated");
+        if self.incoming.contains_key(&region) {
+            return Err(StoreError::Migrating { region });
+        }
+        let r = self.shared.store.alloc_incoming(vnode, region, pages)?;
+        tracing::info!(
+            peer = self.conn.peer(),
+            vnode,
+            region,
+            pages,
+            "region migrating in"
+        );
+        self.incoming.insert(region, r);
+        Ok(())
+    }
+
+    /// The target's commit point: the incoming region becomes this server's.
+    fn commit(&mut self, vnode: u64, role: AuthRole, region: u64) -> Result<(), StoreError> {
+        if role != AuthRole::Server {
+            return Err(StoreError::ServerOnly { what: "Commit" });
+        }
+        let r = self
+            .incoming
+            .remove(&region)
+            .ok_or(StoreError::NoIncoming { region })?;
+        let store = &self.shared.store;
+        if let Err(e) = store.commit_incoming(vnode, Arc::clone(&r)) {
+            store.abort_incoming(vnode, r);
+            return Err(e);
+        }
+        tracing::info!(
+            peer = self.conn.peer(),
+            vnode,
+            region,
+            "migrated region committed here"
+        );
         Ok(())
     }
 }

@@ -96,8 +96,9 @@ impl MemLog {
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
-            if name.ends_with(".tmp") {
-                // A creation interrupted by a crash: the region was never acknowledged.
+            if name.ends_with(".tmp") || name.ends_with(".incoming") {
+                // A creation interrupted by a crash: the region was never acknowledged. Or a
+                // migration into this server that never committed: its source still owns it.
                 let _ = fs::remove_file(&path);
                 continue;
             }
@@ -147,7 +148,42 @@ impl MemLog {
 
     /// Creates the file of a new region (its blocks reserved), formatted and mapped.
     pub fn create(&self, vnode: u64, region: u64, pages: u64) -> Result<PageFile, LogError> {
+        self.create_at(self.path(vnode, region), pages)
+    }
+
+    /// Creates the file of a region migrating in: ignored (and deleted) at the next start
+    /// until [`MemLog::commit_incoming`] gives it its real name.
+    pub fn create_incoming(
+        &self,
+        vnode: u64,
+        region: u64,
+        pages: u64,
+    ) -> Result<PageFile, LogError> {
+        self.create_at(self.incoming_path(vnode, region), pages)
+    }
+
+    fn incoming_path(&self, vnode: u64, region: u64) -> PathBuf {
+        self.path(vnode, region).with_extension("incoming")
+    }
+
+    /// Makes an incoming region a region of this server (the migration's commit point here).
+    pub fn commit_incoming(&self, vnode: u64, region: u64) -> Result<(), LogError> {
         let path = self.path(vnode, region);
+        let err = |source| LogError::Create {
+            path: path.clone(),
+            source,
+        };
+        fs::rename(self.incoming_path(vnode, region), &path).map_err(err)?;
+        self.sync_dir().map_err(err)
+    }
+
+    /// Deletes the file of an incoming region that will not commit.
+    pub fn remove_incoming(&self, vnode: u64, region: u64) -> Result<(), LogError> {
+        let path = self.incoming_path(vnode, region);
+        fs::remove_file(&path).map_err(|source| LogError::Remove { path, source })
+    }
+
+    fn create_at(&self, path: PathBuf, pages: u64) -> Result<PageFile, LogError> {
         let tmp = path.with_extension("tmp");
         let create_err = |source| LogError::Create {
             path: path.clone(),

@@ -1,8 +1,12 @@
-//! Server counters, and a rate limit for log lines that remote peers can trigger.
+//! Server counters and per-request latency histograms (logged by `--stats-interval`, exposed by
+//! `--metrics-listen`: `exposition.rs`), and a rate limit for log lines that remote peers can
+//! trigger.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use vnode_common::metrics::LatencyHistogram;
 
 /// Counters of what the server did; logged by `--stats-interval`.
 #[derive(Debug, Default)]
@@ -18,6 +22,19 @@ pub struct Metrics {
     pub busy_refused: AtomicU64,
     /// Connections closed for missing the handshake deadline or the idle timeout.
     pub timeouts: AtomicU64,
+    /// Service time of each request by kind, from its decoding to its reply being ready to send.
+    pub latency: OpLatency,
+}
+
+/// A latency histogram per request kind.
+#[derive(Debug, Default)]
+pub struct OpLatency {
+    pub read: LatencyHistogram,
+    pub write: LatencyHistogram,
+    pub alloc: LatencyHistogram,
+    pub open: LatencyHistogram,
+    pub free: LatencyHistogram,
+    pub migrate: LatencyHistogram,
 }
 
 impl Metrics {

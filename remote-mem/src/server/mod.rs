@@ -9,9 +9,11 @@
 //! by side.
 
 mod conn;
+mod exposition;
 pub mod log;
 pub mod mapping;
 pub mod metrics;
+mod migrate;
 pub mod pagefile;
 pub mod store;
 
@@ -69,6 +71,8 @@ pub struct ServerConfig {
     pub max_regions_per_vnode: usize,
     /// Pages one vNode may hold on this server, over all its regions.
     pub max_pages_per_vnode: u64,
+    /// Most bytes a second one outgoing migration sends (`None`: as fast as it goes).
+    pub migrate_bandwidth: Option<u64>,
 }
 
 impl ServerConfig {
@@ -86,6 +90,7 @@ impl ServerConfig {
             idle_timeout: Some(Duration::from_secs(15 * 60)),
             max_regions_per_vnode: 64,
             max_pages_per_vnode: capacity_pages,
+            migrate_bandwidth: None,
         }
     }
 }

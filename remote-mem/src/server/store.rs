@@ -5,7 +5,7 @@
 //! own `RwLock` over its pages, so connections working on different regions never contend,
 //! and readers of one region share it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -73,6 +73,12 @@ pub enum StoreError {
     },
     #[error("migration to {target} failed: {reason}")]
     Migrate { target: String, reason: String },
+    #[error("region {region} is already being migrated")]
+    Migrating { region: u64 },
+    #[error("{what} is for memory servers only")]
+    ServerOnly { what: &'static str },
+    #[error("no incoming region {region} on this connection")]
+    NoIncoming { region: u64 },
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -88,6 +94,12 @@ impl StoreError {
             StoreError::Empty => ErrorCode::Malformed,
             StoreError::OutOfRange { .. } => ErrorCode::OutOfRange,
             StoreError::Limit { .. } => ErrorCode::Limit,
+            StoreError::Migrating { .. } => ErrorCode::Exists,
+            StoreError::ServerOnly { .. } => ErrorCode::Auth,
+            StoreError::NoIncoming { region } => {
+                let _ = region;
+                ErrorCode::NoRegion
+            }
             StoreError::Log(LogError::NoSpace { .. }) => ErrorCode::NoSpace,
             StoreError::Map { .. }
             | StoreError::Log(_)
@@ -136,9 +148,11 @@ pub struct Pages<'a> {
 }
 
 impl Pages<'_> {
-    /// Appends pages `first..first + n` to `out`.
-    pub fn read(&self, first: u64, n: u64, out: &mut Vec<u8>) -> Result<(), StoreError> {
-        (first..first + n).try_for_each(|p| self.backing.read(self.region, p, out))
+    /// Appends `pages` (in range) to `out`, in order.
+    pub fn read_list(&self, pages: &[u64], out: &mut Vec<u8>) -> Result<(), StoreError> {
+        pages
+            .iter()
+            .try_for_each(|&p| self.backing.read(self.region, p, out))
     }
 }
 
@@ -147,6 +161,9 @@ struct RegionState {
     /// Set, under the write lock, when the region has been migrated: a request that was
     /// already waiting for the lock must not touch the stale copy.
     moved_to: Option<String>,
+    /// While a live migration copies the region out: one bit per page written since the copy
+    /// of that page was taken (see `migrate.rs`).
+    dirty: Option<Vec<u64>>,
 }
 
 impl RegionState {
@@ -187,6 +204,11 @@ impl Region {
         self.check(pages)?;
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
+        if let Some(bits) = st.dirty.as_mut() {
+            for p in pages.iter() {
+                bits[(p / 64) as usize] |= 1 << (p % 64);
+            }
+        }
         match &mut st.mem {
             Backing::Memory(m) => {
                 let m = m.as_mut_slice();
@@ -206,20 +228,84 @@ impl Region {
         }
     }
 
-    /// Migration: runs `copy` over all pages with every other request held off; when it
-    /// succeeds, the region is marked moved to `target` before anyone else gets in.
-    pub fn move_out<E>(
+    /// Starts tracking writes for a live migration (every page clean). Refused when the
+    /// region moved or another migration of it runs.
+    pub fn start_tracking(&self) -> Result<(), StoreError> {
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        st.check_moved(self.id)?;
+        if st.dirty.is_some() {
+            return Err(StoreError::Migrating { region: self.id });
+        }
+        st.dirty = Some(vec![0; self.pages.div_ceil(64) as usize]);
+        Ok(())
+    }
+
+    /// Ends tracking (a migration that failed or finished).
+    pub fn stop_tracking(&self) {
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        st.dirty = None;
+    }
+
+    /// Pages written since tracking started or since the last `take_dirty`.
+    pub fn dirty_count(&self) -> u64 {
+        let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+        st.dirty
+            .as_ref()
+            .map_or(0, |b| b.iter().map(|w| u64::from(w.count_ones())).sum())
+    }
+
+    /// Returns the dirty pages and marks them clean; a later write marks a page again.
+    pub fn take_dirty(&self) -> Vec<u64> {
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        st.dirty.as_deref_mut().map_or_else(Vec::new, take_bits)
+    }
+
+    /// Appends the contents of `pages` (in range) to `out` and their numbers to `copied`,
+    /// leaving out zero pages with `skip_zero`; under the read lock, so writers wait only for
+    /// this one batch.
+    pub fn copy_pages(
+        &self,
+        pages: &[u64],
+        skip_zero: bool,
+        copied: &mut Vec<u64>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+        st.check_moved(self.id)?;
+        for &p in pages {
+            let at = out.len();
+            st.mem.read(self.id, p, out)?;
+            if skip_zero && is_zero(&out[at..]) {
+                out.truncate(at);
+                continue;
+            }
+            copied.push(p);
+        }
+        Ok(())
+    }
+
+    /// The switch of a live migration: with every request on the region held off, hands
+    /// `finish` the region's memory and its last dirty pages; when `finish` succeeds the
+    /// region is marked moved to `target` before anyone else gets in. Tracking ends either way.
+    pub fn switch<E>(
         &self,
         target: &str,
-        copy: impl FnOnce(&Pages<'_>) -> Result<(), E>,
+        finish: impl FnOnce(&Pages<'_>, &[u64]) -> Result<(), E>,
     ) -> Result<Result<(), E>, StoreError> {
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         st.check_moved(self.id)?;
-        let r = copy(&Pages {
-            backing: &st.mem,
-            region: self.id,
-            count: self.pages,
-        });
+        let dirty = st
+            .dirty
+            .take()
+            .map_or_else(Vec::new, |mut b| take_bits(&mut b));
+        let r = finish(
+            &Pages {
+                backing: &st.mem,
+                region: self.id,
+                count: self.pages,
+            },
+            &dirty,
+        );
         if r.is_ok() {
             st.moved_to = Some(target.to_string());
         }
@@ -227,10 +313,31 @@ impl Region {
     }
 }
 
+/// Whether a page is all zero (64-byte blocks, so the inner loop vectorizes).
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(64)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+/// The set bits of a page bitmap as page numbers, clearing them.
+fn take_bits(bits: &mut [u64]) -> Vec<u64> {
+    let mut pages = Vec::new();
+    for (i, w) in bits.iter_mut().enumerate() {
+        let mut word = std::mem::take(w);
+        while word != 0 {
+            pages.push(i as u64 * 64 + u64::from(word.trailing_zeros()));
+            word &= word - 1;
+        }
+    }
+    pages
+}
+
 struct Table {
     regions: HashMap<(u64, u64), Arc<Region>>,
     /// Regions migrated away, with their new server: requests for them are redirected.
     moved: HashMap<(u64, u64), String>,
+    /// Regions migrating in, not yet committed: their capacity is taken, nobody sees them.
+    incoming: HashSet<(u64, u64)>,
     used_pages: u64,
 }
 
@@ -271,6 +378,7 @@ impl Store {
         let mut table = Table {
             regions: HashMap::new(),
             moved: HashMap::new(),
+            incoming: HashSet::new(),
             used_pages: 0,
         };
         let log = match data_dir {
@@ -301,6 +409,7 @@ impl Store {
                             state: RwLock::new(RegionState {
                                 mem: Backing::Log(r.file),
                                 moved_to: None,
+                                dirty: None,
                             }),
                         }),
                     );
@@ -337,6 +446,20 @@ impl Store {
         self.capacity_pages.saturating_sub(t.used_pages)
     }
 
+    /// Per vNode: its regions here and their pages.
+    pub fn usage_by_vnode(&self) -> Vec<(u64, u64, u64)> {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let mut by: HashMap<u64, (u64, u64)> = HashMap::new();
+        for ((vnode, _), r) in &t.regions {
+            let e = by.entry(*vnode).or_default();
+            e.0 += 1;
+            e.1 += r.pages;
+        }
+        let mut v: Vec<_> = by.into_iter().map(|(n, (r, p))| (n, r, p)).collect();
+        v.sort_unstable();
+        v
+    }
+
     pub fn sync(&self) -> bool {
         self.sync
     }
@@ -358,13 +481,73 @@ impl Store {
 
     /// Creates a zero-filled region of `pages` pages.
     pub fn alloc(&self, vnode: u64, region: u64, pages: u64) -> Result<(), StoreError> {
+        let _serial = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.reserve(vnode, region, pages, false)?;
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        t.moved.remove(&(vnode, region));
+        t.regions.insert((vnode, region), r);
+        Ok(())
+    }
+
+    /// Creates a region migrating in: its capacity is taken, but nobody sees it (`region`
+    /// answers `NoRegion`) until [`Store::commit_incoming`]; [`Store::abort_incoming`] drops it.
+    pub fn alloc_incoming(
+        &self,
+        vnode: u64,
+        region: u64,
+        pages: u64,
+    ) -> Result<Arc<Region>, StoreError> {
+        let _serial = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.reserve(vnode, region, pages, true)?;
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        t.incoming.insert((vnode, region));
+        Ok(r)
+    }
+
+    /// Makes an incoming region this server's: from here it is served, and the source may
+    /// free its copy.
+    pub fn commit_incoming(&self, vnode: u64, r: Arc<Region>) -> Result<(), StoreError> {
+        let _serial = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(log) = &self.log {
+            log.commit_incoming(vnode, r.id)?;
+        }
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        t.incoming.remove(&(vnode, r.id));
+        t.moved.remove(&(vnode, r.id));
+        t.regions.insert((vnode, r.id), r);
+        Ok(())
+    }
+
+    /// Drops an incoming region that will not commit (its source failed, or gave up).
+    pub fn abort_incoming(&self, vnode: u64, r: Arc<Region>) {
+        let _serial = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if t.incoming.remove(&(vnode, r.id)) {
+            t.used_pages -= r.pages;
+        }
+        drop(t);
+        if let Some(log) = &self.log {
+            if let Err(e) = log.remove_incoming(vnode, r.id) {
+                tracing::warn!(vnode, region = r.id, error = %e, "cannot delete an aborted incoming region's file");
+            }
+        }
+    }
+
+    /// Checks room and limits, takes the capacity, and creates the region's memory.
+    fn reserve(
+        &self,
+        vnode: u64,
+        region: u64,
+        pages: u64,
+        incoming: bool,
+    ) -> Result<Arc<Region>, StoreError> {
         if pages == 0 {
             return Err(StoreError::Empty);
         }
-        let _serial = self.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
         {
-            let t = self.table.read().unwrap_or_else(|e| e.into_inner());
-            if t.regions.contains_key(&(vnode, region)) {
+            let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+            let key = (vnode, region);
+            if t.regions.contains_key(&key) || t.incoming.contains(&key) {
                 return Err(StoreError::Exists { region });
             }
             let free = self.capacity_pages.saturating_sub(t.used_pages);
@@ -377,30 +560,44 @@ impl Store {
                 });
             }
             self.check_limits(&t, vnode, pages)?;
+            t.used_pages += pages;
         }
+        let mem = self.create_mem(vnode, region, pages, incoming);
+        let mem = match mem {
+            Ok(m) => m,
+            Err(e) => {
+                let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+                t.used_pages -= pages;
+                return Err(e);
+            }
+        };
+        Ok(Arc::new(Region {
+            id: region,
+            pages,
+            state: RwLock::new(RegionState {
+                mem,
+                moved_to: None,
+                dirty: None,
+            }),
+        }))
+    }
+
+    fn create_mem(
+        &self,
+        vnode: u64,
+        region: u64,
+        pages: u64,
+        incoming: bool,
+    ) -> Result<Backing, StoreError> {
         // pages <= capacity, and --capacity is bounded by what usize can address.
         let len = pages as usize * PAGE_SIZE;
-        let mem = match &self.log {
+        Ok(match &self.log {
+            Some(log) if incoming => Backing::Log(log.create_incoming(vnode, region, pages)?),
             Some(log) => Backing::Log(log.create(vnode, region, pages)?),
             None => Backing::Memory(
                 Mapping::anonymous(len).map_err(|source| StoreError::Map { region, source })?,
             ),
-        };
-        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
-        t.used_pages += pages;
-        t.moved.remove(&(vnode, region));
-        t.regions.insert(
-            (vnode, region),
-            Arc::new(Region {
-                id: region,
-                pages,
-                state: RwLock::new(RegionState {
-                    mem,
-                    moved_to: None,
-                }),
-            }),
-        );
-        Ok(())
+        })
     }
 
     /// Refuses an allocation of `pages` more pages that would take `vnode` over its limits.
@@ -502,15 +699,7 @@ fn check_room(
 
 /// MemTotal + SwapTotal from /proc/meminfo: what anonymous regions could ever use.
 fn host_memory_bytes() -> std::io::Result<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo")?;
-    let kib = |key: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok((kib("MemTotal:") + kib("SwapTotal:")) * 1024)
+    vnode_common::host::mem_and_swap_bytes()
 }
 
 #[cfg(test)]
@@ -601,5 +790,60 @@ mod tests {
         s.free(1, 1).expect("free");
         assert!(matches!(s.alloc(1, 1, 5), Err(StoreError::Limit { .. })));
         s.alloc(1, 1, 4).expect("within the page limit");
+    }
+
+    #[test]
+    fn live_migration_tracks_writes_and_incoming_regions_stay_hidden() {
+        let s = Store::open(100, None, false, Limits::NONE).expect("open");
+        s.alloc(1, 0, 70).expect("alloc");
+        let r = s.region(1, 0).expect("region");
+        let page = vec![7u8; PAGE_SIZE];
+        with_pages(&[3], |p| r.write(p, &page, false)).expect("write");
+        r.start_tracking().expect("track");
+        assert!(matches!(
+            r.start_tracking(),
+            Err(StoreError::Migrating { .. })
+        ));
+        // Zero pages are left out of a copy; written ones are copied.
+        let (mut idx, mut out) = (Vec::new(), Vec::new());
+        r.copy_pages(&[2, 3], true, &mut idx, &mut out)
+            .expect("copy");
+        assert_eq!(idx, [3]);
+        assert_eq!(out, page);
+        with_pages(&[65, 1], |p| {
+            r.write(p, &[page.clone(), page.clone()].concat(), false)
+        })
+        .expect("write while tracked");
+        assert_eq!(r.dirty_count(), 2);
+        assert_eq!(r.take_dirty(), [1, 65]);
+        assert_eq!(r.dirty_count(), 0);
+        with_pages(&[9], |p| r.write(p, &page, false)).expect("write");
+        // An incoming copy takes capacity but is invisible until committed.
+        let inc = s
+            .alloc_incoming(1, 0, 70)
+            .err()
+            .expect("the region exists here");
+        assert_eq!(inc.code(), ErrorCode::Exists);
+        let inc = s.alloc_incoming(2, 0, 20).expect("incoming");
+        assert!(matches!(s.region(2, 0), Err(StoreError::NoRegion { .. })));
+        assert_eq!(s.free_pages(), 10);
+        s.abort_incoming(2, inc);
+        assert_eq!(s.free_pages(), 30);
+        let inc = s.alloc_incoming(2, 0, 20).expect("a retry works");
+        s.commit_incoming(2, inc).expect("commit");
+        s.region(2, 0).expect("committed region is served");
+        // The switch hands over the last dirty pages and marks the region moved.
+        let got = r
+            .switch("b:1", |_, dirty| {
+                assert_eq!(dirty, [9]);
+                Ok::<(), ()>(())
+            })
+            .expect("switch");
+        assert_eq!(got, Ok(()));
+        let mut out = Vec::new();
+        assert!(matches!(
+            with_pages(&[0], |p| r.read(p, &mut out)),
+            Err(StoreError::Moved { .. })
+        ));
     }
 }

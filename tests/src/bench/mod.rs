@@ -23,6 +23,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use vnode_common::cli::{self, Exit, ExitTable, Program, ResultExt};
 
 #[derive(Parser)]
 #[command(
@@ -153,27 +154,26 @@ pub fn write_out(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let r = match cli.mode {
-        Mode::BootMem(a) => Env::new(&a.common, 11, 3).and_then(|env| {
-            print!("{}", env.header("boot-mem"));
-            boot_mem::run(&env, &a)
-        }),
-        Mode::Excache(a) => Env::new(&a.common, 3, 1).and_then(|env| {
-            print!("{}", env.header("excache"));
-            excache::run(&env, &a)
-        }),
+    let program = Program {
+        default_log: "warn",
+        exits: ExitTable::Standard,
     };
-    match r {
-        Ok(()) => {
-            println!("  at end: {}", host::load_line());
-            ExitCode::SUCCESS
+    cli::main(program, |cli: Cli| {
+        match cli.mode {
+            Mode::BootMem(a) => {
+                let env = Env::new(&a.common, 11, 3)?;
+                print!("{}", env.header("boot-mem"));
+                boot_mem::run(&env, &a).runtime()?;
+            }
+            Mode::Excache(a) => {
+                let env = Env::new(&a.common, 3, 1)?;
+                print!("{}", env.header("excache"));
+                excache::run(&env, &a).runtime()?;
+            }
         }
-        Err(e) => {
-            eprintln!("vnode-bench: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+        println!("  at end: {}", host::load_line());
+        Ok(Exit::Success)
+    })
 }
 
 /// A size with an optional K/M/G suffix (powers of 1024), as `vnode` and the guest take them.

@@ -124,8 +124,8 @@ pub fn start_blkd(args: &[&str]) -> Server {
     if !args.contains(&"--secret-file") {
         cmd.arg("--insecure");
     }
-    if std::env::var_os("RUST_LOG").is_none() {
-        cmd.env("RUST_LOG", "warn");
+    if std::env::var_os("VNODE_LOG").is_none() {
+        cmd.env("VNODE_LOG", "warn");
     }
     let mut child = cmd
         .args(args)

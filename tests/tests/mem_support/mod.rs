@@ -54,13 +54,18 @@ impl Memd {
     }
 
     pub fn start_on(listen: &str, extra: &[&str]) -> Memd {
+        Self::start_env(listen, extra, &[])
+    }
+
+    /// Starts a server with extra environment variables (e.g. the migration test hooks).
+    pub fn start_env(listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Memd {
         let mut args = vec!["--listen", listen];
         if !extra.contains(&"--capacity") {
             args.extend(["--capacity", "64M"]);
         }
         args.extend_from_slice(extra);
         let log = temp_dir("log").join("memd.stderr");
-        let mut child = spawn_memd(&args, &log);
+        let mut child = spawn_memd_env(&args, &log, env);
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
         BufReader::new(stdout)
@@ -124,10 +129,16 @@ impl Drop for Memd {
 
 /// Spawns `vnode-memd` with the test secret in its environment and stderr to `log`.
 pub fn spawn_memd(args: &[&str], log: &Path) -> Child {
+    spawn_memd_env(args, log, &[])
+}
+
+/// [`spawn_memd`] with extra environment variables.
+pub fn spawn_memd_env(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Child {
     Command::new(memd_bin())
         .args(args)
+        .envs(env.iter().copied())
         .env("VNODE_SECRET", SECRET_STR)
-        .env("RUST_LOG", "info")
+        .env("VNODE_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).expect("create stderr log"))

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use vnode_common::cli::{self, Exit, ExitTable, Failure, Program};
 
 // The ctl modules are a client of the `vnode` binary, not part of the VMM library: this binary
 // includes them itself (their unit tests run with `cargo test -p vmm --bin vnodectl`).
@@ -29,8 +30,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a guest (one of guest-images' Linux images) with a benchmark job, print the guest's
-    /// results and vnode's --stats as one JSON document; exit 1 if the job failed or the guest
-    /// never reached its init.
+    /// results and vnode's --stats as one JSON document; exit 252 if the job failed or the guest
+    /// never reached its init, 251 if it could not be started.
     ///
     /// JOB: fio-randread (alias fio): 4 KiB random reads, QD32, on the guest's /dev/vdb;
     /// fio-verify: random writes with crc32c verification; memcached (alias memtier): the guest
@@ -90,9 +91,11 @@ struct BenchArgs {
     vnode_args: Vec<String>,
 }
 
-fn bench(a: BenchArgs) -> anyhow::Result<bool> {
+fn bench(a: BenchArgs) -> Result<Exit, Failure> {
     for kv in &a.guest_args {
-        anyhow::ensure!(kv.contains('='), "--guest-arg {kv}: not KEY=VALUE");
+        if !kv.contains('=') {
+            return Err(Failure::usage(format!("--guest-arg {kv}: not KEY=VALUE")));
+        }
     }
     let spec = Spec {
         job: Job::resolve(&a.job),
@@ -117,22 +120,19 @@ fn bench(a: BenchArgs) -> anyhow::Result<bool> {
         std::fs::write(f, format!("{text}\n"))
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", f.display()))?;
     }
-    if let Some(e) = out.error {
-        eprintln!("vnodectl: error: {e}");
-        return Ok(false);
+    match out.error {
+        // The document is out; the failure is the run's, not the set-up's.
+        Some(e) => Err(Failure::new(Exit::Runtime, anyhow::anyhow!(e))),
+        None => Ok(Exit::Success),
     }
-    Ok(true)
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Cmd::Bench(a) => match bench(a) {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::from(1),
-            Err(e) => {
-                eprintln!("vnodectl: error: {e:#}");
-                ExitCode::from(1)
-            }
-        },
-    }
+    let program = Program {
+        default_log: "warn",
+        exits: ExitTable::Standard,
+    };
+    cli::main(program, |c: Cli| match c.command {
+        Cmd::Bench(a) => bench(a),
+    })
 }

@@ -5,12 +5,13 @@
 //! victims are evicted (dirty ones write-protected, written back, then dropped). This thread never
 //! touches a page that is not resident, so it never faults itself.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use serde_json::json;
 use userfaultfd::EventBuffer;
 use vmm_sys_util::eventfd::EventFd;
+use vnode_common::metrics::LatencyHistogram;
 
 use super::excache::{runs, ExCache, Prefetcher};
 use super::source::{PageSource, SourceError, MAX_BATCH};
@@ -47,14 +48,11 @@ pub struct ExCacheStats {
     /// Where the fault thread's time goes, in nanoseconds (reported in microseconds).
     pub time: PhaseTimes,
     /// Service time of every missing-page fault, and of those whose page came from the source
-    /// (the others are zero-filled here: no round trip, whatever the source).
-    latency_us: Histogram,
-    fetch_latency_us: Histogram,
+    /// (the others are zero-filled here: no round trip, whatever the source). Lock-free, so
+    /// recording costs the fault path two atomic adds.
+    pub latency_us: LatencyHistogram,
+    pub fetch_latency_us: LatencyHistogram,
 }
-
-/// Microsecond latencies in 1 µs buckets up to 20 ms (the last bucket takes the rest).
-#[derive(Default)]
-struct Histogram(Mutex<Vec<u64>>);
 
 /// The fault thread's time by phase: serving faults in all, and within that fetching pages from
 /// the source, installing them (UFFDIO_COPY), waking the thread that faulted (UFFDIO_WAKE),
@@ -94,38 +92,11 @@ fn timed<T>(c: &Counter, f: impl FnOnce() -> T) -> T {
     r
 }
 
-const LATENCY_BUCKETS: usize = 20_001;
 /// Pages evicted at once when the ExCache is full (at most an eighth of its capacity).
 const EVICT_BATCH: usize = 32;
 /// A fault thread that has served nothing for this long pings its memory servers, well
 /// inside vnode-memd's default 15-minute idle timeout.
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
-
-impl Histogram {
-    fn record(&self, us: u64) {
-        let mut h = self.0.lock().expect("latency lock poisoned");
-        if h.is_empty() {
-            h.resize(LATENCY_BUCKETS, 0);
-        }
-        h[(us as usize).min(LATENCY_BUCKETS - 1)] += 1;
-    }
-
-    fn percentile(&self, q: f64) -> Option<u64> {
-        let h = self.0.lock().expect("latency lock poisoned");
-        let total: u64 = h.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let want = ((total as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        h.iter()
-            .position(|n| {
-                seen += n;
-                seen >= want
-            })
-            .map(|i| i as u64)
-    }
-}
 
 impl ExCacheStats {
     /// All counters as JSON, with fault service latency p50/p99 in microseconds.
@@ -142,10 +113,10 @@ impl ExCacheStats {
             "prefetch_used": self.prefetch_used.get(),
             "bytes_in": self.bytes_in.get(),
             "bytes_out": self.bytes_out.get(),
-            "fault_p50_us": self.latency_us.percentile(0.5),
-            "fault_p99_us": self.latency_us.percentile(0.99),
-            "fetch_fault_p50_us": self.fetch_latency_us.percentile(0.5),
-            "fetch_fault_p99_us": self.fetch_latency_us.percentile(0.99),
+            "fault_p50_us": self.latency_us.percentile_us(0.5),
+            "fault_p99_us": self.latency_us.percentile_us(0.99),
+            "fetch_fault_p50_us": self.fetch_latency_us.percentile_us(0.5),
+            "fetch_fault_p99_us": self.fetch_latency_us.percentile_us(0.99),
             "max_resident_pages": self.max_resident_pages.get(),
             "limit_pages": self.limit_pages.get(),
             "time_us": self.time.to_json(),
@@ -306,15 +277,13 @@ impl FaultServer {
                 let fetched = self.cache.on_server(page);
                 self.fill(page, write)?;
                 if fetched {
-                    self.stats
-                        .fetch_latency_us
-                        .record(start.elapsed().as_micros() as u64);
+                    self.stats.fetch_latency_us.record(start.elapsed());
                 }
             }
         }
         let took = start.elapsed();
         self.stats.time.serve.add(took.as_nanos() as u64);
-        self.stats.latency_us.record(took.as_micros() as u64);
+        self.stats.latency_us.record(took);
         Ok(())
     }
 

@@ -127,6 +127,30 @@ impl RemoteSource {
     }
 }
 
+/// How many `Moved` redirections one request follows before it gives up.
+const MAX_FOLLOW: usize = 4;
+
+/// Runs `f` on the single server's client; when the region has moved (a live migration to
+/// another memory server), reconnects to the new server with the same credential and runs it
+/// again there. Only this request waits; the guest's vCPUs go on.
+fn follow_moves<T>(
+    c: &mut Box<MemClient>,
+    mut f: impl FnMut(&mut MemClient) -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    let mut hops = 0;
+    loop {
+        match f(c) {
+            Err(e) if hops < MAX_FOLLOW && e.moved_to().is_some() => {
+                let target = e.moved_to().unwrap_or_default().to_string();
+                tracing::info!(from = c.addr(), to = %target, "guest RAM moved; following it");
+                **c = c.connect_like(&target)?;
+                hops += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The health of replicated guest RAM, when it is replicated (for the VM's stats).
 pub static MEM_REPLICATION: OnceLock<Arc<RegionHealth>> = OnceLock::new();
 
@@ -161,7 +185,9 @@ pub fn replication_json() -> serde_json::Value {
 impl PageSource for RemoteSource {
     fn read_pages(&mut self, pages: &[u64], out: &mut [u8]) -> Result<(), SourceError> {
         match self {
-            RemoteSource::Single(c) => c.read_pages(GUEST_RAM_REGION, pages, out)?,
+            RemoteSource::Single(c) => {
+                follow_moves(c, |c| c.read_pages(GUEST_RAM_REGION, pages, out))?
+            }
             RemoteSource::Replicated(r) => r.read_pages(pages, out)?,
         }
         Ok(())
@@ -169,7 +195,9 @@ impl PageSource for RemoteSource {
 
     fn write_pages(&mut self, pages: &[u64], data: &[u8]) -> Result<(), SourceError> {
         match self {
-            RemoteSource::Single(c) => c.write_pages(GUEST_RAM_REGION, pages, data)?,
+            RemoteSource::Single(c) => {
+                follow_moves(c, |c| c.write_pages(GUEST_RAM_REGION, pages, data))?
+            }
             RemoteSource::Replicated(r) => r.write_pages(pages, data)?,
         }
         Ok(())
@@ -188,7 +216,7 @@ impl PageSource for RemoteSource {
 
     fn release(&mut self) -> Result<(), SourceError> {
         match self {
-            RemoteSource::Single(c) => c.free_region(GUEST_RAM_REGION)?,
+            RemoteSource::Single(c) => follow_moves(c, |c| c.free_region(GUEST_RAM_REGION))?,
             RemoteSource::Replicated(r) => r.free()?,
         }
         Ok(())

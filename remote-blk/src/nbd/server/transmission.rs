@@ -5,6 +5,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Mutex};
 use std::thread;
+use std::time::Instant;
 
 use super::affinity::{is_loopback, CpuFollower};
 use super::{Export, Server, ServerError, Session};
@@ -77,6 +78,12 @@ fn validate(e: &Export, r: &Request) -> Result<(), u32> {
 impl Server {
     /// Executes `r` (whose WRITE payload is `payload`) and appends its reply to `w.out`.
     fn execute(&self, s: &Session<'_>, r: &Request, payload: &[u8], w: &mut Worker) {
+        let started = Instant::now();
+        self.execute_timed(s, r, payload, w);
+        self.stats.latency.of(r.kind).record(started.elapsed());
+    }
+
+    fn execute_timed(&self, s: &Session<'_>, r: &Request, payload: &[u8], w: &mut Worker) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let e = s.export;
         let result = validate(e, r).and_then(|()| {
@@ -290,6 +297,7 @@ impl Server {
         out: &mut Vec<u8>,
         wr: &mut Stream,
     ) -> Result<(), ServerError> {
+        let started = Instant::now();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         if s.structured {
             put_structured_reply(
@@ -311,6 +319,7 @@ impl Server {
         self.stats
             .bytes_read
             .fetch_add(u64::from(r.len), Ordering::Relaxed);
+        self.stats.latency.read.record(started.elapsed());
         Ok(())
     }
 
