@@ -69,4 +69,11 @@ done
 if [ ! -e /dev/kvm ]; then say "error: /dev/kvm missing: vNode needs KVM"; bad=1
 elif ! [ -r /dev/kvm ] || ! [ -w /dev/kvm ]; then say "error: /dev/kvm not readable and writable"; bad=1; fi
 command -v cargo >/dev/null || { say "error: cargo missing: install Rust (rustup)"; bad=1; }
+# Python tools the tests run: the OpenAPI validator (tests/vmm_api.rs checks docs/api/).
+py_need=(openapi_spec_validator:openapi-spec-validator)
+for m in "${py_need[@]}"; do
+    python3 -c "import ${m%%:*}" 2>/dev/null && continue
+    if [ $check_only = 0 ]; then say "installing python package ${m#*:}"; python3 -m pip install -q "${m#*:}" >&2 || true; fi
+    python3 -c "import ${m%%:*}" 2>/dev/null || { say "error: python package ${m#*:} missing"; bad=1; }
+done
 exit $bad

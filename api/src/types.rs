@@ -39,7 +39,8 @@ impl std::fmt::Display for VmState {
 /// A running vnode: its state and a summary of its configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmInfo {
-    /// The vNode id (presented to memory servers; the process id unless `--vnode-id` was given).
+    /// The vNode id presented to memory servers (random unless `--vnode-id` was given); the
+    /// process id when guest RAM is local.
     pub id: u64,
     pub state: VmState,
     pub config: VmConfigSummary,
@@ -93,11 +94,70 @@ pub struct NetInfo {
     pub mac: String,
 }
 
-/// Every counter of the VM: the VMM's, and the ExCache's when guest RAM is remote.
+/// Every counter of the VM: the ExCache's when guest RAM is remote (null otherwise), and the
+/// VMM's. (`excache` first: the `--stats` line has always started with it.)
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Counters {
-    pub vmm: VmmCounters,
     pub excache: Option<ExCacheCounters>,
+    /// One entry per replicated disk (`--disk URI,backup=URI`).
+    #[serde(default)]
+    pub replicated_disks: Vec<DiskReplication>,
+    pub vmm: VmmCounters,
+    /// The vNode id presented to memory servers (`0x` and 16 hex digits), when guest RAM is
+    /// remote.
+    pub vnode_id: Option<String>,
+}
+
+/// Guest RAM's replication when it is on a primary and a backup memory server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MemReplication {
+    pub region: u64,
+    /// `healthy` (every replica healthy) or `degraded`.
+    pub state: String,
+    pub replicas: Vec<MemReplica>,
+    /// Replicas lost while another copy carried on.
+    pub failovers: u64,
+    /// When the current degraded period began (ms since the epoch).
+    pub degraded_since_unix_ms: Option<u64>,
+    /// Time spent degraded so far, the current period included.
+    pub degraded_ms: u64,
+}
+
+/// One memory server holding guest RAM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MemReplica {
+    /// `primary` or `backup`.
+    pub role: String,
+    pub server: String,
+    /// `healthy`, `copying` or `failed`.
+    pub state: String,
+    /// Why it failed, with its causes.
+    pub failure: Option<String>,
+}
+
+/// One replicated disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskReplication {
+    pub disk: String,
+    /// `healthy`, `degraded`, or `failed` (no healthy replica).
+    pub state: String,
+    pub replicas: Vec<DiskReplica>,
+    pub failovers: u64,
+    /// Replicas brought back by a completed resync.
+    pub resyncs: u64,
+    pub degraded_since_unix_ms: Option<u64>,
+    pub degraded_ms: u64,
+}
+
+/// One NBD export holding a replicated disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskReplica {
+    pub uri: String,
+    /// `healthy`, `copying` or `failed`.
+    pub state: String,
+    /// Bytes it lacks (dirty chunks x chunk size).
+    pub dirty_bytes: u64,
+    pub failure: Option<String>,
 }
 
 /// VM exits and device counters. Everything the guest can trigger is counted here.
@@ -120,6 +180,9 @@ pub struct VmmCounters {
     pub blk_flushes: u64,
     /// Disks put in DEVICE_NEEDS_RESET by a chain they cannot answer.
     pub blk_broken: u64,
+    /// Requests that waited in the ring because the bytes in flight were at their limit.
+    #[serde(default)]
+    pub blk_throttled: u64,
     /// virtio-net frames and bytes (bytes without the virtio-net header).
     pub net_tx_frames: u64,
     pub net_tx_bytes: u64,
@@ -157,6 +220,8 @@ pub struct ExCacheCounters {
     /// The ExCache's capacity in pages now.
     pub limit_pages: u64,
     pub time_us: PhaseTimesUs,
+    /// Present when guest RAM is replicated on two memory servers.
+    pub replication: Option<MemReplication>,
 }
 
 /// Where the fault thread's time went, in microseconds: serving faults in all, and within that

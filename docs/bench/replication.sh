@@ -8,7 +8,7 @@
 #   bash docs/bench/replication.sh > docs/bench/replication.txt
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-B=target/release
+B=${B:-target/release}
 ROUNDS=${ROUNDS:-2}
 export VNODE_SECRET=bench-secret-0123456789
 tmp=$(mktemp -d)
@@ -45,13 +45,13 @@ M1=$ADDR
 start m2 "$B/vnode-memd" --listen 127.0.0.1:0 --capacity 2G
 M2=$ADDR
 
-# mem SERVERS: a write-heavy guest, 512 MiB working set through a 64 MiB ExCache.
+# mem SERVERS: a write-heavy guest, 256 MiB working set through a 32 MiB ExCache.
 mem() {
     local t0 t1
     t0=$(date +%s.%N)
-    "$B/vnode" run --kernel guest-images/out/testguest.elf --mem 640M \
-        --cmdline "test=mem bytes=512M pattern=random seed=3 writes=70 passes=1" \
-        --mem-server "$1" --local-mem 64M --stats >"$tmp/mem.out" 2>"$tmp/mem.err"
+    "$B/vnode" run --kernel guest-images/out/testguest.elf --mem 320M \
+        --cmdline "test=mem bytes=256M pattern=random seed=3 writes=70 passes=1" \
+        --mem-server "$1" --local-mem 32M --stats >"$tmp/mem.out" 2>"$tmp/mem.err"
     t1=$(date +%s.%N)
     grep -q '"ok":true' "$tmp/mem.out" || { echo "guest failed" >&2; cat "$tmp/mem.err" >&2; exit 1; }
     python3 - "$t0" "$t1" "$tmp/mem.err" <<'EOF'
@@ -65,7 +65,7 @@ EOF
 }
 
 echo "## guest RAM: write-back throughput (MiB/s of the fault thread's write-back time) and"
-echo "## fetching-fault latency; test=mem 512M random writes=70, --local-mem 64M"
+echo "## fetching-fault latency; test=mem 256M random writes=70, --local-mem 32M"
 echo "copies  wb_MiB/s  p50_us p99_us writebacks  wall_s"
 for r in $(seq "$ROUNDS"); do
     echo "1       $(mem "$M1")"
@@ -80,10 +80,10 @@ B1=$ADDR
 start b2 "$B/vnode-blkd" --listen 127.0.0.1:0 --export "disk=$d/b.img:256M"
 B2=$ADDR
 
-# blk DISK: the guest writes 256 MiB in 4 KiB requests (32 in flight), flushes, reads back.
+# blk DISK: the guest writes 128 MiB in 4 KiB requests (32 in flight), flushes, reads back.
 blk() {
     "$B/vnode" run --kernel guest-images/out/testguest.elf --mem 256M \
-        --cmdline "test=blk sectors=524288 pattern=random seed=4" \
+        --cmdline "test=blk sectors=262144 pattern=random seed=4" \
         --disk "$1" >"$tmp/blk.out" 2>"$tmp/blk.err"
     grep -q '"ok":true' "$tmp/blk.out" || { echo "guest failed" >&2; cat "$tmp/blk.err" "$tmp/blk.out" >&2; exit 1; }
     python3 - "$tmp/blk.out" <<'EOF'

@@ -102,6 +102,9 @@ pub struct MemClient {
     /// The timeout now set on the socket.
     armed: Option<Duration>,
     rtt: Rtt,
+    /// The deadline's floor: [`deadline::FLOOR`], or [`deadline::SOLE_COPY_FLOOR`] for a server
+    /// holding the only copy.
+    floor: Duration,
     /// The last reply received: a pipelined request's time is counted from here or its
     /// sending, whichever is later.
     last_reply: Instant,
@@ -147,6 +150,7 @@ impl MemClient {
             fixed: None,
             armed: None,
             rtt: Rtt::new(deadline::FLOOR),
+            floor: deadline::FLOOR,
             last_reply: Instant::now(),
         };
         // A server that never sends its challenge (an older vnode-memd waits for the client to
@@ -224,6 +228,12 @@ impl MemClient {
         self.rtt.get()
     }
 
+    /// Sets the adaptive deadline's floor: [`deadline::SOLE_COPY_FLOOR`] when this server holds
+    /// the only copy (nothing to fail over to: better slow than falsely dead).
+    pub fn set_deadline_floor(&mut self, floor: Duration) {
+        self.floor = floor;
+    }
+
     fn set_socket_timeout(&mut self, t: Option<Duration>) -> Result<(), ClientError> {
         if self.armed == t {
             return Ok(());
@@ -241,7 +251,7 @@ impl MemClient {
     fn arm(&mut self, bytes: usize) -> Result<(), ClientError> {
         let want = match self.fixed {
             Some(t) => t,
-            None => Some(self.rtt.deadline(bytes)),
+            None => Some(self.rtt.deadline_with(self.floor, bytes)),
         };
         let close = match (self.armed, want) {
             (Some(a), Some(w)) if self.fixed.is_none() => a.abs_diff(w) <= a / 8,
@@ -251,6 +261,17 @@ impl MemClient {
             return Ok(());
         }
         self.set_socket_timeout(want)
+    }
+
+    /// Region operations (alloc, open, free) create, preallocate, truncate and, with `--sync`,
+    /// fsync files on the server: on a loaded host that takes far longer than a page request
+    /// (an alloc was seen past the 500 ms floor), so they wait up to the ceiling. A silent
+    /// server is still failed, only later; the data path keeps its floor.
+    fn arm_region_op(&mut self) -> Result<(), ClientError> {
+        match self.fixed {
+            Some(_) => Ok(()),
+            None => self.set_socket_timeout(Some(deadline::CEILING)),
+        }
     }
 
     /// Replaces the adaptive deadline with a fixed bound on how long any call may wait on the
@@ -297,6 +318,7 @@ impl MemClient {
         let tag = self.begin(16)?;
         protocol::encode_alloc(&mut self.scratch, tag, region, pages);
         self.send_scratch(&[], Expect::Done, tag)?;
+        self.arm_region_op()?;
         self.wait(tag, &mut [])
     }
 
@@ -324,6 +346,7 @@ impl MemClient {
         let tag = self.begin(16)?;
         protocol::encode_open(&mut self.scratch, tag, region, pages);
         self.send_scratch(&[], Expect::Opened, tag)?;
+        self.arm_region_op()?;
         let mut size = [0u8; 8];
         self.wait(tag, &mut size)?;
         Ok(u64::from_le_bytes(size))
@@ -343,6 +366,7 @@ impl MemClient {
         let tag = self.begin(8)?;
         protocol::encode_free(&mut self.scratch, tag, region);
         self.send_scratch(&[], Expect::Done, tag)?;
+        self.arm_region_op()?;
         self.wait(tag, &mut [])
     }
 

@@ -321,6 +321,10 @@ impl ReplicatedRegion {
         self.replicas[i].generation += 1;
         self.replicas[i].failure = Some(error_chain(e));
         self.health.failed(i, error_chain(e));
+        // The survivor now holds the only copy: give it the longer deadline.
+        if let Some(c) = self.replicas[1 - i].client.as_mut() {
+            c.set_deadline_floor(vnode_common::deadline::SOLE_COPY_FLOOR);
+        }
     }
 
     fn both_failed(&self) -> ClientError {

@@ -32,6 +32,45 @@ pub struct VmConfig {
     pub mem_prealloc: bool,
 }
 
+impl VmConfig {
+    /// What the control API reports of this configuration.
+    pub fn summary(&self) -> vnode_api::VmConfigSummary {
+        vnode_api::VmConfigSummary {
+            vcpus: self.vcpus,
+            mem_size: self.mem_size,
+            kernel: self.kernel.display().to_string(),
+            excache: self.remote_mem.as_ref().map(|rm| vnode_api::ExCacheInfo {
+                local_mem: rm.local_mem,
+                policy: rm.policy.name().to_owned(),
+                servers: rm.servers.clone(),
+                prefetch_max: rm.prefetch_max,
+            }),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| vnode_api::DiskInfo {
+                    source: match &d.source {
+                        DiskSource::File(p) => p.display().to_string(),
+                        DiskSource::Nbd(uri) => uri.clone(),
+                        DiskSource::NbdReplicated { primary, backup } => {
+                            format!("{primary},backup={backup}")
+                        }
+                    },
+                    read_only: d.read_only,
+                })
+                .collect(),
+            nets: self
+                .nets
+                .iter()
+                .map(|n| vnode_api::NetInfo {
+                    tap: n.tap.clone(),
+                    mac: n.mac.map(|b| format!("{b:02x}")).join(":"),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Where a `--disk` lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DiskSource {

@@ -5,6 +5,7 @@
 //! `builder` assembles a VM from a [`config::VmConfig`] as an ordered list of steps; `kvm` is the
 //! only module that speaks kvm-ioctls.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;
@@ -13,6 +14,6 @@ pub mod devices;
 pub mod kvm;
 pub mod memory;
 pub mod metrics;
-pub mod runner;
 pub mod sandbox;
 pub mod snapshot;
+pub mod vm;

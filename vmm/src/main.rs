@@ -7,8 +7,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vnode_common::cli::{self, Exit, ExitTable, Failure, Program, ResultExt};
 
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmm::api::ApiServer;
 use vmm::config::{self, SerialOut, VmConfig};
-use vmm::runner::{self, Outcome};
+use vmm::vm::{self, Outcome, RunningVm};
 
 #[derive(Parser)]
 #[command(
@@ -24,8 +29,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest and run it until it exits. vnode exits with the guest's status (0 = success;
-    /// 250-253 are vnode's own, see below).
-    Run(RunArgs),
+    /// 250-253 are vnode's own: 253 when stopped through the API or by SIGTERM/SIGINT).
+    Run(Box<RunArgs>),
+    /// Print the control API's OpenAPI document (JSON).
+    Openapi,
 }
 
 #[derive(clap::Args)]
@@ -111,6 +118,13 @@ struct RunArgs {
     /// its own credential from it. Used only when no credential is given.
     #[arg(long, value_name = "FILE")]
     mem_secret_file: Option<PathBuf>,
+    /// Serve the control API (HTTP/JSON, `vnode openapi`) on this Unix socket. A stale socket
+    /// file is replaced; one a live process listens on is refused. Removed at exit.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Tests only: serve the API on this TCP address too (e.g. 127.0.0.1:0; no access control).
+    #[arg(long, value_name = "ADDR", hide = true)]
+    api_listen_tcp: Option<String>,
     /// FOR DEBUGGING ONLY: run without the seccomp filters (capabilities are still dropped).
     /// By default every thread runs under a seccomp filter of its kind, and a system call
     /// outside it kills vnode by SIGSYS with a line naming the thread kind and the call.
@@ -219,7 +233,14 @@ fn remote_mem_config(
     }))
 }
 
-fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
+/// What `vm_config` takes from the flags besides the VM's configuration.
+struct RunOptions {
+    stats: bool,
+    api_socket: Option<PathBuf>,
+    api_listen_tcp: Option<String>,
+}
+
+fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, RunOptions)> {
     let mem_size = config::parse_size(&args.mem)?;
     config::validate(mem_size, args.vcpus, config::host_mem_bytes())?;
     let corrupt = args
@@ -252,21 +273,110 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(VmConfig, bool)> {
         remote_mem,
         mem_prealloc: args.mem_prealloc,
     };
-    Ok((cfg, args.stats))
+    let opts = RunOptions {
+        stats: args.stats,
+        api_socket: args.api_socket,
+        api_listen_tcp: args.api_listen_tcp,
+    };
+    Ok((cfg, opts))
+}
+
+/// The signal (SIGTERM, SIGINT) that asked for a graceful stop, 0 if none.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static STATS_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(num, Ordering::Relaxed);
+}
+
+extern "C" fn on_sigusr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STATS_REQUESTED.store(true, Ordering::Relaxed);
+}
+
+/// SIGTERM and SIGINT stop the VM gracefully (guest RAM freed on the servers, stats printed);
+/// SIGUSR1 prints the counters on stderr while the VM runs.
+fn install_signals() -> anyhow::Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal)
+            .with_context(|| format!("cannot handle signal {sig}"))?;
+    }
+    vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_sigusr1)
+        .context("cannot handle SIGUSR1")?;
+    Ok(())
 }
 
 /// Configuration errors exit 250, set-up errors 251, a fatal VM error 252; otherwise the guest's
 /// status (`vnode_common::cli`).
 fn run(args: RunArgs) -> Result<Exit, Failure> {
     init_sandbox(&args)?;
-    let (cfg, stats) = vm_config(args).usage()?;
+    let (cfg, opts) = vm_config(args).usage()?;
+    install_signals()?;
     let vmm = vmm::builder::build(&cfg).context("cannot build the VM")?;
-    let outcome = runner::run(vmm)?;
-    if stats {
-        eprintln!("{}", runner::stats_json());
+    let info = vnode_api::VmInfo {
+        id: cfg
+            .remote_mem
+            .as_ref()
+            .map_or(u64::from(std::process::id()), |r| r.auth.vnode_id()),
+        state: vnode_api::VmState::Created,
+        config: cfg.summary(),
+        api_socket: opts
+            .api_socket
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let running = RunningVm::start(vmm, info)?;
+    let api = if opts.api_socket.is_some() || opts.api_listen_tcp.is_some() {
+        let server = ApiServer::start(
+            opts.api_socket.as_deref(),
+            opts.api_listen_tcp.as_deref(),
+            Arc::clone(&running),
+        );
+        match server {
+            Ok(s) => Some(s),
+            Err(e) => {
+                running.stop_and_wait("the API could not start", Duration::from_secs(10));
+                let _ = running.wait(|| {});
+                return Err(anyhow::Error::from(e).into());
+            }
+        }
+    } else {
+        None
+    };
+    let tick = || {
+        let sig = STOP_SIGNAL.load(Ordering::Relaxed);
+        if sig != 0 {
+            let name = if sig == libc::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            running
+                .stop_signal()
+                .stop(vmm::devices::StopReason::Requested(format!(
+                    "stopped by {name}"
+                )));
+        }
+        if STATS_REQUESTED.swap(false, Ordering::Relaxed) {
+            eprintln!("{}", vm::stats_json());
+        }
+    };
+    let outcome = running.wait(tick);
+    if let Some(api) = api {
+        // Let the answer to a `PUT /vm/stop` that ended the VM go out.
+        api.stop(Duration::from_secs(2));
+    }
+    if opts.stats {
+        eprintln!("{}", vm::stats_json());
     }
     match outcome {
         Outcome::Guest(status) => Ok(Exit::Guest(status)),
+        Outcome::Stopped(why) => {
+            tracing::info!("{why}");
+            Ok(Exit::Stopped)
+        }
         Outcome::Fatal(msg) => Err(Failure::new(Exit::Runtime, anyhow::anyhow!(msg))),
     }
 }
@@ -277,6 +387,10 @@ fn main() -> ExitCode {
         exits: ExitTable::Guest,
     };
     cli::main(program, |cli: Cli| match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
+        Command::Openapi => {
+            println!("{}", vmm::api::openapi_json());
+            Ok(Exit::Success)
+        }
     })
 }

@@ -30,6 +30,23 @@ impl Serialize for Counter {
     }
 }
 
+/// A value that goes up and down (residency, a limit).
+#[derive(Default, Debug)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    /// Raises the value to `v` if it is lower.
+    pub fn raise(&self, v: u64) {
+        self.0.fetch_max(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// VM-wide counters.
 #[derive(Default, Debug, Serialize)]
 pub struct Metrics {
@@ -92,6 +109,33 @@ pub static METRICS: Metrics = Metrics {
     net_broken: Counter::new(),
 };
 
+impl Metrics {
+    /// The counters now, as the API serves them.
+    pub fn snapshot(&self) -> vnode_api::VmmCounters {
+        // Field for field the same names (checked by a test below).
+        serde_json::to_value(self)
+            .and_then(serde_json::from_value)
+            .expect("Metrics and VmmCounters have the same fields")
+    }
+}
+
+/// The VM's counters now: the VMM's, and the ExCache's when guest RAM is remote.
+pub fn counters() -> vnode_api::Counters {
+    vnode_api::Counters {
+        vmm: METRICS.snapshot(),
+        excache: crate::memory::stats::EXCACHE_STATS
+            .get()
+            .map(|s| s.snapshot()),
+        replicated_disks: serde_json::from_value(
+            crate::devices::virtio::block::backend::replication_json(),
+        )
+        .expect("replication_json has DiskReplication's fields"),
+        vnode_id: crate::memory::VNODE_ID
+            .get()
+            .map(|id| format!("{id:#018x}")),
+    }
+}
+
 /// Logs at most `burst` events per key before going quiet, so a guest cannot flood the log.
 pub struct RateLimit {
     seen: AtomicU64,
@@ -128,5 +172,15 @@ mod tests {
         m.exits_pio.add(3);
         let v = serde_json::to_value(&m).unwrap();
         assert_eq!(v["exits_pio"], 3);
+    }
+
+    #[test]
+    fn snapshot_has_every_counter() {
+        let m = Metrics::default();
+        m.net_broken.add(2);
+        let ours = serde_json::to_value(&m).unwrap();
+        let api = serde_json::to_value(m.snapshot()).unwrap();
+        assert_eq!(ours, api);
+        assert_eq!(api["net_broken"], 2);
     }
 }

@@ -1,6 +1,8 @@
-//! `vnodectl`: run a benchmark inside a vNode guest and print one JSON document.
+//! `vnodectl`: run a benchmark inside a vNode guest and print one JSON document; control a
+//! running vnode through its API.
 //!
 //! ```text
+//! vnodectl vm --api-socket PATH [-o table|json] info|counters|metrics|pause|resume|shutdown|stop|resize-excache SIZE
 //! vnodectl bench fio-randread|fio|fio-verify|memcached|memtier|JOB [--runtime S]
 //!     [--guest-ip ADDR[/PREFIX] --net-host-ip ADDR/PREFIX] [--json-out FILE] -- <vnode run args>
 //! ```
@@ -38,6 +40,8 @@ enum Cmd {
     /// serves memcached on its TAP network and vnodectl runs the load client; any other name is
     /// passed to the guest's init as vnode.job=NAME.
     Bench(BenchArgs),
+    /// Control one running vnode through its API socket (`vnode run --api-socket PATH`).
+    Vm(ctl::vmcmd::VmArgs),
 }
 
 #[derive(clap::Args)]
@@ -134,5 +138,11 @@ fn main() -> ExitCode {
     };
     cli::main(program, |c: Cli| match c.command {
         Cmd::Bench(a) => bench(a),
+        Cmd::Vm(a) => {
+            let text = ctl::vmcmd::run(&a)
+                .map_err(|e| Failure::new(Exit::Runtime, anyhow::Error::from(e)))?;
+            println!("{}", text.trim_end());
+            Ok(Exit::Success)
+        }
     })
 }

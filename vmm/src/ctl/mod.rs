@@ -1,4 +1,5 @@
-//! `vnodectl`: runs benchmarks inside a vNode guest and reports them as one JSON document.
+//! `vnodectl`: runs benchmarks inside a vNode guest and reports them as one JSON document, and
+//! controls one running vnode through its API (`vnodectl vm`, [`vmcmd`]).
 //!
 //! `vnodectl bench JOB -- <vnode run arguments>` starts `vnode run` with the job on the guest's
 //! kernel command line (`vnode.job=...`), reads the guest console on vnode's stdout
@@ -13,3 +14,4 @@ pub mod console;
 pub mod launch;
 pub mod memload;
 pub mod tap;
+pub mod vmcmd;

@@ -16,6 +16,8 @@ pub enum StopReason {
     GuestExit(u8),
     /// The guest asked for a reset (i8042 pulse): a clean power-off for a one-shot VMM.
     Reset,
+    /// Something outside the guest asked for a stop (the API, a shutdown deadline, a signal).
+    Requested(String),
     /// Something fatal happened: a triple fault, an emulation failure, a lost memory server.
     Fatal(String),
 }

@@ -5,7 +5,10 @@ mod vcpu;
 mod vm;
 
 pub use exit::{handle_exit, ExitAction};
-pub use vcpu::{Vcpu, VcpuBoot, RUN_TIME_IOCTLS as VCPU_RUN_TIME_IOCTLS};
+pub use vcpu::{
+    install_kick_handler, kick_signal, Vcpu, VcpuBoot, VcpuControl, VcpuWant,
+    RUN_TIME_IOCTLS as VCPU_RUN_TIME_IOCTLS,
+};
 pub use vm::Vm;
 
 use std::path::PathBuf;

@@ -1,7 +1,15 @@
-//! One vCPU: its boot state, and the run loop that dispatches exits until the VM stops.
+//! One vCPU: its boot state, and the run loop that dispatches exits until the VM stops. The VM
+//! pauses and stops its vCPUs through a shared [`VcpuControl`]: it sets what it wants, then kicks
+//! each vCPU thread out of KVM_RUN with [`kick_signal`], whose handler sets the thread's
+//! `kvm_run.immediate_exit` (so a kick that lands just before KVM_RUN is not lost either).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, CpuId, Msrs,
+    kvm_cpuid_entry2, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events, CpuId, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -41,6 +49,107 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 /// KVM_INTERNAL_ERROR_EMULATION: the instruction emulator failed.
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 const BP_VECTOR: u8 = 3;
+
+/// What the VM wants of its vCPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VcpuWant {
+    Run = 0,
+    Pause = 1,
+    Stop = 2,
+}
+
+/// Shared by the VM and its vCPU threads: what the VM wants, and how many vCPUs are parked.
+#[derive(Default)]
+pub struct VcpuControl {
+    want: AtomicU8,
+    parked: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl VcpuControl {
+    pub fn want(&self) -> VcpuWant {
+        match self.want.load(Ordering::SeqCst) {
+            0 => VcpuWant::Run,
+            1 => VcpuWant::Pause,
+            _ => VcpuWant::Stop,
+        }
+    }
+
+    /// Sets what the vCPUs must do and wakes parked ones; the caller kicks running ones.
+    pub fn set(&self, want: VcpuWant) {
+        let _g = self.parked.lock().expect("vcpu control lock poisoned");
+        self.want.store(want as u8, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    /// Parks the calling vCPU thread while the VM wants it paused.
+    fn park(&self) {
+        let mut parked = self.parked.lock().expect("vcpu control lock poisoned");
+        *parked += 1;
+        self.cv.notify_all();
+        while self.want() == VcpuWant::Pause {
+            parked = self.cv.wait(parked).expect("vcpu control lock poisoned");
+        }
+        *parked -= 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits up to `timeout` until `n` vCPUs are parked; `kick` runs every few milliseconds
+    /// meanwhile (a vCPU can be deep in a page fault when the first kick lands).
+    pub fn wait_parked(&self, n: usize, timeout: Duration, kick: impl Fn()) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut parked = self.parked.lock().expect("vcpu control lock poisoned");
+        while *parked < n {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let slice = (deadline - now).min(Duration::from_millis(5));
+            parked = self
+                .cv
+                .wait_timeout(parked, slice)
+                .expect("vcpu control lock poisoned")
+                .0;
+            if *parked < n {
+                drop(parked);
+                kick();
+                parked = self.parked.lock().expect("vcpu control lock poisoned");
+            }
+        }
+        true
+    }
+}
+
+thread_local! {
+    /// This thread's vCPU run structure while it runs one, for the kick signal's handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own vCPU's kvm_run mapping, set while `Vcpu::run`
+        // owns the vCPU and cleared before it returns; a one-byte volatile store is all KVM
+        // needs to see to leave KVM_RUN (or not enter it) with EINTR.
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
+    }
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (SIGRTMIN).
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the kick signal's handler; once per process, before vCPU threads start.
+pub fn install_kick_handler() -> Result<(), KvmError> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| {
+        KvmError::Ioctl {
+            op: "installing the vCPU kick signal handler",
+            source: kvm_ioctls::Error::new(e.errno()),
+        }
+    })
+}
 
 pub struct Vcpu {
     pub(super) fd: VcpuFd,
@@ -135,15 +244,47 @@ impl Vcpu {
             .map_err(ioctl_err("KVM_SET_LAPIC"))
     }
 
-    /// Runs the vCPU until the VM stops. Fatal conditions are reported through `stop`.
-    pub fn run(&mut self, buses: &IoBuses, mem: &GuestMemoryMmap, stop: &StopSignal) {
+    /// Runs the vCPU until the VM stops it (through `ctl`) or it stops the VM (through `stop`:
+    /// fatal conditions), parking while `ctl` says pause.
+    pub fn run(
+        &mut self,
+        buses: &IoBuses,
+        mem: &GuestMemoryMmap,
+        stop: &StopSignal,
+        ctl: &VcpuControl,
+    ) {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|c| c.set(run));
+        self.run_loop(buses, mem, stop, ctl);
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+
+    fn run_loop(
+        &mut self,
+        buses: &IoBuses,
+        mem: &GuestMemoryMmap,
+        stop: &StopSignal,
+        ctl: &VcpuControl,
+    ) {
         loop {
+            match ctl.want() {
+                VcpuWant::Run => {}
+                VcpuWant::Pause => {
+                    ctl.park();
+                    continue;
+                }
+                VcpuWant::Stop => return,
+            }
             if stop.reason().is_some() {
                 return;
             }
             let action = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, buses),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Kicked: clear the kick before looking at what the VM wants.
+                    self.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
                 Err(e) => {
                     stop.stop(StopReason::Fatal(format!(
                         "vCPU {}: KVM_RUN failed: {e}",

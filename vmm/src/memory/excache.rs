@@ -16,6 +16,16 @@ pub enum Policy {
     Clock,
 }
 
+impl Policy {
+    /// The name `--excache-policy` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Fifo => "fifo",
+            Policy::Clock => "clock",
+        }
+    }
+}
+
 impl std::str::FromStr for Policy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -139,6 +149,37 @@ impl ExCache {
     /// The guest wrote a resident page.
     pub fn mark_dirty(&mut self, page: u32) {
         self.state[page as usize] |= DIRTY | REFERENCED;
+    }
+
+    /// Changes the capacity to `limit` pages, which must hold what is resident now (the fault
+    /// server shrinks by evicting first, batch by batch).
+    pub fn set_limit(&mut self, limit: usize) {
+        assert!(
+            limit > 0 && limit >= self.resident,
+            "ExCache limit {limit} below its {} resident pages",
+            self.resident
+        );
+        if self.policy == Policy::Clock && limit > self.ring.len() {
+            let old = self.ring.len();
+            self.ring.resize(limit, EMPTY);
+            self.free_slots.extend(old as u32..limit as u32);
+        }
+        self.limit = limit;
+    }
+
+    /// A dirty page's content was written to the server and the page write-protected again.
+    pub fn mark_clean(&mut self, page: u32) {
+        let s = &mut self.state[page as usize];
+        if *s & (RESIDENT | DIRTY) == RESIDENT | DIRTY {
+            *s = (*s & !DIRTY) | ON_SERVER;
+        }
+    }
+
+    /// Resident pages whose content is newer than the server's, in page order.
+    pub fn dirty_resident(&self) -> Vec<u32> {
+        (0..self.state.len() as u32)
+            .filter(|p| self.state[*p as usize] & (RESIDENT | DIRTY) == RESIDENT | DIRTY)
+            .collect()
     }
 
     /// Chooses `n` victims and forgets them as resident. A dirty victim's content is on the
@@ -389,5 +430,41 @@ mod tests {
         for i in 0..10 {
             assert_eq!(p.on_fault(i).count, 0);
         }
+    }
+
+    #[test]
+    fn limit_grows_and_shrinks_with_both_policies() {
+        for policy in [Policy::Fifo, Policy::Clock] {
+            let mut c = ExCache::new(64, 4, policy);
+            for p in 0..4 {
+                c.insert(p, p % 2 == 0);
+            }
+            c.set_limit(8);
+            for p in 4..8 {
+                c.insert(p, false);
+            }
+            assert_eq!(c.room_needed(1), 1);
+            assert_eq!(c.evict(6).len(), 6);
+            c.set_limit(2);
+            assert_eq!(c.room_needed(1), 1);
+            assert_eq!(c.evict(1).len(), 1);
+            c.insert(9, true);
+            assert_eq!((c.resident(), c.limit()), (2, 2));
+        }
+    }
+
+    #[test]
+    fn flushed_pages_are_clean_and_on_the_server() {
+        let mut c = ExCache::new(16, 8, Policy::Clock);
+        c.insert(3, true);
+        c.insert(5, false);
+        c.mark_dirty(5);
+        c.insert(7, false);
+        assert_eq!(c.dirty_resident(), vec![3, 5]);
+        c.mark_clean(3);
+        c.mark_clean(7);
+        assert_eq!(c.dirty_resident(), vec![5]);
+        assert!(c.on_server(3) && !c.on_server(7));
+        assert!(c.is_resident(3) && !c.is_dirty(3));
     }
 }

@@ -5,19 +5,19 @@
 //! victims are evicted (dirty ones write-protected, written back, then dropped). This thread never
 //! touches a page that is not resident, so it never faults itself.
 
-use std::sync::{Arc, OnceLock};
+use std::os::unix::io::AsRawFd;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::json;
 use userfaultfd::EventBuffer;
 use vmm_sys_util::eventfd::EventFd;
-use vnode_common::metrics::LatencyHistogram;
 
 use super::excache::{runs, ExCache, Prefetcher};
 use super::source::{PageSource, SourceError, MAX_BATCH};
+use super::stats::{timed, ExCacheStats};
 use super::uffd::{Fault, GuestUffd, UffdError, PAGE};
 use crate::devices::{StopReason, StopSignal};
-use crate::metrics::Counter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
@@ -29,104 +29,31 @@ pub enum FaultError {
     Outside(usize),
 }
 
-/// The ExCache's counters. `hits` counts faults avoided by prefetching (reads of resident pages
-/// do not reach userspace, so they cannot be counted).
-#[derive(Default)]
-pub struct ExCacheStats {
-    pub faults: Counter,
-    pub wp_faults: Counter,
-    pub zero_fills: Counter,
-    pub fetched: Counter,
-    pub evictions: Counter,
-    pub writebacks: Counter,
-    pub prefetched: Counter,
-    pub prefetch_used: Counter,
-    pub bytes_in: Counter,
-    pub bytes_out: Counter,
-    pub max_resident_pages: Counter,
-    pub limit_pages: Counter,
-    /// Where the fault thread's time goes, in nanoseconds (reported in microseconds).
-    pub time: PhaseTimes,
-    /// Service time of every missing-page fault, and of those whose page came from the source
-    /// (the others are zero-filled here: no round trip, whatever the source). Lock-free, so
-    /// recording costs the fault path two atomic adds.
-    pub latency_us: LatencyHistogram,
-    pub fetch_latency_us: LatencyHistogram,
-}
-
-/// The fault thread's time by phase: serving faults in all, and within that fetching pages from
-/// the source, installing them (UFFDIO_COPY), waking the thread that faulted (UFFDIO_WAKE),
-/// write-protecting dirty victims, writing them back (copy out and send), and dropping victims
-/// (MADV_DONTNEED). The rest of `serve` is bookkeeping and WP-fault handling.
-#[derive(Default)]
-pub struct PhaseTimes {
-    pub serve: Counter,
-    pub fetch: Counter,
-    pub install: Counter,
-    pub wake: Counter,
-    pub protect: Counter,
-    pub writeback: Counter,
-    pub drop: Counter,
-}
-
-impl PhaseTimes {
-    fn to_json(&self) -> serde_json::Value {
-        let us = |c: &Counter| c.get() / 1000;
-        json!({
-            "serve": us(&self.serve),
-            "fetch": us(&self.fetch),
-            "install": us(&self.install),
-            "wake": us(&self.wake),
-            "protect": us(&self.protect),
-            "writeback": us(&self.writeback),
-            "drop": us(&self.drop),
-        })
-    }
-}
-
-/// Runs `f`, adding its duration in nanoseconds to `c`.
-fn timed<T>(c: &Counter, f: impl FnOnce() -> T) -> T {
-    let t = Instant::now();
-    let r = f();
-    c.add(t.elapsed().as_nanos() as u64);
-    r
-}
-
 /// Pages evicted at once when the ExCache is full (at most an eighth of its capacity).
 const EVICT_BATCH: usize = 32;
 /// A fault thread that has served nothing for this long pings its memory servers, well
 /// inside vnode-memd's default 15-minute idle timeout.
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Pages evicted per round of a background shrink, between rounds of faults.
+const SHRINK_BATCH: usize = 1024;
+/// Pages written back per call to the source (a shrink's round, or a flush).
+const WRITEBACK_BATCH: usize = SHRINK_BATCH;
 
-impl ExCacheStats {
-    /// All counters as JSON, with fault service latency p50/p99 in microseconds.
-    pub fn to_json(&self) -> serde_json::Value {
-        json!({
-            "faults": self.faults.get(),
-            "wp_faults": self.wp_faults.get(),
-            "hits": self.prefetch_used.get(),
-            "zero_fills": self.zero_fills.get(),
-            "fetched": self.fetched.get(),
-            "evictions": self.evictions.get(),
-            "writebacks": self.writebacks.get(),
-            "prefetched": self.prefetched.get(),
-            "prefetch_used": self.prefetch_used.get(),
-            "bytes_in": self.bytes_in.get(),
-            "bytes_out": self.bytes_out.get(),
-            "fault_p50_us": self.latency_us.percentile_us(0.5),
-            "fault_p99_us": self.latency_us.percentile_us(0.99),
-            "fetch_fault_p50_us": self.fetch_latency_us.percentile_us(0.5),
-            "fetch_fault_p99_us": self.fetch_latency_us.percentile_us(0.99),
-            "max_resident_pages": self.max_resident_pages.get(),
-            "limit_pages": self.limit_pages.get(),
-            "time_us": self.time.to_json(),
-            "replication": super::source::replication_json(),
-        })
-    }
+/// What the VM asks of its fault thread.
+pub enum FaultCmd {
+    /// The ExCache's new capacity in pages: growing raises the limit; shrinking evicts down to
+    /// it in the background, batch by batch, so the guest sees only misses. Replies once the
+    /// new limit is in force (a shrink has started).
+    SetLimit(usize, Sender<()>),
+    /// Write every dirty resident page back to the servers; the reply says how many.
+    FlushDirty(Sender<Result<usize, String>>),
+    /// Serve every fault already raised, then reply: after a pause, the faults the vCPUs left
+    /// behind when they were kicked out of KVM_RUN are done before the pause returns.
+    Drain(Sender<()>),
+    /// Stop serving faults, freeing guest RAM's region on the servers or keeping it (a
+    /// snapshot or migration hands it over).
+    Stop { free_region: bool },
 }
-
-/// The running VM's ExCache counters, if it has an ExCache.
-pub static EXCACHE_STATS: OnceLock<Arc<ExCacheStats>> = OnceLock::new();
 
 pub struct FaultServer {
     uffd: GuestUffd,
@@ -139,6 +66,8 @@ pub struct FaultServer {
     buf: Vec<u8>,
     wb_buf: Vec<u8>,
     spin: bool,
+    /// The capacity asked for; below `cache.limit()` while a shrink is under way.
+    target: usize,
 }
 
 impl FaultServer {
@@ -150,7 +79,8 @@ impl FaultServer {
         source: Box<dyn PageSource>,
         stats: Arc<ExCacheStats>,
     ) -> Self {
-        stats.limit_pages.add(cache.limit() as u64);
+        stats.limit_pages.set(cache.limit() as u64);
+        let cache_limit = cache.limit();
         Self {
             uffd,
             base: base as usize,
@@ -160,8 +90,9 @@ impl FaultServer {
             stats,
             zero: vec![0; PAGE],
             buf: vec![0; MAX_BATCH * PAGE],
-            wb_buf: vec![0; MAX_BATCH * PAGE],
+            wb_buf: vec![0; WRITEBACK_BATCH * PAGE],
             spin: false,
+            target: cache_limit,
         }
     }
 
@@ -171,8 +102,21 @@ impl FaultServer {
         self
     }
 
-    /// Serves faults until `stop_evt` is written or an error ends the VM.
-    pub fn run(mut self, stop_evt: EventFd, vm_stop: StopSignal) {
+    /// Serves faults and commands until a `Stop` command or an error ends the VM. `doorbell`
+    /// is written after each command sent on `cmds`.
+    pub fn run(mut self, cmds: Receiver<FaultCmd>, doorbell: EventFd, vm_stop: StopSignal) {
+        if let Err(e) = self.serve_until_stopped(&cmds, &doorbell) {
+            let msg = format!("guest memory from {}: {e}", self.source.describe());
+            tracing::error!("{msg}");
+            vm_stop.stop(StopReason::Fatal(msg));
+        }
+    }
+
+    fn serve_until_stopped(
+        &mut self,
+        cmds: &Receiver<FaultCmd>,
+        doorbell: &EventFd,
+    ) -> Result<(), FaultError> {
         let mut events = EventBuffer::new(64);
         let mut faults = Vec::with_capacity(64);
         let mut fds = [
@@ -182,17 +126,19 @@ impl FaultServer {
                 revents: 0,
             },
             libc::pollfd {
-                fd: std::os::unix::io::AsRawFd::as_raw_fd(&stop_evt),
+                fd: doorbell.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
         ];
-        let mut last_activity = std::time::Instant::now();
+        let mut last_activity = Instant::now();
         loop {
+            let shrinking = self.target < self.cache.limit();
             // Spinning polls without sleeping (timeout 0): it saves the wake-up of a sleeping
-            // thread on every fault at the price of a busy core. A sleeping poll wakes every
-            // KEEPALIVE to keep the servers' connections alive through a quiet guest.
-            let timeout = if self.spin {
+            // thread on every fault at the price of a busy core. A shrink in progress polls too,
+            // evicting a batch between rounds of faults. A sleeping poll wakes every KEEPALIVE
+            // to keep the servers' connections alive through a quiet guest.
+            let timeout = if self.spin || shrinking {
                 0
             } else {
                 KEEPALIVE.as_millis() as libc::c_int
@@ -202,40 +148,120 @@ impl FaultServer {
             if r < 0 {
                 continue; // EINTR
             }
-            if r > 0 {
-                last_activity = std::time::Instant::now();
+            if r > 0 || shrinking {
+                last_activity = Instant::now();
             } else if last_activity.elapsed() >= KEEPALIVE {
-                last_activity = std::time::Instant::now();
-                if let Err(e) = self.source.keepalive() {
-                    let msg = format!("guest memory from {}: {e}", self.source.describe());
-                    tracing::error!("{msg}");
-                    vm_stop.stop(StopReason::Fatal(msg));
-                    return;
-                }
+                last_activity = Instant::now();
+                self.source.keepalive()?;
             }
             if fds[1].revents != 0 {
-                // The VM has stopped: its guest RAM is garbage now, so give it back.
-                if let Err(e) = self.source.release() {
-                    tracing::warn!("cannot free guest RAM on {}: {e}", self.source.describe());
+                let _ = doorbell.read();
+                while let Ok(cmd) = cmds.try_recv() {
+                    if self.command(cmd)? {
+                        return Ok(());
+                    }
                 }
-                return;
             }
-            if r == 0 {
+            if fds[0].revents != 0 {
+                self.uffd.read_faults(&mut events, &mut faults)?;
+                for f in &faults {
+                    self.serve(*f)?;
+                }
+            }
+            if shrinking {
+                self.shrink_step()?;
+            } else if r == 0 {
                 std::hint::spin_loop();
-                continue;
-            }
-            let result = self
-                .uffd
-                .read_faults(&mut events, &mut faults)
-                .map_err(FaultError::from)
-                .and_then(|_| faults.iter().try_for_each(|f| self.serve(*f)));
-            if let Err(e) = result {
-                let msg = format!("guest memory from {}: {e}", self.source.describe());
-                tracing::error!("{msg}");
-                vm_stop.stop(StopReason::Fatal(msg));
-                return;
             }
         }
+    }
+
+    /// Carries out one command; true when the thread must end.
+    fn command(&mut self, cmd: FaultCmd) -> Result<bool, FaultError> {
+        match cmd {
+            FaultCmd::SetLimit(pages, reply) => {
+                self.target = pages.clamp(1, self.cache.pages());
+                self.stats.limit_pages.set(self.target as u64);
+                if self.target >= self.cache.resident() {
+                    self.cache.set_limit(self.target);
+                }
+                tracing::info!(pages = self.target, "ExCache limit set");
+                let _ = reply.send(());
+            }
+            FaultCmd::FlushDirty(reply) => {
+                let r = self.flush_dirty();
+                let _ = reply.send(r.as_ref().map(|n| *n).map_err(|e| e.to_string()));
+                r?;
+            }
+            FaultCmd::Drain(reply) => {
+                self.drain()?;
+                let _ = reply.send(());
+            }
+            FaultCmd::Stop { free_region } => {
+                // With `free_region` the guest is gone and its RAM garbage: give it back. A
+                // hand-over (snapshot, migration) keeps it for the next owner.
+                if free_region {
+                    if let Err(e) = self.source.release() {
+                        tracing::warn!("cannot free guest RAM on {}: {e}", self.source.describe());
+                    }
+                }
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Serves the faults that are queued now, without waiting for more.
+    fn drain(&mut self) -> Result<(), FaultError> {
+        let mut events = EventBuffer::new(64);
+        let mut faults = Vec::with_capacity(64);
+        loop {
+            let mut fd = libc::pollfd {
+                fd: self.uffd.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let r = unsafe { libc::poll(&mut fd, 1, 0) };
+            if r <= 0 || fd.revents == 0 {
+                return Ok(());
+            }
+            self.uffd.read_faults(&mut events, &mut faults)?;
+            for f in &faults {
+                self.serve(*f)?;
+            }
+        }
+    }
+
+    /// One batch of a shrink: evicts towards the target, and lowers the limit as it goes so
+    /// faults meanwhile evict rather than grow the cache.
+    fn shrink_step(&mut self) -> Result<(), FaultError> {
+        let excess = self.cache.resident().saturating_sub(self.target);
+        if excess > 0 {
+            self.evict(excess.min(SHRINK_BATCH))?;
+        }
+        self.cache.set_limit(self.target.max(self.cache.resident()));
+        self.note_residency();
+        Ok(())
+    }
+
+    /// Writes every dirty resident page back to the source; they stay resident, clean and
+    /// write-protected (the next write faults and marks them dirty again). Returns how many.
+    fn flush_dirty(&mut self) -> Result<usize, FaultError> {
+        let dirty = self.cache.dirty_resident();
+        self.write_back(&dirty)?;
+        for p in &dirty {
+            self.cache.mark_clean(*p);
+        }
+        tracing::info!(pages = dirty.len(), "ExCache flushed");
+        Ok(dirty.len())
+    }
+
+    fn note_residency(&self) {
+        self.stats.resident_pages.set(self.cache.resident() as u64);
+        self.stats
+            .max_resident_pages
+            .raise(self.cache.max_resident() as u64);
     }
 
     fn page_of(&self, addr: usize) -> Result<u32, FaultError> {
@@ -277,13 +303,15 @@ impl FaultServer {
                 let fetched = self.cache.on_server(page);
                 self.fill(page, write)?;
                 if fetched {
-                    self.stats.fetch_latency_us.record(start.elapsed());
+                    self.stats
+                        .fetch_latency
+                        .record(start.elapsed().as_micros() as u64);
                 }
             }
         }
         let took = start.elapsed();
         self.stats.time.serve.add(took.as_nanos() as u64);
-        self.stats.latency_us.record(took);
+        self.stats.latency.record(took.as_micros() as u64);
         Ok(())
     }
 
@@ -354,14 +382,11 @@ impl FaultServer {
                 self.stats.prefetched.inc();
             }
         }
-        self.stats.max_resident_pages.add(
-            (self.cache.max_resident() as u64).saturating_sub(self.stats.max_resident_pages.get()),
-        );
+        self.note_residency();
         Ok(())
     }
 
-    /// Evicts until `incoming` pages fit: dirty victims are write-protected, written back in
-    /// batches, and only then dropped, so a page's latest content is always somewhere.
+    /// Evicts until `incoming` pages fit.
     fn make_room(&mut self, incoming: usize) -> Result<(), FaultError> {
         let needed = self.cache.room_needed(incoming);
         if needed == 0 {
@@ -370,13 +395,32 @@ impl FaultServer {
         // Evict a batch at a time: contiguous victims (FIFO on a stream) then cost one
         // write-protect and one MADV_DONTNEED per run instead of per page, and each of those
         // makes KVM zap its own mappings of the range.
-        let victims = self
-            .cache
-            .evict(needed.max(EVICT_BATCH.min(self.cache.limit() / 8)));
+        self.evict(needed.max(EVICT_BATCH.min(self.cache.limit() / 8)))
+    }
+
+    /// Evicts `n` pages: dirty victims are written back first and only then dropped, so a
+    /// page's latest content is always somewhere.
+    fn evict(&mut self, n: usize) -> Result<(), FaultError> {
+        let victims = self.cache.evict(n);
         self.stats.evictions.add(victims.len() as u64);
         let mut dirty: Vec<u32> = victims.iter().filter(|v| v.dirty).map(|v| v.page).collect();
         dirty.sort_unstable();
-        for chunk in dirty.chunks(MAX_BATCH) {
+        self.write_back(&dirty)?;
+        let mut all: Vec<u32> = victims.iter().map(|v| v.page).collect();
+        all.sort_unstable();
+        let ranges: Vec<(usize, usize)> = runs(&all)
+            .into_iter()
+            .map(|(start, len)| (self.addr_of(start), len as usize * PAGE))
+            .collect();
+        timed(&self.stats.time.drop, || self.uffd.drop_ranges(&ranges))?;
+        self.note_residency();
+        Ok(())
+    }
+
+    /// Write-protects `sorted` resident pages and sends their content to the source, in batches
+    /// (the source pipelines each batch MAX_BATCH pages per request).
+    fn write_back(&mut self, sorted: &[u32]) -> Result<(), FaultError> {
+        for chunk in sorted.chunks(WRITEBACK_BATCH) {
             let t = Instant::now();
             for (start, len) in runs(chunk) {
                 self.uffd
@@ -389,8 +433,8 @@ impl FaultServer {
             };
             for (i, p) in chunk.iter().enumerate() {
                 let addr = self.addr_of(*p);
-                // SAFETY: the page is resident (it was until this eviction, and only this thread
-                // drops pages) and write-protected, so reading it neither faults nor races a writer.
+                // SAFETY: the page is resident (only this thread drops pages) and
+                // write-protected, so reading it neither faults nor races a writer.
                 let page = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE) };
                 self.wb_buf[i * PAGE..(i + 1) * PAGE].copy_from_slice(page);
             }
@@ -401,13 +445,6 @@ impl FaultServer {
             self.stats.writebacks.add(chunk.len() as u64);
             self.stats.bytes_out.add((chunk.len() * PAGE) as u64);
         }
-        let mut all: Vec<u32> = victims.iter().map(|v| v.page).collect();
-        all.sort_unstable();
-        let ranges: Vec<(usize, usize)> = runs(&all)
-            .into_iter()
-            .map(|(start, len)| (self.addr_of(start), len as usize * PAGE))
-            .collect();
-        timed(&self.stats.time.drop, || self.uffd.drop_ranges(&ranges))?;
         Ok(())
     }
 }

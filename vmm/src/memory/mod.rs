@@ -3,9 +3,13 @@ pub mod excache;
 pub mod fault;
 pub mod guest;
 pub mod source;
+pub mod stats;
 pub mod uffd;
 
-use std::sync::Arc;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -13,8 +17,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::layout::ram_ranges;
 use crate::devices::StopSignal;
 use excache::{ExCache, Policy, Prefetcher};
-use fault::{ExCacheStats, FaultError, FaultServer, EXCACHE_STATS};
+use fault::{FaultCmd, FaultError, FaultServer};
 use source::{LocalSource, PageSource, RemoteSource, SourceError};
+use stats::{ExCacheStats, EXCACHE_STATS};
 use uffd::{GuestUffd, UffdError, PAGE};
 
 /// This process's vNode id, once remote memory is set up (for the stats).
@@ -51,33 +56,92 @@ pub enum RemoteMemError {
     Spawn(#[source] std::io::Error),
     #[error(transparent)]
     Fault(#[from] FaultError),
+    #[error("local_mem {bytes} must be at least 1 MiB and at most the guest's {mem} bytes")]
+    Limit { bytes: u64, mem: u64 },
+    #[error("the ExCache's fault server has stopped")]
+    Gone,
+    #[error("cannot signal the fault server")]
+    Doorbell(#[source] std::io::Error),
+    #[error("cannot write dirty pages back: {0}")]
+    Flush(String),
 }
 
-/// Guest RAM served through the ExCache, and the handle that stops its fault server.
+/// The smallest ExCache.
+pub const MIN_LOCAL_MEM: u64 = 1 << 20;
+
+/// Guest RAM served through the ExCache, and the handle that commands its fault server.
 pub struct RemoteMemory {
     pub mem: GuestMemoryMmap,
     pub stats: Arc<ExCacheStats>,
-    stop_evt: EventFd,
-    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    cmds: Mutex<Sender<FaultCmd>>,
+    doorbell: EventFd,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    pages: usize,
 }
 
+/// How long a command waits for the fault server's answer.
+const COMMAND_WAIT: Duration = Duration::from_secs(10);
+
 /// How long `stop` waits for the fault server to free guest RAM on its servers.
-const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 impl RemoteMemory {
-    /// Stops the fault server thread, which frees guest RAM on the memory servers, and waits
-    /// for that a little (a dead server must not hold up the VMM's exit).
-    pub fn stop(&self) {
-        let _ = self.stop_evt.write(1);
+    fn send(&self, cmd: FaultCmd) -> Result<(), RemoteMemError> {
+        self.cmds
+            .lock()
+            .expect("fault command lock poisoned")
+            .send(cmd)
+            .map_err(|_| RemoteMemError::Gone)?;
+        self.doorbell.write(1).map_err(RemoteMemError::Doorbell)
+    }
+
+    /// Sets the ExCache's capacity to `bytes` (at least 1 MiB, at most guest RAM): growing takes
+    /// effect at once, shrinking evicts in the background.
+    pub fn set_limit(&self, bytes: u64) -> Result<(), RemoteMemError> {
+        let mem = (self.pages * PAGE) as u64;
+        if bytes < MIN_LOCAL_MEM || bytes > mem {
+            return Err(RemoteMemError::Limit { bytes, mem });
+        }
+        let (tx, rx) = mpsc::channel();
+        self.send(FaultCmd::SetLimit(bytes as usize / PAGE, tx))?;
+        rx.recv_timeout(COMMAND_WAIT)
+            .map_err(|_| RemoteMemError::Gone)
+    }
+
+    /// Writes every dirty resident page to the memory servers; returns how many, once done.
+    pub fn flush_dirty(&self, timeout: Duration) -> Result<usize, RemoteMemError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(FaultCmd::FlushDirty(tx))?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| RemoteMemError::Gone)?
+            .map_err(RemoteMemError::Flush)
+    }
+
+    /// Waits until the fault server has served every fault raised so far.
+    pub fn drain(&self, timeout: Duration) -> Result<(), RemoteMemError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(FaultCmd::Drain(tx))?;
+        rx.recv_timeout(timeout).map_err(|_| RemoteMemError::Gone)
+    }
+
+    /// Stops the fault server thread, which frees guest RAM on the memory servers if
+    /// `free_region` (else leaves it for a hand-over), and waits for that a little (a dead
+    /// server must not hold up the VMM's exit).
+    pub fn stop(&self, free_region: bool) {
+        if let Err(e) = self.send(FaultCmd::Stop { free_region }) {
+            tracing::debug!("fault server already gone: {e}");
+        }
         let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) else {
             return;
         };
-        let deadline = std::time::Instant::now() + RELEASE_WAIT;
-        while !t.is_finished() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(2));
+        let deadline = Instant::now() + RELEASE_WAIT;
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
         }
         if t.is_finished() {
             let _ = t.join();
+        } else {
+            tracing::warn!("the fault server did not stop within {RELEASE_WAIT:?}");
         }
     }
 }
@@ -100,7 +164,7 @@ pub fn remote_memory_with(
     vm_stop: &StopSignal,
     attach: bool,
 ) -> Result<RemoteMemory, RemoteMemError> {
-    if cfg.local_mem < (1 << 20) || cfg.local_mem > mem_size {
+    if cfg.local_mem < MIN_LOCAL_MEM || cfg.local_mem > mem_size {
         return Err(RemoteMemError::LocalMem(cfg.local_mem));
     }
     let pages = (mem_size as usize) / PAGE;
@@ -177,20 +241,23 @@ pub fn remote_memory_with(
         stats.clone(),
     )
     .with_spin(cfg.spin);
-    let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(RemoteMemError::Spawn)?;
-    let thread_stop = stop_evt.try_clone().map_err(RemoteMemError::Spawn)?;
+    let doorbell = EventFd::new(libc::EFD_NONBLOCK).map_err(RemoteMemError::Spawn)?;
+    let thread_doorbell = doorbell.try_clone().map_err(RemoteMemError::Spawn)?;
+    let (cmds, rx) = mpsc::channel();
     let vm_stop = vm_stop.clone();
     let thread = std::thread::Builder::new()
         .name("excache-fault".into())
         .spawn(move || {
             crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Fault);
-            server.run(thread_stop, vm_stop)
+            server.run(rx, thread_doorbell, vm_stop)
         })
         .map_err(RemoteMemError::Spawn)?;
     Ok(RemoteMemory {
         mem,
         stats,
-        stop_evt,
-        thread: std::sync::Mutex::new(Some(thread)),
+        cmds: Mutex::new(cmds),
+        doorbell,
+        thread: Mutex::new(Some(thread)),
+        pages,
     })
 }

@@ -23,7 +23,8 @@ pub enum SourceError {
 pub trait PageSource: Send {
     /// Reads `pages` (at most MAX_BATCH) into `out` (PAGE bytes each, in order).
     fn read_pages(&mut self, pages: &[u64], out: &mut [u8]) -> Result<(), SourceError>;
-    /// Stores `data` (PAGE bytes per page) as the content of `pages` (at most MAX_BATCH).
+    /// Stores `data` (PAGE bytes per page) as the content of `pages` (any number: a remote
+    /// source pipelines them MAX_BATCH at a time).
     fn write_pages(&mut self, pages: &[u64], data: &[u8]) -> Result<(), SourceError>;
     /// Where the pages live, for messages.
     fn describe(&self) -> String;
@@ -106,7 +107,12 @@ impl RemoteSource {
             clients.push(MemClient::connect(s, auth)?);
         }
         let mut src = match clients.len() {
-            1 => RemoteSource::Single(Box::new(clients.pop().expect("one client"))),
+            1 => {
+                let mut c = clients.pop().expect("one client");
+                // The only copy: nothing to fail over to, so a longer deadline.
+                c.set_deadline_floor(vnode_common::deadline::SOLE_COPY_FLOOR);
+                RemoteSource::Single(Box::new(c))
+            }
             _ => {
                 let backup = clients.pop().expect("two clients");
                 let primary = clients.pop().expect("two clients");

@@ -12,7 +12,8 @@ pub mod worker;
 pub use worker::{DeviceThread, DeviceWorker};
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
+use std::time::Duration;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -116,5 +117,88 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
             .and_then(|o| config.get(o.checked_add(i)?))
             .copied()
             .unwrap_or(0);
+    }
+}
+
+/// Pauses every device queue thread of the process (one VM per vnode process): while paused,
+/// no thread pops or completes a chain. Threads pass [`DevicePause::checkpoint`] each time they
+/// wake; `pause` wakes them all and returns once each is parked there.
+#[derive(Default)]
+pub struct DevicePause {
+    state: Mutex<PauseState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct PauseState {
+    paused: bool,
+    parked: usize,
+    /// The wake eventfd of every running device thread, by thread id.
+    threads: Vec<(u64, Arc<EventFd>)>,
+    next_id: u64,
+}
+
+/// The process's device pause.
+pub static DEVICE_PAUSE: LazyLock<DevicePause> = LazyLock::new(DevicePause::default);
+
+impl DevicePause {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().expect("device pause lock poisoned")
+    }
+
+    pub(super) fn register(&self, wake: Arc<EventFd>) -> u64 {
+        let mut st = self.lock();
+        st.next_id += 1;
+        let id = st.next_id;
+        st.threads.push((id, wake));
+        id
+    }
+
+    pub(super) fn unregister(&self, id: u64) {
+        self.lock().threads.retain(|(i, _)| *i != id);
+        self.cv.notify_all();
+    }
+
+    /// Parks the calling device thread while devices are paused.
+    pub fn checkpoint(&self) {
+        let mut st = self.lock();
+        if !st.paused {
+            return;
+        }
+        st.parked += 1;
+        self.cv.notify_all();
+        while st.paused {
+            st = self.cv.wait(st).expect("device pause lock poisoned");
+        }
+        st.parked -= 1;
+    }
+
+    /// Pauses every device thread; true once all are parked, false if some did not park
+    /// within `timeout` (they still park as soon as they wake).
+    pub fn pause(&self, timeout: Duration) -> bool {
+        let mut st = self.lock();
+        st.paused = true;
+        for (_, wake) in &st.threads {
+            let _ = wake.write(1);
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        while st.parked < st.threads.len() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, left)
+                .expect("device pause lock poisoned")
+                .0;
+        }
+        true
+    }
+
+    /// Lets every device thread go on.
+    pub fn resume(&self) {
+        self.lock().paused = false;
+        self.cv.notify_all();
     }
 }

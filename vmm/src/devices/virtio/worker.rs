@@ -56,11 +56,13 @@ impl DeviceWorker {
             .send(job)
             .map_err(|_| ActivateError::Spawn(std::io::Error::other("device thread is gone")))?;
         let _ = wake.write(1);
+        let pause_id = super::DEVICE_PAUSE.register(wake.clone());
         Ok(DeviceThread {
             name: self.name.clone(),
             done,
             stop,
             wake,
+            pause_id,
         })
     }
 }
@@ -72,11 +74,14 @@ pub struct DeviceThread<T> {
     done: Receiver<T>,
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
+    /// Its place in the device pause (`DEVICE_PAUSE`).
+    pause_id: u64,
 }
 
 impl<T> DeviceThread<T> {
     /// Stops the loop and returns what it returned (None if it could not be stopped).
     pub fn stop(self) -> Option<T> {
+        super::DEVICE_PAUSE.unregister(self.pause_id);
         self.stop.store(true, Ordering::Release);
         if let Err(e) = self.wake.write(1) {
             tracing::error!(dev = %self.name, "cannot wake the device thread to stop it: {e}");

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{BackendError, BlockBackend, BlockOp};
 use super::request::{parse, Limits, Request, RequestType, ID_BYTES, SECTOR_SIZE};
-use crate::devices::virtio::{Interrupt, INT_USED_RING};
+use crate::devices::virtio::{Interrupt, DEVICE_PAUSE, INT_USED_RING};
 use crate::metrics::{RateLimit, METRICS};
 
 const S_OK: u8 = 0;
@@ -94,6 +94,10 @@ impl Handler {
                 tracing::error!(dev = %self.name, "cannot read the wake eventfd: {e}");
                 return;
             }
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            DEVICE_PAUSE.checkpoint();
             if self.stop.load(Ordering::Acquire) {
                 return;
             }

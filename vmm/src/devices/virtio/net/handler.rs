@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{parse, Buffers, Direction, ParseFailure};
 use super::tap::{Tap, VNET_HDR_LEN};
-use crate::devices::virtio::{Interrupt, INT_USED_RING};
+use crate::devices::virtio::{Interrupt, DEVICE_PAUSE, INT_USED_RING};
 use crate::metrics::{Counter, RateLimit, METRICS};
 
 /// The largest frame with its header either way: a 64 KiB IP packet in an Ethernet frame
@@ -128,6 +128,7 @@ impl Handler {
                     notified = true;
                 }
             }
+            DEVICE_PAUSE.checkpoint();
             if self.stop.load(Ordering::Acquire) {
                 tracing::debug!(dev = %self.name, stats = ?st.stats, "net device stopped");
                 return st.stats;

@@ -1,0 +1,183 @@
+//! `vnodectl vm --api-socket PATH ACTION`: one running vnode through its control API (the
+//! `vnode_api` client), as `ch-remote` is for Cloud Hypervisor. A human table by default, JSON
+//! with `-o json`. Each action is one arm of [`run`]: a new one (snapshot, restore) is one more
+//! variant of [`VmAction`] and one more arm.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use serde::Serialize;
+use vnode_api::client::{Client, ClientError};
+use vnode_api::{Counters, VmInfo};
+
+/// What to do with the VM.
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum VmAction {
+    /// State and configuration.
+    Info,
+    /// Every counter (the VMM's and the ExCache's).
+    Counters,
+    /// The Prometheus text exposition, as served.
+    Metrics,
+    /// Pause every vCPU and device (returns once all are parked).
+    Pause,
+    /// Resume a paused VM.
+    Resume,
+    /// ACPI power button, then a stop after the deadline.
+    Shutdown {
+        /// Seconds the guest gets to power off (vnode's default: 30).
+        #[arg(long, value_name = "S")]
+        deadline: Option<f64>,
+    },
+    /// Stop the VM now (vnode frees guest RAM on the servers and exits).
+    Stop,
+    /// Grow or shrink the ExCache to SIZE (e.g. 64M, 1G).
+    ResizeExcache {
+        #[arg(value_name = "SIZE")]
+        size: String,
+    },
+}
+
+/// Output format.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VmArgs {
+    /// vnode's API socket (`vnode run --api-socket PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Output: a table for people, or JSON for scripts.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub action: VmAction,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmCmdError {
+    #[error(transparent)]
+    Api(#[from] ClientError),
+    #[error(transparent)]
+    Size(#[from] vnode_common::size::SizeError),
+    #[error("--deadline {0}: not a number of seconds")]
+    Deadline(f64),
+}
+
+/// Runs one action and returns what to print.
+pub fn run(args: &VmArgs) -> Result<String, VmCmdError> {
+    let c = Client::new(&args.api_socket)?;
+    let json = args.output == Output::Json;
+    Ok(match &args.action {
+        VmAction::Info => show_info(&c.info()?, json),
+        VmAction::Counters => show_counters(&c.counters()?, json),
+        VmAction::Metrics => c.metrics_text()?,
+        VmAction::Pause => show_info(&c.pause()?, json),
+        VmAction::Resume => show_info(&c.resume()?, json),
+        VmAction::Shutdown { deadline } => {
+            let d = deadline
+                .map(|s| Duration::try_from_secs_f64(s).map_err(|_| VmCmdError::Deadline(s)))
+                .transpose()?;
+            show_info(&c.shutdown(d)?, json)
+        }
+        VmAction::Stop => show_info(&c.stop()?, json),
+        VmAction::ResizeExcache { size } => {
+            let bytes = vnode_common::size::parse_size(size)?;
+            show_info(&c.resize_excache(bytes)?, json)
+        }
+    })
+}
+
+fn to_json(v: &impl Serialize) -> String {
+    serde_json::to_string_pretty(v).expect("API types always serialize")
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", bytes >> 20)
+}
+
+fn show_info(i: &VmInfo, json: bool) -> String {
+    if json {
+        return to_json(i);
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY);
+    t.add_row(vec!["id".to_owned(), i.id.to_string()]);
+    t.add_row(vec!["state".to_owned(), i.state.to_string()]);
+    t.add_row(vec!["vcpus".to_owned(), i.config.vcpus.to_string()]);
+    t.add_row(vec!["memory".to_owned(), mib(i.config.mem_size)]);
+    if let Some(e) = &i.config.excache {
+        t.add_row(vec![
+            "excache".to_owned(),
+            format!(
+                "{} ({}) on {}",
+                mib(e.local_mem),
+                e.policy,
+                e.servers.join(",")
+            ),
+        ]);
+    }
+    for (n, d) in i.config.disks.iter().enumerate() {
+        let ro = if d.read_only { " (read-only)" } else { "" };
+        t.add_row(vec![format!("disk {n}"), format!("{}{ro}", d.source)]);
+    }
+    for (n, d) in i.config.nets.iter().enumerate() {
+        t.add_row(vec![format!("net {n}"), format!("{} {}", d.tap, d.mac)]);
+    }
+    t.add_row(vec!["pid".to_owned(), i.pid.to_string()]);
+    t.add_row(vec!["version".to_owned(), i.version.clone()]);
+    t.to_string()
+}
+
+fn show_counters(c: &Counters, json: bool) -> String {
+    if json {
+        return to_json(c);
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY);
+    t.set_header(vec!["counter", "value"]);
+    let v = serde_json::to_value(c).expect("API types always serialize");
+    for group in ["vmm", "excache"] {
+        let Some(map) = v[group].as_object() else {
+            continue;
+        };
+        for (k, x) in map {
+            match x {
+                serde_json::Value::Object(inner) => {
+                    for (k2, y) in inner {
+                        t.add_row(vec![format!("{group}.{k}.{k2}"), y.to_string()]);
+                    }
+                }
+                _ => {
+                    t.add_row(vec![format!("{group}.{k}"), x.to_string()]);
+                }
+            }
+        }
+    }
+    t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_show_state_and_nested_counters() {
+        let c = Counters {
+            excache: Some(vnode_api::ExCacheCounters {
+                faults: 42,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let t = show_counters(&c, false);
+        assert!(t.contains("excache.faults") && t.contains("42"), "{t}");
+        assert!(t.contains("excache.time_us.serve"), "{t}");
+        let j: Counters = serde_json::from_str(&show_counters(&c, true)).unwrap();
+        assert_eq!(j, c);
+    }
+}
