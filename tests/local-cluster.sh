@@ -34,6 +34,8 @@ echo "== storage server"
 "$B/vnode-blkd" --listen 127.0.0.1:0 --export "disk0=$W/disk0.img:256M" >"$W/blkd.out" 2>"$W/blkd.err" &
 pids+=($!)
 BLK=$(wait_line "$W/blkd.out"); echo "vnode-blkd on $BLK"
+# The disk's credential, as the manager would hand it to this vNode (never the cluster key).
+"$B/vnode-cred" blk --export disk0 >"$W/disk0.cred"
 
 runs=()
 run() {
@@ -43,7 +45,7 @@ run() {
     echo "${@: -1}" >"$W/$name.workload"
     "$B/vnode" run --kernel guest-images/out/testguest.elf --mem 1280M --vcpus 2 \
         --mem-server "$MEM" --local-mem 256M --excache-policy clock \
-        --disk "nbd://$BLK/disk0" --stats "$@" >"$W/$name.serial" 2>"$W/$name.stderr" || rc=$?
+        --disk "nbd://$BLK/disk0,credential-file=$W/disk0.cred" --stats "$@" >"$W/$name.serial" 2>"$W/$name.stderr" || rc=$?
     tail -n 3 "$W/$name.serial"
     echo "$rc" >"$W/$name.rc"
     runs+=("$name")

@@ -79,7 +79,7 @@ run_vnode() { # TAG KEY CMDLINE
     local tag=$1 key=$2 cmdline=$3 memd blkd start vrc
     start_server memd$tag "$TMPDIR/memd.ready" "$BIN/vnode-memd" --listen 127.0.0.1:0 --capacity 2G
     memd=$ADDR
-    start_server blkd$tag "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --listen 127.0.0.1:0 --export "root=$ROOTFS"
+    start_server blkd$tag "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --insecure --listen 127.0.0.1:0 --export "root=$ROOTFS"
     blkd=$ADDR
     echo "vnode-linux-check: vnode-memd on $memd, vnode-blkd on $blkd; cmdline: $cmdline" >&2
     start=$(now_ms)
@@ -131,7 +131,7 @@ if [ "$FIOV" != 0 ]; then
     # Time-based crc32c verify; RAM on vnode-memd behind an ExCache of half the guest RAM.
     start_server memd-fio-verify "$TMPDIR/memd.ready" "$BIN/vnode-memd" --listen 127.0.0.1:0 --capacity 2G
     memd=$ADDR
-    start_server blkd-fio-verify "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --listen 127.0.0.1:0 --export "root=$ROOTFS"
+    start_server blkd-fio-verify "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --insecure --listen 127.0.0.1:0 --export "root=$ROOTFS"
     ctl fio-verify fio-verify --runtime "$FIOV" --guest-arg fio_size=4M -- "${KARGS[@]}" \
         --mem-server "$memd" --local-mem "$(( mem_mib / 2 ))M" --disk "nbd://$ADDR/root"
     cleanup; PIDS=()
@@ -142,7 +142,7 @@ if [ "$RANDREAD" != 0 ]; then
     data=$TMPDIR/data.img
     dd if=/dev/zero of="$data" bs=1M count="$(( $(numfmt --from=iec "$DATA_SIZE") / 1048576 ))" status=none \
         || die "cannot create $data"
-    start_server blkd-randread "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --listen 127.0.0.1:0 \
+    start_server blkd-randread "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --insecure --listen 127.0.0.1:0 \
         --export "root=$ROOTFS" --export "data=$data"
     blkd=$ADDR
     ctl randread-vnode fio-randread --runtime "$RANDREAD" -- "${KARGS[@]}" \
@@ -162,7 +162,7 @@ if [ "$MCNET" != 0 ]; then
     # memcached in the guest, the load client here in L1, over a TAP.
     start_server memd-memcached "$TMPDIR/memd.ready" "$BIN/vnode-memd" --listen 127.0.0.1:0 --capacity 2G
     memd=$ADDR
-    start_server blkd-memcached "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --listen 127.0.0.1:0 --export "root=$ROOTFS"
+    start_server blkd-memcached "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --insecure --listen 127.0.0.1:0 --export "root=$ROOTFS"
     ctl memcached memcached --runtime "$MCNET" --net-host-ip 10.77.0.1/24 --guest-ip 10.77.0.2 \
         --client builtin --connections 4 --keys 50 -- "${KARGS[@]}" --mem-server "$memd" --local-mem "$LOCAL" \
         --disk "nbd://$ADDR/root" --net tap=vnsb0

@@ -2,13 +2,18 @@
 //!
 //! ```text
 //! vnode-blkd --listen 127.0.0.1:10809 --export disk=/var/lib/vnode/disk.img:8G
-//! vnode-blkd --socket /run/blk.sock --export a=a.img --export b=b.img:1G --secret b=@b.key
+//! vnode-blkd --socket /run/blk.sock --export a=a.img --export b=b.img:1G --public a \
+//!            --secret-file /etc/vnode/cluster.key
 //! ```
+//! Secure by default: the cluster key comes from `--secret-file` or `$VNODE_SECRET`, and each
+//! export needs its credential (`vnode-cred blk --export NAME`) proven by vNode's challenge-
+//! response option, unless `--public NAME`. Without a key it refuses to start unless
+//! `--insecure` (every export open to anyone, as plain NBD servers are).
 //! Once listening it prints `listening on ADDR` on stdout (and writes ADDR to `--ready-file`),
 //! so scripts and tests can bind port 0 and wait for that line instead of sleeping. Every option
 //! is checked before any file is created or any port bound (the CLI contract: `vnode_common::cli`).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -40,9 +45,23 @@ struct Args {
     /// when it does not exist. The first export is also the default (empty name) export.
     #[arg(long = "export", required = true)]
     exports: Vec<String>,
-    /// NAME=SECRET or NAME=@FILE: clients must send this secret to use export NAME.
-    #[arg(long = "secret")]
-    secrets: Vec<String>,
+    /// File holding the cluster key export credentials derive from (else $VNODE_SECRET).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Serve without a cluster key: every export open to any NBD client. For experiments.
+    #[arg(long)]
+    insecure: bool,
+    /// NAME: export NAME needs no credential (qemu-img, nbdinfo and other plain NBD clients
+    /// can use it). Repeatable.
+    #[arg(long = "public")]
+    public: Vec<String>,
+    /// Most connections served at once (each is a thread); more are closed at accept.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Close a connection in transmission that sends nothing for this many seconds (0: never;
+    /// NBD has no keep-alive, so an idle guest's disk would be cut).
+    #[arg(long, default_value_t = 0)]
+    idle_timeout: u64,
     /// Export every file read-only.
     #[arg(long)]
     read_only: bool,
@@ -89,24 +108,6 @@ fn parse_export(spec: &str) -> Result<(String, PathBuf, Option<u64>)> {
     Ok((name.to_owned(), PathBuf::from(file), size))
 }
 
-fn parse_secrets(specs: &[String]) -> Result<HashMap<String, Vec<u8>>> {
-    let mut out = HashMap::new();
-    for spec in specs {
-        let (name, secret) = spec
-            .split_once('=')
-            .context("--secret: expected NAME=SECRET or NAME=@FILE")?;
-        let bytes = match secret.strip_prefix('@') {
-            Some(path) => {
-                let s = std::fs::read_to_string(path).with_context(|| format!("read {path}"))?;
-                s.trim_end().as_bytes().to_vec()
-            }
-            None => secret.as_bytes().to_vec(),
-        };
-        out.insert(name.to_owned(), bytes);
-    }
-    Ok(out)
-}
-
 fn parse_threads(s: &str) -> Result<Threading> {
     if s == "inline" {
         return Ok(Threading::Inline);
@@ -120,7 +121,7 @@ fn parse_threads(s: &str) -> Result<Threading> {
 /// Everything the command line asks for, checked before any side effect.
 struct Plan {
     exports: Vec<(String, PathBuf, Option<u64>)>,
-    secrets: HashMap<String, Vec<u8>>,
+    public: HashSet<String>,
     opts: ServerOptions,
 }
 
@@ -130,16 +131,33 @@ fn plan(args: &Args) -> Result<Plan> {
         .iter()
         .map(|spec| parse_export(spec))
         .collect::<Result<Vec<_>>>()?;
-    let secrets = parse_secrets(&args.secrets)?;
-    if let Some(name) = secrets.keys().find(|n| !exports.iter().any(|e| &e.0 == *n)) {
-        bail!("--secret for unknown export {name:?}");
+    let public: HashSet<String> = args.public.iter().cloned().collect();
+    if let Some(name) = public.iter().find(|n| !exports.iter().any(|e| &e.0 == *n)) {
+        bail!("--public for unknown export {name:?}");
     }
+    let cluster_key =
+        vnode_common::secret::load(args.secret_file.as_deref(), vnode_common::CLUSTER_KEY_ENV)?;
+    let cluster_key = match (cluster_key, args.insecure) {
+        (Some(k), false) => Some(k),
+        (_, true) => {
+            tracing::warn!("running --insecure: every export is open to any NBD client");
+            None
+        }
+        (None, false) => bail!(
+            "no secret: give --secret-file PATH or set {} (or --insecure to serve every export to anyone)",
+            vnode_common::CLUSTER_KEY_ENV
+        ),
+    };
     let follow = match args.follow_client_cpu.as_str() {
         "on" => true,
         "off" => false,
         other => bail!("--follow-client-cpu {other:?}: expected on or off"),
     };
     let opts = ServerOptions {
+        cluster_key,
+        max_connections: args.max_connections,
+        idle_timeout: (args.idle_timeout > 0)
+            .then(|| std::time::Duration::from_secs(args.idle_timeout)),
         threading: parse_threads(&args.threads)?,
         follow_client_cpu: follow,
         sendfile_min: match parse_size(&args.sendfile_min) {
@@ -150,10 +168,11 @@ fn plan(args: &Args) -> Result<Plan> {
         reply_batch: parse_size(&args.reply_batch)
             .and_then(|n| usize::try_from(n).ok())
             .with_context(|| format!("--reply-batch {:?}: expected a size", args.reply_batch))?,
+        ..ServerOptions::default()
     };
     Ok(Plan {
         exports,
-        secrets,
+        public,
         opts,
     })
 }
@@ -177,7 +196,7 @@ fn bind(args: &Args) -> Result<(Listener, String)> {
 fn run(args: Args) -> Result<Exit, Failure> {
     let Plan {
         exports: specs,
-        mut secrets,
+        public,
         opts,
     } = plan(&args).usage()?;
     // Bind before creating any export file: a port in use leaves nothing behind.
@@ -193,7 +212,7 @@ fn run(args: Args) -> Result<Exit, Failure> {
             path,
         });
         exports.push(Export {
-            secret: secrets.remove(&name),
+            public: public.contains(&name),
             name,
             backend,
             read_only: args.read_only,

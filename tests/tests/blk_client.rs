@@ -9,6 +9,8 @@ use std::sync::mpsc;
 
 use blk_common::{have_tool, pattern, start_blkd, start_nbdkit, start_qemu_nbd, TempDir};
 use remote_blk::nbd::client::{ClientError, Command, ConnectOptions, NbdClient};
+use vnode_common::cred::{self, Credential};
+use vnode_common::secret::Secret;
 
 const SIZE: u64 = 16 << 20;
 
@@ -182,12 +184,20 @@ fn client_against_nbdkit_file() {
         .and_then(|f| f.set_len(SIZE))
         .expect("image");
     let srv = start_nbdkit(&dir, &img, "disk");
-    // A secret is ignored by servers that do not know vNode's option.
+    // A client holding a credential refuses a server that cannot prove it holds the cluster
+    // key: nbdkit does not know vNode's option.
     let opts = ConnectOptions {
-        secret: Some(b"unused".to_vec()),
+        credential: Some(Credential::from_bytes([7; 32])),
         ..Default::default()
     };
-    let c = NbdClient::connect(&srv.uri("disk"), &opts).expect("connect");
+    let e = NbdClient::connect(&srv.uri("disk"), &opts)
+        .err()
+        .expect("refused");
+    assert!(
+        e.to_string().contains("does not do vNode authentication"),
+        "{e}"
+    );
+    let c = NbdClient::connect(&srv.uri("disk"), &ConnectOptions::default()).expect("connect");
     exercise(&c);
 }
 
@@ -237,47 +247,49 @@ fn many_connections_many_requests_in_flight() {
 }
 
 #[test]
-fn secret_option_guards_an_export() {
+fn credential_guards_an_export() {
     let dir = TempDir::new("blk-client-secret");
     let key = dir.path("key");
-    std::fs::write(&key, "s3cret\n").expect("key file");
+    std::fs::write(&key, "s3cret\r\n").expect("key file");
     let srv = start_blkd(&[
         "--export",
         &format!("open={}:1M", dir.path("o.img").display()),
         "--export",
         &format!("locked={}:1M", dir.path("l.img").display()),
-        "--secret",
-        &format!("locked=@{}", key.display()),
+        "--public",
+        "open",
+        "--secret-file",
+        key.to_str().expect("utf-8 path"),
     ]);
+    let cluster = Secret::from_bytes(b"s3cret".to_vec()).expect("key");
     let none = ConnectOptions::default();
-    let wrong = ConnectOptions {
-        secret: Some(b"guess".to_vec()),
-        ..Default::default()
-    };
-    let right = ConnectOptions {
-        secret: Some(b"s3cret".to_vec()),
+    let with = |c| ConnectOptions {
+        credential: Some(c),
         ..Default::default()
     };
     assert!(matches!(
         NbdClient::connect(&srv.uri("locked"), &none),
         Err(ClientError::Denied(_))
     ));
+    let wrong = with(cred::blk_credential(&cluster, "open"));
     assert!(matches!(
         NbdClient::connect(&srv.uri("locked"), &wrong),
         Err(ClientError::Denied(_))
     ));
-    let c = NbdClient::connect(&srv.uri("locked"), &right).expect("right secret");
+    let right = with(cred::blk_credential(&cluster, "locked"));
+    let c = NbdClient::connect(&srv.uri("locked"), &right).expect("right credential");
     c.write_at(b"inside", 0, true).expect("write");
     let mut got = [0u8; 6];
     c.read_at(&mut got, 0).expect("read");
     assert_eq!(&got, b"inside");
-    NbdClient::connect(&srv.uri("open"), &none).expect("open export needs no secret");
+    NbdClient::connect(&srv.uri("open"), &none).expect("a public export needs no credential");
     assert!(matches!(
-        NbdClient::connect(&srv.uri("missing"), &none),
-        Err(ClientError::NoSuchExport(_))
+        NbdClient::connect(&srv.uri("missing"), &right),
+        Err(ClientError::Denied(_) | ClientError::NoSuchExport(_))
     ));
-    // Standard tools without the secret are refused too (ClientError::Denied above is our
-    // client's name for NBD_REP_ERR_POLICY; libnbd logs the server's message).
+    // Standard tools without the credential are refused too (ClientError::Denied above is our
+    // client's name for NBD_REP_ERR_POLICY; libnbd logs the server's message), and see only the
+    // public export listed.
     if have_tool("nbdinfo") {
         let out = std::process::Command::new("nbdinfo")
             .arg(srv.uri("locked"))
@@ -286,6 +298,16 @@ fn secret_option_guards_an_export() {
             .expect("nbdinfo");
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("export requires a valid secret"), "{err}");
+        assert!(err.contains("requires vNode authentication"), "{err}");
+        let out = std::process::Command::new("nbdinfo")
+            .args(["--list", &srv.uri("")])
+            .output()
+            .expect("nbdinfo --list");
+        let list = String::from_utf8_lossy(&out.stdout);
+        assert!(list.contains("open"), "{list}");
+        assert!(
+            !list.contains("locked"),
+            "a protected export is not listed: {list}"
+        );
     }
 }

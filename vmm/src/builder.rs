@@ -296,10 +296,17 @@ fn attach_virtio(
 fn open_disk(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>, BackendError> {
     Ok(match &spec.source {
         DiskSource::File(path) => Arc::new(FileBackend::open(path, spec.read_only)?),
-        DiskSource::Nbd(uri) => Arc::new(NbdBackend::connect(uri, spec.read_only)?),
-        DiskSource::NbdReplicated { primary, backup } => {
-            Arc::new(ReplicatedBackend::connect(primary, backup, spec.read_only)?)
-        }
+        DiskSource::Nbd(uri) => Arc::new(NbdBackend::connect(
+            uri,
+            spec.read_only,
+            spec.credential_file.as_deref(),
+        )?),
+        DiskSource::NbdReplicated { primary, backup } => Arc::new(ReplicatedBackend::connect(
+            primary,
+            backup,
+            spec.read_only,
+            spec.credential_file.as_deref(),
+        )?),
     })
 }
 

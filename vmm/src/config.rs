@@ -85,11 +85,15 @@ pub enum DiskSource {
     },
 }
 
-/// One `--disk PATH|nbd://HOST:PORT/EXPORT|nbd+unix:///EXPORT?socket=PATH[,backup=URI][,readonly]`.
+/// One `--disk PATH|nbd://HOST:PORT/EXPORT|nbd+unix:///EXPORT?socket=PATH[,backup=URI]
+/// [,credential-file=PATH][,readonly]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskSpec {
     pub source: DiskSource,
     pub read_only: bool,
+    /// NBD only: the file holding the export's credential (64 hex digits, `vnode-cred blk
+    /// --export NAME`), proven to vnode-blkd by challenge-response.
+    pub credential_file: Option<PathBuf>,
 }
 
 /// One `--net tap=NAME[,mac=MAC]`.
@@ -116,7 +120,7 @@ pub enum ConfigError {
     TooManyVcpus(u32),
     #[error("invalid --debug-corrupt {0:?}: expected GPA@PHASE, e.g. 0x20000000@1")]
     Corrupt(String),
-    #[error("invalid --disk {0:?}: expected PATH, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, then optionally ,backup=NBD-URI (NBD only) and ,readonly")]
+    #[error("invalid --disk {0:?}: expected PATH, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, then optionally ,backup=NBD-URI and ,credential-file=PATH (NBD only) and ,readonly")]
     Disk(String),
     #[error("invalid --net {spec:?}: {why}")]
     Net { spec: String, why: String },
@@ -154,12 +158,18 @@ pub fn parse_corrupt(s: &str) -> Result<CorruptHook, ConfigError> {
 pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
     let err = || ConfigError::Disk(s.to_owned());
     // Options are peeled off the end, so a file name may contain commas.
-    let (mut target, mut read_only, mut backup) = (s, false, None);
+    let (mut target, mut read_only, mut backup, mut credential) = (s, false, None, None);
     while let Some((t, opt)) = target.rsplit_once(',') {
         match opt {
             "readonly" | "ro" if !read_only => read_only = true,
-            _ => match opt.strip_prefix("backup=") {
-                Some(b) if backup.is_none() => backup = Some(b),
+            _ => match (
+                opt.strip_prefix("backup="),
+                opt.strip_prefix("credential-file="),
+            ) {
+                (Some(b), _) if backup.is_none() => backup = Some(b),
+                (_, Some(c)) if credential.is_none() && !c.is_empty() => {
+                    credential = Some(PathBuf::from(c))
+                }
                 _ => break,
             },
         }
@@ -187,7 +197,14 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, ConfigError> {
     } else {
         DiskSource::File(PathBuf::from(target))
     };
-    Ok(DiskSpec { source, read_only })
+    if credential.is_some() && matches!(source, DiskSource::File(_)) {
+        return Err(err());
+    }
+    Ok(DiskSpec {
+        source,
+        read_only,
+        credential_file: credential,
+    })
 }
 
 /// Parses one `--net tap=NAME[,mac=52:54:00:12:34:56]`.
@@ -302,6 +319,7 @@ mod tests {
         let file = |p: &str, ro| DiskSpec {
             source: DiskSource::File(PathBuf::from(p)),
             read_only: ro,
+            credential_file: None,
         };
         assert_eq!(parse_disk("/tmp/d.img"), Ok(file("/tmp/d.img", false)));
         assert_eq!(parse_disk("d.img,readonly"), Ok(file("d.img", true)));
@@ -317,7 +335,8 @@ mod tests {
             unix,
             DiskSpec {
                 source: DiskSource::Nbd("nbd+unix:///exp?socket=/run/nbd.sock".into()),
-                read_only: false
+                read_only: false,
+                credential_file: None,
             }
         );
         let rep = parse_disk("nbd://a:1/d,backup=nbd://b:2/d,readonly").unwrap();
@@ -328,9 +347,14 @@ mod tests {
                     primary: "nbd://a:1/d".into(),
                     backup: "nbd://b:2/d".into()
                 },
-                read_only: true
+                read_only: true,
+                credential_file: None,
             }
         );
+        let cred = parse_disk("nbd://a:1/d,credential-file=/run/d.cred,readonly").unwrap();
+        assert_eq!(cred.credential_file, Some(PathBuf::from("/run/d.cred")));
+        assert!(cred.read_only);
+        assert!(parse_disk("d.img,credential-file=/x").is_err());
         for bad in [
             "",
             ",readonly",

@@ -28,4 +28,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = Info::decode(data);
     let _ = decode_rep_server(data);
     let _ = decode_simple_reply(data);
+    if let Ok(step) = remote_blk::nbd::auth::AuthStep::decode(data) {
+        assert_eq!(step.encode(), data, "auth step round trip");
+    }
+    let _ = remote_blk::nbd::auth::decode_challenge(data);
 });

@@ -15,15 +15,19 @@ fn server() -> &'static Arc<Server> {
     S.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("nbd-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let export = |name: &str, secret: Option<&[u8]>| Export {
+        let export = |name: &str, public: bool| Export {
             name: name.into(),
             backend: FileBackend::open(&dir.join(name), Some(1 << 20), false).expect("backend"),
-            secret: secret.map(<[u8]>::to_vec),
+            public,
             read_only: false,
         };
+        let key = vnode_common::secret::Secret::from_bytes(b"key".to_vec()).expect("key");
         Server::new(
-            vec![export("disk", None), export("locked", Some(b"key"))],
-            ServerOptions::default(),
+            vec![export("disk", true), export("locked", false)],
+            ServerOptions {
+                cluster_key: Some(key),
+                ..ServerOptions::default()
+            },
         )
     })
 }
@@ -43,7 +47,7 @@ fn client_stream(data: &[u8]) -> Vec<u8> {
         OPT_STRUCTURED_REPLY,
         OPT_LIST_META_CONTEXT,
         OPT_SET_META_CONTEXT,
-        OPT_VNODE_SECRET,
+        OPT_VNODE_AUTH,
         0x1234,
     ];
     let Some((&flags, mut rest)) = data.split_first() else {

@@ -3,7 +3,8 @@
 //!
 //! [`NbdClient::connect`] takes a standard NBD URI (`nbd://HOST[:PORT]/EXPORT`,
 //! `nbd+unix:///EXPORT?socket=PATH`), does the fixed-newstyle handshake with `NBD_OPT_GO`
-//! (sending vNode's secret option first when one is given) and then keeps one connection with
+//! (proving the export's credential with vNode's `OPT_VNODE_AUTH` first when one is given)
+//! and then keeps one connection with
 //! many requests in flight: [`NbdClient::submit`] sends a request and returns at once; a reader
 //! thread (`nbd-client-rx`) matches replies by cookie and runs each request's completion.
 //! The blocking calls (`read_at`, `write_at`, ...) are built on `submit`.
@@ -26,10 +27,12 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use vnode_common::cred::Credential;
 use vnode_common::deadline::{self, Rtt};
 
 use thiserror::Error;
 
+use super::auth::{self, AuthStep};
 use super::protocol::*;
 use super::Stream;
 
@@ -213,8 +216,9 @@ impl ExportInfo {
 /// Connection options.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
-    /// Sent with vNode's secret option before `NBD_OPT_GO`.
-    pub secret: Option<Vec<u8>>,
+    /// The export's credential, proven with vNode's `OPT_VNODE_AUTH` before `NBD_OPT_GO`; the
+    /// server must prove it back, so a server without vNode authentication is refused.
+    pub credential: Option<Credential>,
     /// Requests allowed in flight at once; `submit` blocks beyond this.
     pub max_in_flight: usize,
 }
@@ -222,7 +226,7 @@ pub struct ConnectOptions {
 impl Default for ConnectOptions {
     fn default() -> Self {
         Self {
-            secret: None,
+            credential: None,
             max_in_flight: 128,
         }
     }
@@ -357,15 +361,8 @@ impl NbdClient {
         let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
         let cflags = CLIENT_FIXED_NEWSTYLE | if no_zeroes { CLIENT_NO_ZEROES } else { 0 };
         s.write_all(&cflags.to_be_bytes())?;
-        if let Some(secret) = &opts.secret {
-            send_option(&mut s, OPT_VNODE_SECRET, secret)?;
-            let (r, msg) = read_option_reply(&mut s, OPT_VNODE_SECRET)?;
-            match r.kind {
-                REP_ACK => {}
-                REP_ERR_UNSUP => tracing::debug!("server does not know the secret option"),
-                REP_ERR_POLICY => return Err(ClientError::Denied(msg)),
-                code => return Err(refused(OPT_VNODE_SECRET, code, msg)),
-            }
+        if let Some(c) = &opts.credential {
+            authenticate(&mut s, export, c)?;
         }
         let go = InfoRequest {
             name: export.as_bytes().to_vec(),
@@ -805,6 +802,48 @@ fn receive_one(inner: &Inner, s: &mut Stream, progress: &mut Progress) -> Result
     }
     (f.done)(Ok(data));
     Ok(())
+}
+
+/// `OPT_VNODE_AUTH` (see "Access control" in `protocol.rs`): checks the server's proof before
+/// sending its own, so an impostor learns nothing it can use.
+fn authenticate(s: &mut Stream, export: &str, c: &Credential) -> Result<(), ClientError> {
+    let opt = OPT_VNODE_AUTH;
+    let cn = vnode_common::cred::nonce().map_err(|e| ClientError::Io(e.to_string()))?;
+    let name = export.as_bytes();
+    let start = AuthStep::Start {
+        client_nonce: cn,
+        export: name.to_vec(),
+    };
+    send_option(s, opt, &start.encode())?;
+    let (r, data) = read_option_reply_raw(s, opt)?;
+    match r.kind {
+        REP_VNODE_CHALLENGE => {}
+        REP_ERR_UNSUP => {
+            return Err(ClientError::Denied(
+                "the server does not do vNode authentication (an --insecure vnode-blkd, another NBD server, or an impostor); refusing to use it with a credential".into(),
+            ))
+        }
+        code => {
+            return Err(refused(opt, code, String::from_utf8_lossy(&data).into_owned()))
+        }
+    }
+    let (sn, server_proof) =
+        auth::decode_challenge(&data).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if !auth::check_server_proof(c, &cn, &sn, name, &server_proof) {
+        return Err(ClientError::Denied(
+            "the server did not prove it holds the cluster key (an impostor?)".into(),
+        ));
+    }
+    let prove = AuthStep::Prove {
+        proof: auth::client_proof(c, &sn, &cn, name),
+    };
+    send_option(s, opt, &prove.encode())?;
+    let (r, msg) = read_option_reply(s, opt)?;
+    match r.kind {
+        REP_ACK => Ok(()),
+        REP_ERR_POLICY => Err(ClientError::Denied(format!("credential refused: {msg}"))),
+        code => Err(refused(opt, code, msg)),
+    }
 }
 
 fn refused(option: u32, code: u32, msg: String) -> ClientError {

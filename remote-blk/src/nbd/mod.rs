@@ -1,6 +1,7 @@
 //! The NBD protocol: wire format (`protocol`), the `vnode-blkd` server (`server`) and the client
 //! the VMM's virtio-blk backend uses (`client`), over TCP or a Unix socket (`Stream`).
 
+pub mod auth;
 pub mod client;
 pub mod protocol;
 pub mod server;

@@ -26,7 +26,9 @@
 //!    +-- LIST               -> REP_SERVER per export, ACK -------------+
 //!    +-- INFO               -> REP_INFO..., ACK (or REP_ERR_*) --------+
 //!    +-- STRUCTURED_REPLY   -> ACK, later replies are structured ------+
-//!    +-- VNODE_SECRET       -> ACK if the secret matches, ERR_POLICY --+
+//!    +-- VNODE_AUTH step 1  -> REP_VNODE_CHALLENGE (server nonce+proof)+
+//!    +-- VNODE_AUTH step 2  -> ACK if the proof is right, ERR_POLICY --+
+//!    |                         (the 3rd failure on a connection: close)
 //!    +-- unknown/unsupported-> ERR_UNSUP ------------------------------+
 //!    +-- ABORT              -> ACK, close
 //!    +-- EXPORT_NAME        -> size u64, flags u16, [124 zero bytes] --> [Transmission]
@@ -46,17 +48,41 @@
 //! Replies may come in any order; the cookie (a.k.a. handle) matches them to requests, so a
 //! client may keep many requests in flight on one connection.
 //!
-//! ## Access control: a secret option, not TLS-PSK
+//! ## Access control: a challenge-response option (no secret on the wire), not TLS
 //!
-//! An export may require a credential. vNode uses a private handshake option, [`OPT_VNODE_SECRET`]
-//! (data: the secret bytes), sent before `NBD_OPT_GO`. A client that asks for a protected export
-//! without having sent the right secret gets `NBD_REP_ERR_POLICY`, as the issue asks. Why not
-//! TLS-PSK: it needs a TLS stack with PSK cipher suites (GnuTLS/OpenSSL bindings; rustls has no
-//! TLS 1.3 external PSK), a lot of code and a C dependency for a cluster-internal link, and TLS
-//! would cost throughput on the storage path. The secret option is a gate against mistakes and
-//! casual misuse on a trusted network, not against an on-path attacker (it travels in clear).
-//! Servers that do not know the option (qemu-nbd, nbdkit) answer `NBD_REP_ERR_UNSUP`, and our
-//! client then goes on without it, so one client works against all three servers.
+//! `vnode-blkd` holds the cluster key. Each export's credential is
+//! `HMAC-SHA256(cluster_key, "vnode-blk-v1" || export name)` (`vnode_common::cred`), so the
+//! manager hands a vNode only its own export's credential, and the server derives it itself.
+//! Exports require it unless started `--public` (or the whole server `--insecure`). A client
+//! proves it holds the credential with vNode's own option, [`OPT_VNODE_AUTH`], in two steps
+//! sent before `NBD_OPT_GO`; all data big-endian like the rest of NBD:
+//!
+//! ```text
+//!  C: VNODE_AUTH  step u8 = 1, client_nonce [32], name_len u16, export name
+//!  S: reply REP_VNODE_CHALLENGE: server_nonce [32],
+//!       server_proof = HMAC(cred, "vnode-blk-v1 server" || 0 || client_nonce || server_nonce || name)
+//!  C: VNODE_AUTH  step u8 = 2, client_proof = HMAC(cred, "vnode-blk-v1 client" || 0 ||
+//!       server_nonce || client_nonce || name) [32]
+//!  S: ACK (the connection may now use that export) or ERR_POLICY
+//! ```
+//!
+//! The client checks `server_proof` before it answers, so a server without the cluster key is
+//! detected; fresh nonces on both sides make recorded bytes useless on another connection;
+//! only proofs cross the wire. A server without a cluster key (`--insecure`) answers
+//! `ERR_UNSUP`, as qemu-nbd and nbdkit do, and our client then refuses to go on if it was given
+//! a credential (it cannot tell such a server from an impostor). After three failed proofs on
+//! one connection the server closes it. A protected export is absent from `NBD_OPT_LIST` and
+//! refused by `INFO`/`GO` (`ERR_POLICY`) and `EXPORT_NAME` (close) until the option succeeded
+//! for it; unknown names go through step 1 like known ones (the credential is derived from the
+//! name), so the option does not reveal which exports exist.
+//!
+//! The option and reply numbers are vNode's private ones, `0x764e_xxxx` ("vN"), far from the
+//! numbers the NBD specification allocates (all below 0x100); servers that do not know the
+//! option answer `ERR_UNSUP`. Why not NBD's standard STARTTLS with a pre-shared key (what
+//! qemu-nbd and nbdkit do with GnuTLS): rustls has no TLS 1.3 external-PSK support, and TLS with
+//! x509 certificates through rustls is not done yet (see the README). So the transmission
+//! phase is not encrypted: an on-path observer can read the disk's blocks, but never a key or
+//! credential, and cannot authenticate as anyone.
 
 use thiserror::Error;
 
@@ -90,8 +116,19 @@ pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
-/// vNode's private option carrying an export secret ("vN" + 1, far from the standard numbers).
-pub const OPT_VNODE_SECRET: u32 = 0x764e_0001;
+/// vNode's private challenge-response option ("vN" + 2, far from the standard numbers; "vN" + 1
+/// carried a secret in clear in earlier versions and is no longer understood).
+pub const OPT_VNODE_AUTH: u32 = 0x764e_0002;
+/// The server's reply to `OPT_VNODE_AUTH` step 1: its nonce and proof.
+pub const REP_VNODE_CHALLENGE: u32 = 0x764e_0002;
+/// Bytes of a nonce or proof in `OPT_VNODE_AUTH`.
+pub const AUTH_NONCE_LEN: usize = 32;
+/// Label of the client's proof.
+pub const AUTH_CLIENT_LABEL: &[u8] = b"vnode-blk-v1 client";
+/// Label of the server's proof.
+pub const AUTH_SERVER_LABEL: &[u8] = b"vnode-blk-v1 server";
+/// Failed proofs one connection may make before it is closed.
+pub const MAX_AUTH_FAILURES: u32 = 3;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;

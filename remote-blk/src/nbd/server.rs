@@ -17,12 +17,14 @@
 use std::io::{self, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vnode_common::metrics::LatencyHistogram;
+use vnode_common::secret::Secret;
 
 use super::protocol::*;
 use super::Stream;
@@ -40,12 +42,13 @@ pub enum ServerError {
     OptionTooLarge(u32),
 }
 
-/// One export: a name, its file and an optional secret.
+/// One export: a name and its file. On a server with a cluster key, clients must prove the
+/// export's credential to use it, unless it is `public`.
 #[derive(Debug)]
 pub struct Export {
     pub name: String,
     pub backend: FileBackend,
-    pub secret: Option<Vec<u8>>,
+    pub public: bool,
     pub read_only: bool,
 }
 
@@ -57,7 +60,7 @@ pub enum Threading {
 }
 
 /// How the server runs its connections.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub threading: Threading,
     /// Pin an inline connection thread to its client's CPU while the client is latency-bound
@@ -70,6 +73,15 @@ pub struct ServerOptions {
     /// Inline mode: send the replies gathered so far once they reach this many bytes, even if
     /// more requests are already buffered (the client can start on them sooner).
     pub reply_batch: usize,
+    /// The cluster key export credentials derive from; `None` serves every export to anyone
+    /// (`--insecure`).
+    pub cluster_key: Option<Secret>,
+    /// Connections served at once; more are closed at accept, before a thread is started.
+    pub max_connections: usize,
+    /// The whole option haggling must be done within this long.
+    pub handshake_timeout: Duration,
+    /// A connection in transmission that sends nothing for this long is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for ServerOptions {
@@ -79,6 +91,10 @@ impl Default for ServerOptions {
             follow_client_cpu: true,
             sendfile_min: Some(256 << 10),
             reply_batch: 1 << 20,
+            cluster_key: None,
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
         }
     }
 }
@@ -94,6 +110,10 @@ pub struct Stats {
     pub errors: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Failed `OPT_VNODE_AUTH` proofs.
+    pub auth_failures: AtomicU64,
+    /// Connections closed at accept because `max_connections` were open.
+    pub busy_refused: AtomicU64,
     /// Service time of each request by command, from its decoding to its reply being queued
     /// (a sendfile read: sent).
     pub latency: OpLatency,
@@ -147,6 +167,12 @@ pub struct Server {
     follow_client: bool,
     sendfile_min: Option<u32>,
     reply_batch: usize,
+    cluster_key: Option<Secret>,
+    max_connections: usize,
+    handshake_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    /// Connections being served now.
+    live: AtomicUsize,
     stats: Stats,
 }
 
@@ -158,6 +184,11 @@ impl Server {
             follow_client: opts.follow_client_cpu,
             sendfile_min: opts.sendfile_min,
             reply_batch: opts.reply_batch,
+            cluster_key: opts.cluster_key,
+            max_connections: opts.max_connections,
+            handshake_timeout: opts.handshake_timeout,
+            idle_timeout: opts.idle_timeout,
+            live: AtomicUsize::new(0),
             stats: Stats::default(),
         })
     }
@@ -189,6 +220,19 @@ impl Server {
                 },
             };
             let id = self.stats.connections.fetch_add(1, Ordering::Relaxed);
+            // Counted before any thread exists, so the limit bounds threads.
+            if self.live.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
+                self.live.fetch_sub(1, Ordering::AcqRel);
+                let n = self.stats.busy_refused.fetch_add(1, Ordering::Relaxed);
+                if n.is_multiple_of(1000) {
+                    tracing::warn!(
+                        limit = self.max_connections,
+                        refused = n + 1,
+                        "too many connections; closing new ones"
+                    );
+                }
+                continue;
+            }
             self.stats.open_connections.fetch_add(1, Ordering::Relaxed);
             let server = Arc::clone(self);
             let spawned = thread::Builder::new()
@@ -197,6 +241,7 @@ impl Server {
                     if let Err(e) = server.handle(stream) {
                         tracing::debug!(conn = id, error = %e, "connection ended");
                     }
+                    server.live.fetch_sub(1, Ordering::AcqRel);
                     let st = &server.stats;
                     st.open_connections.fetch_sub(1, Ordering::Relaxed);
                     tracing::debug!(
@@ -210,6 +255,7 @@ impl Server {
                 });
             if let Err(e) = spawned {
                 self.stats.open_connections.fetch_sub(1, Ordering::Relaxed);
+                self.live.fetch_sub(1, Ordering::AcqRel);
                 return Err(e.into());
             }
         }
@@ -217,11 +263,20 @@ impl Server {
 
     fn handle(&self, stream: Stream) -> Result<(), ServerError> {
         stream.set_nodelay()?;
+        let timer = stream.try_clone()?;
         let mut rd = BufReader::with_capacity(256 << 10, stream.try_clone()?);
         let mut wr = stream;
-        let Some(session) = self.handshake(&mut rd, &mut wr)? else {
+        timer.set_write_timeout(Some(self.handshake_timeout))?;
+        let mut drd = DeadlineReader {
+            inner: &mut rd,
+            timer: &timer,
+            deadline: Instant::now() + self.handshake_timeout,
+        };
+        let Some(session) = self.handshake(&mut drd, &mut wr)? else {
             return Ok(());
         };
+        timer.set_read_timeout(self.idle_timeout)?;
+        timer.set_write_timeout(None)?;
         tracing::debug!(export = %session.export.name, structured = session.structured, "transmission");
         match self.threading {
             Threading::Inline => self.serve_inline(&session, rd, wr),
@@ -248,6 +303,28 @@ impl Server {
     }
 }
 
+/// Reads with one deadline over all reads, however slowly the peer drips its bytes (a
+/// per-read timeout would let one byte every few seconds hold a thread forever).
+struct DeadlineReader<'a, R> {
+    inner: &'a mut R,
+    timer: &'a Stream,
+    deadline: Instant,
+}
+
+impl<R: Read> Read for DeadlineReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake deadline passed",
+            ));
+        }
+        self.timer.set_read_timeout(Some(left))?;
+        self.inner.read(buf)
+    }
+}
+
 /// What the handshake settled.
 struct Session<'a> {
     export: &'a Export,
@@ -263,7 +340,7 @@ pub(super) mod test_util {
     use super::Export;
     use crate::backend::FileBackend;
 
-    pub fn export(tag: &str, secret: Option<&[u8]>, read_only: bool) -> Export {
+    pub fn export(tag: &str, public: bool, read_only: bool) -> Export {
         let p = std::env::temp_dir().join(format!("vnode-blk-srv-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_file(&p);
         let backend = FileBackend::open(&p, Some(1 << 20), false).expect("backend");
@@ -271,7 +348,7 @@ pub(super) mod test_util {
         Export {
             name: tag.into(),
             backend,
-            secret: secret.map(<[u8]>::to_vec),
+            public,
             read_only,
         }
     }

@@ -112,11 +112,17 @@ impl Drop for Server {
 
 /// Starts `vnode-blkd` with `args` after `--listen 127.0.0.1:0` (or `--socket` if `args` has
 /// one) and waits for its `listening on ADDR` line.
+/// Without `--secret-file` in `args` the server runs `--insecure` (every export open, as plain
+/// NBD servers are): the interop and I/O tests; the security tests give a key.
 pub fn start_blkd(args: &[&str]) -> Server {
     let unix = args.contains(&"--socket");
     let mut cmd = Command::new(blkd_bin());
     if !unix {
         cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    cmd.env_remove("VNODE_SECRET");
+    if !args.contains(&"--secret-file") {
+        cmd.arg("--insecure");
     }
     if std::env::var_os("VNODE_LOG").is_none() {
         cmd.env("VNODE_LOG", "warn");

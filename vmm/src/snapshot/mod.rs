@@ -37,6 +37,9 @@ pub struct SavedDisk {
     /// A file path or an NBD URI, as given to `--disk`.
     pub source: String,
     pub read_only: bool,
+    /// Where the export's credential is (a path, not the credential: a restore reads it anew).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +115,7 @@ impl SavedConfig {
                     }
                 },
                 read_only: d.read_only,
+                credential_file: d.credential_file.clone(),
             })
             .collect();
         let nets = c
@@ -150,6 +154,7 @@ impl SavedConfig {
                     DiskSource::File(PathBuf::from(&d.source))
                 },
                 read_only: d.read_only,
+                credential_file: d.credential_file.clone(),
             })
             .collect();
         let nets = self
@@ -217,10 +222,12 @@ mod tests {
                 DiskSpec {
                     source: DiskSource::Nbd("nbd://127.0.0.1:1/x".into()),
                     read_only: false,
+                    credential_file: Some("/run/x.cred".into()),
                 },
                 DiskSpec {
                     source: DiskSource::File("/d.img".into()),
                     read_only: true,
+                    credential_file: None,
                 },
             ],
             nets: vec![NetSpec {

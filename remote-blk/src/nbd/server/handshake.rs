@@ -3,20 +3,25 @@
 
 use std::io::{self, Read, Write};
 
+use std::sync::atomic::Ordering;
+
+use vnode_common::cred;
+
 use super::{Export, Server, ServerError, Session};
 use crate::backend::DIRECT_BLOCK;
+use crate::nbd::auth::{self, AuthStep};
 use crate::nbd::protocol::*;
 
 /// Handshake-phase state of one connection.
 #[derive(Default)]
 struct OptState {
     structured: bool,
-    secret: Option<Vec<u8>>,
     no_zeroes: bool,
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    /// The export this connection proved the credential of.
+    authed: Option<Vec<u8>>,
+    /// Step 1 done: (client nonce, server nonce, export name).
+    challenge: Option<([u8; AUTH_NONCE_LEN], [u8; AUTH_NONCE_LEN], Vec<u8>)>,
+    failures: u32,
 }
 
 fn export_flags(e: &Export) -> u16 {
@@ -114,7 +119,8 @@ impl Server {
                     reply(wr, opt, REP_ERR_INVALID, b"LIST takes no data")?;
                     return Ok(OptOutcome::Continue);
                 }
-                for e in &self.exports {
+                // Protected exports are not listed to a client that has not proven their credential.
+                for e in self.exports.iter().filter(|e| self.allowed(e, st)) {
                     reply(wr, opt, REP_SERVER, &encode_rep_server(e.name.as_bytes()))?;
                 }
                 reply(wr, opt, REP_ACK, &[])?;
@@ -129,15 +135,7 @@ impl Server {
                 }
                 Ok(OptOutcome::Continue)
             }
-            OPT_VNODE_SECRET => {
-                if data.len() > MAX_NAME_LEN {
-                    reply(wr, opt, REP_ERR_INVALID, b"secret too long")?;
-                } else {
-                    st.secret = Some(data.to_vec());
-                    reply(wr, opt, REP_ACK, &[])?;
-                }
-                Ok(OptOutcome::Continue)
-            }
+            OPT_VNODE_AUTH => self.auth_option(wr, st, data),
             OPT_INFO | OPT_GO => self.info_or_go(wr, st, opt, data),
             _ => {
                 reply(wr, opt, REP_ERR_UNSUP, b"option not supported")?;
@@ -146,13 +144,86 @@ impl Server {
         }
     }
 
-    /// Whether the client may use `e`: no secret needed, or the right one was sent.
+    /// Whether the client may use `e`: an insecure server, a public export, or the export
+    /// whose credential this connection proved.
     fn allowed(&self, e: &Export, st: &OptState) -> bool {
-        match (&e.secret, &st.secret) {
-            (None, _) => true,
-            (Some(want), Some(got)) => constant_time_eq(want, got),
-            (Some(_), None) => false,
+        self.cluster_key.is_none() || e.public || st.authed.as_deref() == Some(e.name.as_bytes())
+    }
+
+    /// `OPT_VNODE_AUTH`: step 1 gets the server's nonce and proof, step 2 checks the client's.
+    fn auth_option<'a>(
+        &'a self,
+        wr: &mut impl Write,
+        st: &mut OptState,
+        data: &[u8],
+    ) -> Result<OptOutcome<'a>, ServerError> {
+        let opt = OPT_VNODE_AUTH;
+        let Some(key) = &self.cluster_key else {
+            reply(
+                wr,
+                opt,
+                REP_ERR_UNSUP,
+                b"this server has no cluster key (--insecure)",
+            )?;
+            return Ok(OptOutcome::Continue);
+        };
+        let step = match AuthStep::decode(data) {
+            Ok(s) => s,
+            Err(e) => return self.auth_failed(wr, st, &e.to_string()),
+        };
+        match step {
+            AuthStep::Start {
+                client_nonce,
+                export,
+            } => {
+                let sn = cred::nonce().map_err(|e| ServerError::Io(io::Error::other(e)))?;
+                // Unknown names are answered like known ones: the option reveals nothing.
+                let c = cred::blk_credential(key, &String::from_utf8_lossy(&export));
+                let proof = auth::server_proof(&c, &client_nonce, &sn, &export);
+                reply(
+                    wr,
+                    opt,
+                    REP_VNODE_CHALLENGE,
+                    &auth::encode_challenge(&sn, &proof),
+                )?;
+                st.challenge = Some((client_nonce, sn, export));
+                Ok(OptOutcome::Continue)
+            }
+            AuthStep::Prove { proof } => {
+                let Some((cn, sn, export)) = st.challenge.take() else {
+                    return self.auth_failed(wr, st, "proof without a challenge");
+                };
+                let c = cred::blk_credential(key, &String::from_utf8_lossy(&export));
+                if !auth::check_client_proof(&c, &sn, &cn, &export, &proof) {
+                    return self.auth_failed(wr, st, "wrong credential");
+                }
+                tracing::debug!(export = %String::from_utf8_lossy(&export), "client authenticated");
+                st.authed = Some(export);
+                reply(wr, opt, REP_ACK, &[])?;
+                Ok(OptOutcome::Continue)
+            }
         }
+    }
+
+    /// Refuses a proof; the last allowed failure closes the connection.
+    fn auth_failed<'a>(
+        &'a self,
+        wr: &mut impl Write,
+        st: &mut OptState,
+        why: &str,
+    ) -> Result<OptOutcome<'a>, ServerError> {
+        st.failures += 1;
+        let n = self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+        if n.is_multiple_of(100) {
+            tracing::warn!(why, failures = n + 1, "vNode authentication failed");
+        }
+        if st.failures >= MAX_AUTH_FAILURES {
+            let msg = format!("{why}; {MAX_AUTH_FAILURES} failed attempts: closing");
+            let _ = reply(wr, OPT_VNODE_AUTH, REP_ERR_POLICY, msg.as_bytes());
+            return Ok(OptOutcome::Close);
+        }
+        reply(wr, OPT_VNODE_AUTH, REP_ERR_POLICY, why.as_bytes())?;
+        Ok(OptOutcome::Continue)
     }
 
     fn info_or_go<'a>(
@@ -174,8 +245,13 @@ impl Server {
             return Ok(OptOutcome::Continue);
         };
         if !self.allowed(e, st) {
-            tracing::info!(export = %e.name, "client without the export's secret refused");
-            reply(wr, opt, REP_ERR_POLICY, b"export requires a valid secret")?;
+            tracing::info!(export = %e.name, "client without the export's credential refused");
+            reply(
+                wr,
+                opt,
+                REP_ERR_POLICY,
+                b"export requires vNode authentication",
+            )?;
             return Ok(OptOutcome::Continue);
         }
         let size = e.backend.size();
@@ -265,37 +341,75 @@ mod tests {
         (OPT_GO, r.encode())
     }
 
+    fn keyed() -> ServerOptions {
+        ServerOptions {
+            cluster_key: Some(vnode_common::secret::Secret::from_bytes(b"k".to_vec()).unwrap()),
+            ..ServerOptions::default()
+        }
+    }
+
     #[test]
-    fn protected_export_needs_the_secret() {
+    fn protected_export_is_hidden_and_refused_without_the_proof() {
         let s = Server::new(
-            vec![export("locked", Some(b"k"), false)],
-            ServerOptions::default(),
+            vec![export("locked", false, false), export("open", true, false)],
+            keyed(),
         );
         let mut out = Vec::new();
-        let input = client(&[go("locked"), (OPT_ABORT, vec![])]);
+        let input = client(&[(OPT_LIST, vec![]), go("locked"), (OPT_ABORT, vec![])]);
         let r = s.negotiate(&mut Cursor::new(input), &mut out).expect("ok");
         assert_eq!(r, None);
-        assert_eq!(reply_kinds(&out), [REP_ERR_POLICY, REP_ACK]);
-
-        let mut out = Vec::new();
-        let input = client(&[(OPT_VNODE_SECRET, b"bad".to_vec()), go("locked")]);
-        let mut rd = Cursor::new(input);
-        assert!(
-            s.negotiate(&mut rd, &mut out).is_err(),
-            "input ends after POLICY"
+        assert_eq!(
+            reply_kinds(&out),
+            [REP_SERVER, REP_ACK, REP_ERR_POLICY, REP_ACK],
+            "only the public export is listed"
         );
-        assert_eq!(reply_kinds(&out), [REP_ACK, REP_ERR_POLICY]);
-
+        assert!(
+            !out.windows(6).any(|w| w == b"locked"),
+            "not named anywhere"
+        );
         let mut out = Vec::new();
-        let input = client(&[(OPT_VNODE_SECRET, b"k".to_vec()), go("locked")]);
-        let r = s.negotiate(&mut Cursor::new(input), &mut out).expect("ok");
-        assert_eq!(r, Some("locked"));
-        assert_eq!(reply_kinds(&out), [REP_ACK, REP_INFO, REP_ACK]);
+        let r = s
+            .negotiate(&mut Cursor::new(client(&[go("open")])), &mut out)
+            .expect("ok");
+        assert_eq!(r, Some("open"));
+    }
+
+    #[test]
+    fn three_failed_proofs_close_the_connection() {
+        let s = Server::new(vec![export("locked", false, false)], keyed());
+        let bad = AuthStep::Prove { proof: [0; 32] }.encode();
+        let start = AuthStep::Start {
+            client_nonce: [1; 32],
+            export: b"locked".to_vec(),
+        }
+        .encode();
+        let opts: Vec<_> = [start.clone(), bad.clone(), start, bad.clone(), bad, vec![9]]
+            .into_iter()
+            .map(|d| (OPT_VNODE_AUTH, d))
+            .chain([go("locked")])
+            .collect();
+        let mut out = Vec::new();
+        let r = s
+            .negotiate(&mut Cursor::new(client(&opts)), &mut out)
+            .expect("closed, not failed");
+        assert_eq!(r, None);
+        assert_eq!(
+            reply_kinds(&out),
+            [
+                REP_VNODE_CHALLENGE,
+                REP_ERR_POLICY,
+                REP_VNODE_CHALLENGE,
+                REP_ERR_POLICY,
+                REP_ERR_POLICY
+            ],
+            "the third failure closes; nothing after it is read"
+        );
+        assert_eq!(s.stats().auth_failures.load(Ordering::Relaxed), 3);
     }
 
     #[test]
     fn export_name_without_no_zeroes_pads_the_reply() {
-        let s = Server::new(vec![export("e", None, false)], ServerOptions::default());
+        let s = Server::new(vec![export("e", true, false)], ServerOptions::default());
         let mut input = CLIENT_FIXED_NEWSTYLE.to_be_bytes().to_vec();
         let h = OptionHeader {
             option: OPT_EXPORT_NAME,
@@ -313,7 +427,7 @@ mod tests {
     #[test]
     fn list_and_unknown_options() {
         let s = Server::new(
-            vec![export("a", None, false), export("b", None, false)],
+            vec![export("a", true, false), export("b", true, false)],
             ServerOptions::default(),
         );
         let mut out = Vec::new();

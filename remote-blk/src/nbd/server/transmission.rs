@@ -397,7 +397,7 @@ mod tests {
 
     #[test]
     fn validate_bounds_and_kinds() {
-        let e = export("v", None, false);
+        let e = export("v", true, false);
         assert_eq!(validate(&e, &req(CMD_READ, 0, 4096)), Ok(()));
         assert_eq!(validate(&e, &req(CMD_READ, (1 << 20) - 1, 2)), Err(EINVAL));
         assert_eq!(validate(&e, &req(CMD_READ, u64::MAX, 2)), Err(EINVAL));
@@ -414,7 +414,7 @@ mod tests {
         assert_eq!(validate(&e, &req(CMD_FLUSH, 0, 0)), Ok(()));
         assert_eq!(validate(&e, &req(CMD_CACHE, 0, 1)), Err(EINVAL));
         assert_eq!(validate(&e, &req(99, 0, 0)), Err(EINVAL));
-        let ro = export("ro", None, true);
+        let ro = export("ro", true, true);
         assert_eq!(validate(&ro, &req(CMD_WRITE, 0, 1)), Err(EPERM));
         assert_eq!(validate(&ro, &req(CMD_READ, 0, 1)), Ok(()));
     }

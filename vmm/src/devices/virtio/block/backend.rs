@@ -50,6 +50,21 @@ pub enum BackendError {
     Nbd(ClientError),
     #[error("replicated nbd disk: {0}")]
     Replica(String),
+    #[error("disk credential: {0}")]
+    Credential(String),
+}
+
+/// Connection options with the export's credential read from `credential_file`, if given.
+fn connect_options(credential_file: Option<&Path>) -> Result<ConnectOptions, BackendError> {
+    let credential = match credential_file {
+        None => None,
+        Some(f) => vnode_common::cred::Credential::load(Some(f), "")
+            .map_err(|e| BackendError::Credential(format!("{}: {e}", f.display())))?,
+    };
+    Ok(ConnectOptions {
+        credential,
+        ..ConnectOptions::default()
+    })
 }
 
 impl From<ClientError> for BackendError {
@@ -193,8 +208,14 @@ pub struct NbdBackend {
 
 impl NbdBackend {
     /// Connects to `uri` (`nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`).
-    pub fn connect(uri: &str, read_only: bool) -> Result<Self, BackendError> {
-        let client = NbdClient::connect(uri, &ConnectOptions::default())?;
+    /// With `credential_file`, the export's credential is proven to the server (vnode-blkd's
+    /// challenge-response) and the server must prove it back.
+    pub fn connect(
+        uri: &str,
+        read_only: bool,
+        credential_file: Option<&Path>,
+    ) -> Result<Self, BackendError> {
+        let client = NbdClient::connect(uri, &connect_options(credential_file)?)?;
         let read_only = read_only || client.info().read_only;
         Ok(Self { client, read_only })
     }
@@ -259,8 +280,14 @@ pub struct ReplicatedBackend {
 static DISK_REPLICATION: Mutex<Vec<(String, StatusHandle)>> = Mutex::new(Vec::new());
 
 impl ReplicatedBackend {
-    pub fn connect(primary: &str, backup: &str, read_only: bool) -> Result<Self, BackendError> {
-        let client = ReplicatedClient::connect(&[primary, backup], &ConnectOptions::default())
+    pub fn connect(
+        primary: &str,
+        backup: &str,
+        read_only: bool,
+        credential_file: Option<&Path>,
+    ) -> Result<Self, BackendError> {
+        let opts = connect_options(credential_file)?;
+        let client = ReplicatedClient::connect(&[primary, backup], &opts)
             .map_err(|e: ReplicaError| BackendError::Replica(error_chain(&e)))?;
         DISK_REPLICATION
             .lock()
