@@ -56,7 +56,6 @@ fn usage_zero(hosts: &Value) -> bool {
 }
 
 #[test]
-#[ignore = "needs `vnode run --api-socket` (the control API server), not on main yet"]
 fn three_hosts_two_vnodes_manager_restart_and_cleanup() {
     let c = Cluster::up(
         "mgr-e2e",
@@ -185,7 +184,6 @@ fn three_hosts_two_vnodes_manager_restart_and_cleanup() {
 }
 
 #[test]
-#[ignore = "needs `vnode run --api-socket` (the control API server), not on main yet"]
 fn killed_vmm_is_reclaimed_and_a_restarted_agent_finds_its_vnode() {
     let c = Cluster::up("mgr-reclaim", &["--mem-capacity", "512M"]);
     let d = c.d();
@@ -203,7 +201,7 @@ fn killed_vmm_is_reclaimed_and_a_restarted_agent_finds_its_vnode() {
         "--kernel",
         &g,
         "--cmdline",
-        "test=mem bytes=48M pattern=random seed=9 writes=50 passes=100000",
+        "test=mem bytes=48M pattern=random seed=9 writes=50 passes=255",
     ]);
     let id = v["id"].as_u64().unwrap();
     let vdir = c.dir.join(format!("compute1/vnodes/{id}"));

@@ -232,8 +232,14 @@ impl Compute {
             dir.join("mem.cred").display().to_string(),
         ];
         if let Some(d) = &a.disk {
+            let mut spec = d.clone();
+            if let Some(c) = &a.disk_credential {
+                let f = dir.join("disk.cred");
+                write_secret(&f, c).map_err(prep)?;
+                spec = format!("{spec},credential-file={}", f.display());
+            }
             args.push("--disk".into());
-            args.push(d.clone());
+            args.push(spec);
         }
         monitor::start(dir, &self.vnode_bin, &args)?;
         Ok(())

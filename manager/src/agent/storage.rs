@@ -31,12 +31,19 @@ pub enum StorageError {
 pub struct Storage {
     root: PathBuf,
     blkd_bin: PathBuf,
+    /// The cluster key file: vnode-blkd derives each export's credential from it.
+    key_file: PathBuf,
     ip: String,
     exports: BTreeMap<String, PathBuf>,
 }
 
 impl Storage {
-    pub fn open(state_dir: &Path, blkd_bin: PathBuf, ip: String) -> Result<Storage, StorageError> {
+    pub fn open(
+        state_dir: &Path,
+        blkd_bin: PathBuf,
+        key_file: PathBuf,
+        ip: String,
+    ) -> Result<Storage, StorageError> {
         let root = state_dir.join("exports");
         std::fs::create_dir_all(&root).map_err(|source| StorageError::Prepare {
             path: root.clone(),
@@ -51,6 +58,7 @@ impl Storage {
         Ok(Storage {
             root,
             blkd_bin,
+            key_file,
             ip,
             exports,
         })
@@ -131,6 +139,8 @@ impl Storage {
             format!("{}={}:{}", e.name, img.display(), e.size.0),
             "--ready-file".to_owned(),
             dir.join("addr").display().to_string(),
+            "--secret-file".to_owned(),
+            self.key_file.display().to_string(),
         ];
         monitor::start(dir, &self.blkd_bin, &args).map_err(|m| StorageError::Prepare {
             path: dir.to_owned(),

@@ -58,6 +58,9 @@ struct Args {
     /// The vnode binary (default: next to this one).
     #[arg(long)]
     vnode: Option<PathBuf>,
+    /// The cluster key (storage): vnode-blkd derives each export's credential from it.
+    #[arg(long)]
+    cluster_key_file: Option<PathBuf>,
     /// The vnode-blkd binary (default: next to this one).
     #[arg(long)]
     blkd: Option<PathBuf>,
@@ -119,7 +122,10 @@ fn main() -> Result<()> {
                 bail!("a storage agent needs --disk");
             }
             let blkd = a.blkd.unwrap_or_else(|| sibling("vnode-blkd"));
-            let s = Storage::open(&a.state_dir, blkd, a.addr.clone())?;
+            let key = a
+                .cluster_key_file
+                .context("a storage agent needs --cluster-key-file (vnode-blkd checks each export's credential)")?;
+            let s = Storage::open(&a.state_dir, blkd, key, a.addr.clone())?;
             let cap = Capacity {
                 disk: Size(a.disk),
                 ..Default::default()

@@ -357,6 +357,8 @@ pub fn up(a: &UpArgs) -> Result<(), UpError> {
                 a.disk_capacity.clone(),
                 "--blkd".into(),
                 bin("vnode-blkd"),
+                "--cluster-key-file".into(),
+                key.display().to_string(),
             ],
         ));
     }
