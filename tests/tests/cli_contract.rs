@@ -183,10 +183,11 @@ fn blkd_creates_no_file_on_a_usage_error() {
         one_error_line("vnode-blkd", &f);
         assert!(!img.exists(), "{args:?} created {}", img.display());
     }
-    // An address it cannot bind is a set-up error, still before the file.
+    // An address it cannot bind is a set-up error, still before the file (--insecure: a
+    // missing cluster key is itself a usage error, found first).
     let f = run(
         "vnode-blkd",
-        &["--listen", "192.0.2.1:1", "--export", &export],
+        &["--listen", "192.0.2.1:1", "--insecure", "--export", &export],
     );
     assert_eq!(f.status.code(), Some(251), "{}", f.stderr);
     assert!(!img.exists());
