@@ -29,9 +29,12 @@ fn now_ms() -> u64 {
 /// and notes when. Returns how vnode ended and the time of `act` (ms since the epoch).
 fn run_and_act(servers: &str, act: impl FnOnce()) -> (Finished, u64) {
     let cmdline = "test=mem bytes=96M pattern=random seed=9 writes=70 passes=1";
+    // Unique per call: tests run in parallel in one process and may start in the same ms.
+    static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let log = std::env::temp_dir().join(format!(
-        "vnode-failover-{}-{}.out",
+        "vnode-failover-{}-{}-{}.out",
         std::process::id(),
+        RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         now_ms()
     ));
     let mut cmd = vnode_testguest(
