@@ -132,7 +132,7 @@ if [ "$FIOV" != 0 ]; then
     start_server memd-fio-verify "$TMPDIR/memd.ready" "$BIN/vnode-memd" --listen 127.0.0.1:0 --capacity 2G
     memd=$ADDR
     start_server blkd-fio-verify "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --insecure --listen 127.0.0.1:0 --export "root=$ROOTFS"
-    ctl fio-verify fio-verify --runtime "$FIOV" --guest-arg fio_size=4M -- "${KARGS[@]}" \
+    ctl fio-verify fio-verify --runtime "$FIOV" --guest-arg fio_size=2M -- "${KARGS[@]}" \
         --mem-server "$memd" --local-mem "$(( mem_mib / 2 ))M" --disk "nbd://$ADDR/root"
     cleanup; PIDS=()
 fi

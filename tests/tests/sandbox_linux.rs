@@ -298,7 +298,7 @@ fn benchmarks(dir: &Path, all: &str) -> String {
     );
     assert!(v["verify_read_kib"].as_u64().unwrap_or(0) > 0, "{v}");
     assert_eq!(v["final_verify"]["rc"], 0, "{v}");
-    assert_eq!(v["final_verify"]["read_kib"], 4096, "{v}");
+    assert_eq!(v["final_verify"]["read_kib"], 2048, "{v}");
     let ex = &fv["vnode_stats"]["excache"];
     assert!(ex["faults"].as_u64().unwrap_or(0) > 0, "{ex}");
 
