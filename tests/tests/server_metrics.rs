@@ -104,7 +104,15 @@ fn blkd_metrics_count_what_clients_did() {
     let export = format!("d={}:4M", img.display());
     let s = start(
         "vnode-blkd",
-        &["--listen", "127.0.0.1:0", "--export", &export],
+        // --public: the export is open to any client (the metrics, not the auth, are tested).
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--export",
+            &export,
+            "--public",
+            "d",
+        ],
     );
     let uri = format!("nbd://{}/d", s.addr);
     let c = NbdClient::connect(&uri, &ConnectOptions::default()).expect("connect");
