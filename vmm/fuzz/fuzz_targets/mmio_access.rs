@@ -51,7 +51,11 @@ impl VirtioDevice for Checker {
     ) -> Result<(), ActivateError> {
         let mut s = self.0.lock().expect("not poisoned");
         assert!(!s.active, "activated twice without a reset");
-        assert_eq!(features & !(OFFERED | (1 << 32)), 0, "features never offered");
+        assert_eq!(
+            features & !(OFFERED | (1 << 32)),
+            0,
+            "features never offered"
+        );
         assert_ne!(features & (1 << 32), 0, "VERSION_1 not negotiated");
         assert_eq!(queues.len(), 2);
         for q in &queues {

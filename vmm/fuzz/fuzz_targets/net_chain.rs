@@ -23,9 +23,17 @@ fuzz_target!(|data: &[u8]| {
     let n = rest.len().min(RAM);
     vm_memory::Bytes::write_slice(&mem, &rest[..n], GuestAddress(0)).expect("inside RAM");
     let size = 1u16 << (sel % 5); // 1..=16
-    let dir = if sel & 0x8 == 0 { Direction::Tx } else { Direction::Rx };
+    let dir = if sel & 0x8 == 0 {
+        Direction::Tx
+    } else {
+        Direction::Rx
+    };
     // A small limit (so TooLong is reached) or the device's own.
-    let max_len = if sel & 0x10 == 0 { 1514 + HDR } else { 65_535 + 18 + HDR };
+    let max_len = if sel & 0x10 == 0 {
+        1514 + HDR
+    } else {
+        65_535 + 18 + HDR
+    };
     let Ok(mut q) = Queue::new(256) else {
         return;
     };
