@@ -25,5 +25,5 @@ cargo build --workspace --bins
 step "test guest library (host)"
 (cd guest-images/testguest && cargo test --quiet)
 step "workspace tests"
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"
 step "done"

@@ -8,6 +8,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use vnode_api::client::Client;
 use vnode_tests::{
     proc_status, run_watching, run_with_deadline, status_field, vnode_testguest, Finished,
 };
@@ -93,47 +94,61 @@ struct Seen {
 
 #[test]
 fn every_thread_is_sandboxed_while_the_guest_runs() {
+    // The census is taken with the VM paused through its API, so it does not race a fast guest
+    // (a guest that finishes in half a second left a polling census empty): while paused every
+    // thread is alive and, once the main thread is sandboxed, every thread has entered its own.
     let disk = Disk::new("status");
     let p = disk.path();
+    let sock = disk.0.join("api.sock");
+    let sock_arg = sock.display().to_string();
     let mut threads: std::collections::BTreeMap<String, Seen> = Default::default();
+    let mut paused = false;
+    let mut resumed = false;
+    let want = [
+        "vnode",
+        "vnode-api",
+        "vcpu0",
+        "vcpu1",
+        "blk0",
+        "blk-file",
+        "vmm-events",
+    ];
     let f = run_watching(
         &mut vnode_testguest(
             "128M",
             2,
             "test=blk sectors=8192 pattern=random",
-            &["--disk", &p],
+            &["--disk", &p, "--api-socket", &sock_arg],
         ),
         DEADLINE,
         |pid| {
-            // Once the main thread is sandboxed, every thread has entered its sandbox.
-            if proc_status(pid, "Seccomp").as_deref() != Some("2") {
+            if resumed || !sock.exists() {
                 return;
             }
-            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            let Ok(api) = Client::new(&sock) else {
                 return;
             };
-            for t in tasks.flatten() {
-                let dir = t.path().display().to_string();
-                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-                let field = |f| status_field(&dir, f);
-                if let (Some(seccomp), Some(no_new_privs), Some(cap_eff)) =
-                    (field("Seccomp"), field("NoNewPrivs"), field("CapEff"))
-                {
-                    threads.insert(
-                        comm.trim().to_owned(),
-                        Seen {
-                            seccomp,
-                            no_new_privs,
-                            cap_eff,
-                        },
-                    );
-                }
+            if !paused {
+                paused = api.pause().is_ok();
+                return;
+            }
+            if proc_status(pid, "Seccomp").as_deref() == Some("2") {
+                census(pid, &mut threads);
+            }
+            if want.iter().all(|w| threads.contains_key(*w)) {
+                resumed = api.resume().is_ok();
             }
         },
     );
+    assert!(
+        paused,
+        "the VM was never paused through its API: {}",
+        f.stderr
+    );
+    assert!(resumed, "census incomplete while paused: {threads:?}");
     assert_eq!(f.status.code(), Some(0), "{}", f.stderr);
     assert_eq!(f.last_with("done").expect("done line")["ok"], true);
-    for name in ["vnode", "vcpu0", "vcpu1", "blk0", "blk-file", "vmm-events"] {
+    for name in want {
         let s = threads
             .get(name)
             .unwrap_or_else(|| panic!("thread {name} never seen: {threads:?}"));
@@ -142,4 +157,28 @@ fn every_thread_is_sandboxed_while_the_guest_runs() {
         assert_eq!(s.cap_eff, "0000000000000000", "{name}: {s:?}");
     }
     eprintln!("threads seen sandboxed: {:?}", threads.keys());
+}
+
+/// Records each thread of `pid` by name with its sandbox fields from /proc.
+fn census(pid: u32, threads: &mut std::collections::BTreeMap<String, Seen>) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for t in tasks.flatten() {
+        let dir = t.path().display().to_string();
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let field = |f| status_field(&dir, f);
+        if let (Some(seccomp), Some(no_new_privs), Some(cap_eff)) =
+            (field("Seccomp"), field("NoNewPrivs"), field("CapEff"))
+        {
+            threads.insert(
+                comm.trim().to_owned(),
+                Seen {
+                    seccomp,
+                    no_new_privs,
+                    cap_eff,
+                },
+            );
+        }
+    }
 }

@@ -345,6 +345,8 @@ fn run(args: RunArgs) -> Result<Exit, Failure> {
     } else {
         None
     };
+    // Every thread is started: the main thread closes its own sandbox last.
+    vmm::sandbox::enter_thread(vmm::sandbox::ThreadKind::Main);
     let tick = || {
         let sig = STOP_SIGNAL.load(Ordering::Relaxed);
         if sig != 0 {

@@ -155,6 +155,9 @@ fn serve(listeners: Vec<Listener>, app: axum::Router, stop: oneshot::Receiver<()
             return;
         }
     };
+    // Once its runtime is built (which opens a socketpair for tokio's signal driver): tokio's
+    // blocking-pool threads, started from this one later, inherit its filter.
+    crate::sandbox::enter_thread(crate::sandbox::ThreadKind::Api);
     rt.block_on(async move {
         let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
         let mut tasks = Vec::new();

@@ -69,8 +69,13 @@ const SOCKET_IO: &[i64] = &[
 fn extra(kind: ThreadKind) -> &'static [i64] {
     match kind {
         // Waits for the VM to stop (futex), prints stats, joins the others, tears down.
-        // Closing the disks' connections (shutdown) at exit.
-        ThreadKind::Main => &[libc::SYS_fsync, libc::SYS_fdatasync, libc::SYS_shutdown],
+        // Closing the disks' connections (shutdown) at exit; removing the API socket.
+        ThreadKind::Main => &[
+            libc::SYS_fsync,
+            libc::SYS_fdatasync,
+            libc::SYS_shutdown,
+            libc::SYS_unlink,
+        ],
         // The serial output (stdout or a file), eventfds (irqfd, queue notify), a device's
         // DRIVER_OK or reset (dup of the notify eventfd, handing the loop to its worker).
         ThreadKind::Vcpu => &[libc::SYS_read, libc::SYS_writev, libc::SYS_dup],
@@ -251,8 +256,13 @@ pub fn rules(kind: ThreadKind) -> Rules {
         .chain(REFUSED_WITH_EACCES)
         .map(|&nr| (nr, Vec::new()))
         .collect();
-    // tgkill: only SIGABRT, which a panic's abort sends to its own thread.
-    r.insert(libc::SYS_tgkill, vec![arg_eq(2, libc::SIGABRT as u64)]);
+    // tgkill: SIGABRT, which a panic's abort sends to its own thread; and for the threads that
+    // pause or stop the VM (main, API), the signal that kicks a vCPU out of KVM_RUN.
+    let mut signals = vec![arg_eq(2, libc::SIGABRT as u64)];
+    if matches!(kind, ThreadKind::Main | ThreadKind::Api) {
+        signals.push(arg_eq(2, crate::kvm::kick_signal() as u64));
+    }
+    r.insert(libc::SYS_tgkill, signals);
     let f = std::iter::once(libc::F_GETFD as u64).chain(fcntls(kind).iter().copied());
     r.insert(libc::SYS_fcntl, f.map(|cmd| arg_eq(1, cmd)).collect());
     if let Some(reqs) = ioctls(kind) {
