@@ -27,6 +27,8 @@ const S_UNSUPP: u8 = 2;
 /// Guest-triggered problems logged before going quiet (all disks).
 static BAD_REQUEST_LOG: RateLimit = RateLimit::new(16);
 static BACKEND_ERROR_LOG: RateLimit = RateLimit::new(16);
+/// How long a pause waits for the backend to answer requests in flight.
+const FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the device thread knows about its disk.
 #[derive(Clone, Debug)]
@@ -87,6 +89,9 @@ impl Handler {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
+            if DEVICE_PAUSE.pausing() {
+                self.finish_in_flight(&mut st);
+            }
             DEVICE_PAUSE.checkpoint();
             if self.stop.load(Ordering::Acquire) {
                 return;
@@ -102,6 +107,29 @@ impl Handler {
             if std::mem::take(&mut st.used) {
                 self.interrupt.signal(INT_USED_RING);
             }
+        }
+    }
+
+    /// Waits for every request the backend still holds and completes it, so a paused device
+    /// has none half done: a snapshot takes the used ring as the device's position.
+    fn finish_in_flight(&mut self, st: &mut State) {
+        let deadline = std::time::Instant::now() + FINISH_TIMEOUT;
+        while !st.pending.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match st.rx.recv_timeout(left) {
+                Ok((token, res)) => {
+                    if let Some(p) = st.pending.remove(&token) {
+                        self.complete(st, p, res);
+                    }
+                }
+                Err(_) => {
+                    tracing::error!(dev = %self.name, left = st.pending.len(), "requests still in flight at pause");
+                    break;
+                }
+            }
+        }
+        if std::mem::take(&mut st.used) {
+            self.interrupt.signal(INT_USED_RING);
         }
     }
 
