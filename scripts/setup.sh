@@ -36,6 +36,7 @@ declare -A need=(
     [etcd-client]=/usr/bin/etcdctl
     [protobuf-compiler]=/usr/bin/protoc                   # etcd-client's gRPC code (manager)
     [python3]=/usr/bin/python3                             # guest-image scripts, summaries (stdlib only)
+    [acpica-tools]=/usr/bin/iasl                          # tests decompile vnode's ACPI tables (iasl)
     [python3-prometheus-client]=/usr/lib/python3/dist-packages/prometheus_client/openmetrics/parser.py  # tests parse /metrics
 )
 tools=(clang-14:/usr/lib/llvm-14/lib/libclang.so qemu-img:/usr/bin/qemu-img qemu-nbd:/usr/bin/qemu-nbd

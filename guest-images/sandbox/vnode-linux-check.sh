@@ -9,7 +9,12 @@
 #       --out OUTDIR --bin-dir /abs/target/debug --rootfs OUTDIR/rootfs.ext4 \
 #       [--vcpus 2] [--mem 1G] [--local-mem 512M] [--append "vnode.job=all ..."] [--qemu-ref] \
 #       [--fio-verify SECONDS] [--randread SECONDS [--data-size 128M]] [--memcached-net SECONDS]
+#       [--power-button]
 #
+# --power-button: the main run serves vnode's API, and once the guest's init is up
+#   `vnodectl vm shutdown --deadline 60` presses the ACPI power button (use --append
+#   "vnode.job=idle"): the guest prints VNODE-POWER-BUTTON and powers off, vnode exits 0 (253 if
+#   the deadline had to stop it). vnodectl's answer goes to shutdown.json.
 # --fio-verify S: vnodectl bench fio-verify --runtime S (time-based crc32c verify, 4 MiB area on
 #   the root disk), RAM on vnode-memd with an ExCache of half the guest RAM, root on vnode-blkd.
 # --randread S: one vnode-blkd serves the root image and a data image (export "data", zeros,
@@ -31,7 +36,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT_IMG=$(cd "$HERE/.." && pwd)/out
 OUTDIR= BIN= ROOTFS= VCPUS=2 MEM=1G LOCAL=512M APPEND="vnode.job=boot" QREF=0
-FIOV=0 RANDREAD=0 DATA_SIZE=128M MCNET=0
+FIOV=0 RANDREAD=0 DATA_SIZE=128M MCNET=0 PBUTTON=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUTDIR=$2; shift 2 ;;
@@ -46,7 +51,8 @@ while [ $# -gt 0 ]; do
         --randread) RANDREAD=$2; shift 2 ;;
         --data-size) DATA_SIZE=$2; shift 2 ;;
         --memcached-net) MCNET=$2; shift 2 ;;
-        *) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+        --power-button) PBUTTON=1; shift ;;
+        *) sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
     esac
 done
 die() { echo "vnode-linux-check: error: $*" >&2; exit 1; }
@@ -76,7 +82,8 @@ start_server() { # name ready-file args...
 # One vnode run: guest RAM on a fresh vnode-memd, root on a vnode-blkd export of --rootfs.
 # Writes console$TAG.log, vnode$TAG.stderr, vnode$TAG.rc and ${KEY}_{initramfs,init,total}_ms.
 run_vnode() { # TAG KEY CMDLINE
-    local tag=$1 key=$2 cmdline=$3 memd blkd start vrc
+    local tag=$1 key=$2 cmdline=$3 memd blkd start vrc api=()
+    [ "$PBUTTON" = 1 ] && [ -z "$tag" ] && api=(--api-socket "$TMPDIR/vnode-api.sock")
     start_server memd$tag "$TMPDIR/memd.ready" "$BIN/vnode-memd" --listen 127.0.0.1:0 --capacity 2G
     memd=$ADDR
     start_server blkd$tag "$TMPDIR/blkd.ready" "$BIN/vnode-blkd" --insecure --listen 127.0.0.1:0 --export "root=$ROOTFS"
@@ -85,14 +92,16 @@ run_vnode() { # TAG KEY CMDLINE
     start=$(now_ms)
     "$BIN/vnode" run --kernel "$OUT_IMG/vmlinux" --initrd "$OUT_IMG/initrd.img" --vcpus "$VCPUS" \
         --mem "$MEM" --mem-server "$memd" --local-mem "$LOCAL" --disk "nbd://$blkd/root" --stats \
-        --cmdline "$cmdline" </dev/null 2>"$OUTDIR/vnode$tag.stderr" \
+        "${api[@]}" --cmdline "$cmdline" </dev/null 2>"$OUTDIR/vnode$tag.stderr" \
         | while IFS= read -r line; do
             line=${line%$'\r'}
             t=$(( $(now_ms) - start ))
             printf '[%7d ms] %s\n' "$t" "$line"
             case "$line" in
                 VNODE-INITRAMFS-UP*) echo "${key}_initramfs_ms=$t" >>"$OUTDIR/timing.txt" ;;
-                VNODE-INIT-UP*) echo "${key}_init_ms=$t" >>"$OUTDIR/timing.txt" ;;
+                VNODE-INIT-UP*) echo "${key}_init_ms=$t" >>"$OUTDIR/timing.txt"
+                    [ ${#api[@]} = 0 ] || "$BIN/vnodectl" vm "${api[@]}" -o json shutdown \
+                        --deadline 60 >"$OUTDIR/shutdown.json" 2>&1 & ;;
                 VNODE-*|'{'*) echo "[$t ms] $line" >&2 ;;
             esac
         done >"$OUTDIR/console$tag.log"

@@ -14,6 +14,8 @@
 #   vnode.job=memcached-bench memcached + memtier_benchmark if present, else memcaslap (memaslap)
 #   vnode.job=redis-bench     redis-server + memtier_benchmark if present, else redis-benchmark
 #   vnode.job=all             boot, fio-verify, memcached-bench, redis-bench
+#   vnode.job=idle            waits vnode.idle_time=600 s (the host acts on the running system, e.g.
+#                             presses the power button)
 #   vnode.job=shell           an interactive shell on the console; power off when it exits
 #   vnode.job=NAME            runs /etc/vnode/jobs/NAME if present (a user's job added to the image)
 # Options: vnode.fio_size=64M vnode.fio_target=/var/tmp/fio-verify.dat (or /dev/vdb)
@@ -30,6 +32,8 @@
 #   {"job":"...", ...}            one or more JSON objects, one per line
 #   VNODE-JSON-END
 #   VNODE-EXIT rc=<n>             then the machine powers off (or reboots, see vnode.exit)
+# The ACPI power button (vnode's PUT /vm/shutdown presses it): VNODE-POWER-BUTTON, then the
+# machine syncs and powers off as at the end of a job, whatever the job was doing.
 # A job that serves (memcached-serve) prints {"job":...,"ready":true,...} between the markers when
 # the host may start its load, then waits for a console line "stop" (the VMM forwards its stdin to
 # the serial port); its results follow as further JSON lines before VNODE-JSON-END.
@@ -308,6 +312,7 @@ run_job() {
         memcached-serve) job_memcached_serve ;;
         memcached-bench) job_memcached_bench ;;
         redis-bench) job_redis_bench ;;
+        idle) json job idle ready true; sleep "${V_idle_time:-600}" ;;
         all) local r=0; job_boot || r=1; job_fio_verify || r=1; job_memcached_bench || r=1; job_redis_bench || r=1; return $r ;;
         *) if [ -x "/etc/vnode/jobs/$1" ]; then "/etc/vnode/jobs/$1"
            else json job "$1" error "unknown job (known: boot fio-verify fio-randread memcached-bench memcached-serve redis-bench all shell)"; return 2; fi ;;
@@ -347,9 +352,23 @@ if [ "${VNODE_INIT_TEST:-}" = 1 ]; then
     setup_net
     echo "VNODE-JSON-BEGIN"; run_job "$V_job"; rc=$?; echo "VNODE-JSON-END"; echo "VNODE-EXIT rc=$rc"; exit $rc
 fi
+# The ACPI power button (button.ko binds vnode's PNP0C0C, evdev gives it a /dev/input node):
+# the first event it sends (KEY_POWER, 24 bytes) ends the system like the end of a job.
+watch_power_button() {
+    modprobe -q evdev 2>/dev/null
+    modprobe -q button 2>/dev/null || return 0
+    local e dev=
+    for e in /sys/class/input/event*; do
+        [ "$(cat "$e/device/name" 2>/dev/null)" = "Power Button" ] && dev=/dev/input/${e##*/}
+    done
+    [ -n "$dev" ] || return 0
+    ( head -c 24 "$dev" >/dev/null && echo "VNODE-POWER-BUTTON uptime=$(up)" && finish ) &
+}
+
 setup_system
 read_config
 setup_net
+watch_power_button
 echo "VNODE-INIT-UP uptime=$(up) kernel=$(uname -r) cpus=$NCPU mem_kb=$MEMKB job=$V_job"
 
 if [ "$V_job" = shell ]; then

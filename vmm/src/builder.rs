@@ -19,6 +19,7 @@ use crate::devices::acpi_sleep::{AcpiSleep, SLEEP_CONTROL_PORT, SLEEP_PORTS_LEN}
 use crate::devices::bus::{BusError, IoBuses};
 use crate::devices::debug_exit::{DebugExit, PhaseMarker, DEBUG_EXIT_PORT, PHASE_PORT};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::power_button::{PowerButton, POWER_BUTTON_GSI};
 use crate::devices::serial::{SerialDevice, SerialWriter, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::virtio::block::{
     BackendError, Block, BlockBackend, FileBackend, NbdBackend, ReplicatedBackend,
@@ -92,6 +93,8 @@ pub struct Vmm {
     pub remote: Option<RemoteMemory>,
     /// The virtio-mmio transports, in slot order (disks, then nets): what a snapshot saves.
     pub virtio: Vec<Transport>,
+    /// The ACPI power button a graceful shutdown presses.
+    pub power_button: PowerButton,
 }
 
 /// A virtio-mmio transport as the buses and the snapshot share it.
@@ -128,6 +131,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         &mut transports,
     )?);
     let rsdp = attach_acpi(&mut buses, &mem, &stop, config.vcpus, &virtio)?;
+    let power_button = attach_power_button(&vm)?;
     write_boot_tables(&mem)?;
     let boot = load_guest(
         &mem,
@@ -148,6 +152,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         boot,
         remote,
         virtio: transports,
+        power_button,
     })
 }
 
@@ -329,6 +334,13 @@ fn attach_acpi(
         "ACPI tables"
     );
     Ok(tables.rsdp_addr())
+}
+
+/// The ACPI power button: an irqfd on the GSI of the DSDT's Generic Event Device.
+pub(crate) fn attach_power_button(vm: &Vm) -> Result<PowerButton, BuildError> {
+    let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?);
+    vm.register_irqfd(&irq, POWER_BUTTON_GSI)?;
+    Ok(PowerButton::new(irq))
 }
 
 /// The ACPI sleep registers (the guest's power-off).

@@ -16,6 +16,7 @@ use vmm_sys_util::signal::Killable;
 use vnode_api::{VmInfo, VmState};
 
 use crate::builder::{Transport, Vmm};
+use crate::devices::power_button::PowerButton;
 use crate::devices::serial::{SerialDevice, StdinInput};
 use crate::devices::virtio::DEVICE_PAUSE;
 use crate::devices::{StopReason, StopSignal};
@@ -103,6 +104,8 @@ pub struct RunningVm {
     mem: vm_memory::GuestMemoryMmap,
     /// The configuration a snapshot saves, or why this VM cannot be snapshotted.
     saved_config: Mutex<Result<SavedConfig, String>>,
+    /// Pressed by a graceful shutdown.
+    power_button: PowerButton,
 }
 
 /// What a snapshot of a paused VM reads (`snapshot::capture::Sources` takes these).
@@ -127,6 +130,7 @@ impl RunningVm {
             boot: _,
             remote,
             virtio,
+            power_button,
         } = vmm;
         kvm::install_kick_handler()?;
         let vcpu_states = vcpus
@@ -167,6 +171,7 @@ impl RunningVm {
             keep_region: AtomicBool::new(false),
             mem,
             saved_config: Mutex::new(Err("its configuration was not given".into())),
+            power_button,
         }))
     }
 
@@ -314,8 +319,10 @@ impl RunningVm {
         Ok(self.info())
     }
 
-    /// Asks the guest to power off, and stops the VM after `deadline` if it has not. The test
-    /// guest and a guest without ACPI never react: for them the deadline is the stop.
+    /// Presses the guest's ACPI power button (devices/power_button.rs), and stops the VM after
+    /// `deadline` if the guest has not powered off by then. The test guest and a guest without
+    /// ACPI (or without anything in user space acting on KEY_POWER) never react: for them the
+    /// deadline is the stop.
     pub fn shutdown(self: &Arc<Self>, deadline: Duration) -> Result<VmInfo, LifecycleError> {
         {
             let _op = self.op.lock().expect("op lock poisoned");
@@ -332,7 +339,10 @@ impl RunningVm {
             }
             self.set_state(VmState::ShuttingDown);
         }
-        tracing::info!(?deadline, "shutting the VM down");
+        tracing::info!(?deadline, "shutting the VM down: power button pressed");
+        if let Err(e) = self.power_button.press() {
+            tracing::warn!("{e}: the deadline will stop the VM");
+        }
         let vm = self.clone();
         let timer = thread::Builder::new()
             .name("shutdown-deadline".into())

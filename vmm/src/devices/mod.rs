@@ -4,6 +4,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
 pub mod persist;
+pub mod power_button;
 pub mod serial;
 pub mod virtio;
 

@@ -11,8 +11,8 @@ use super::file::{SnapshotFileError, SnapshotReader};
 use super::{SavedMemory, Snapshot, SnapshotError};
 use crate::boot::BootInfo;
 use crate::builder::{
-    attach_debug_ports, attach_disks, attach_i8042, attach_nets, attach_serial, attach_sleep_ports,
-    BuildError, Transport, Vmm,
+    attach_debug_ports, attach_disks, attach_i8042, attach_nets, attach_power_button,
+    attach_serial, attach_sleep_ports, BuildError, Transport, Vmm,
 };
 use crate::config::{SerialOut, VmConfig};
 use crate::devices::bus::IoBuses;
@@ -162,6 +162,7 @@ pub fn restore(
         &mut transports,
     )?;
     attach_sleep_ports(&mut buses, &stop)?;
+    let power_button = attach_power_button(&vm)?;
     vm.restore_state(&s.vm)?;
     let mut skipped = Skipped::default();
     let mut vcpus = Vec::with_capacity(s.vcpus.len());
@@ -187,5 +188,6 @@ pub fn restore(
         },
         remote,
         virtio: transports,
+        power_button,
     })
 }

@@ -28,12 +28,15 @@
 //! the VM, devices/i8042.rs). The FADT's reset register points at the same line, for `reboot=acpi`.
 //!
 //! Powering off: the FADT's sleep control/status registers are devices/acpi_sleep.rs, and the
-//! DSDT's `\_S5` gives the soft-off sleep type, so `poweroff` ends the VM.
+//! DSDT's `\_S5` gives the soft-off sleep type, so `poweroff` ends the VM. The other way round,
+//! a graceful shutdown presses the DSDT's power button through a Generic Event Device
+//! (devices/power_button.rs), as hardware-reduced ACPI has no fixed-feature button.
 //!
 //! Building is pure ([`AcpiTables::new`]), so tests check the bytes without guest memory.
 
 use acpi_tables::aml::{
-    self, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate, Scope, IO,
+    self, Arg, Device, EISAName, Equal, If, Interrupt, Memory32Fixed, Method, Name, Notify,
+    Package, Path, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -47,6 +50,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::layout::{ACPI_START, BIOS_RESET_VECTOR, IOAPIC_START, LAPIC_START};
 use crate::devices::acpi_sleep::{S5_SLEEP_TYPE, SLEEP_CONTROL_PORT};
 use crate::devices::i8042::I8042_BASE;
+use crate::devices::power_button::POWER_BUTTON_GSI;
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN};
 
 const OEM_ID: [u8; 6] = *b"VNODE ";
@@ -204,7 +208,29 @@ fn com1(body: &mut Vec<u8>) {
     Device::new("COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(body);
 }
 
-/// The DSDT: COM1, and each virtio-mmio slot as a `LNRO0005` device with its window and its
+/// The power button `PWRB` (a control-method button, PNP0C0C) and the Generic Event Device that
+/// presses it: when [`POWER_BUTTON_GSI`] fires, Linux's GED driver calls `_EVT(gsi)`, which
+/// notifies PWRB with 0x80 (button pressed).
+fn power_button(body: &mut Vec<u8>) {
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0C0C"));
+    let uid = Name::new("_UID".into(), &aml::ZERO);
+    Device::new("PWRB".into(), vec![&hid, &uid]).to_aml_bytes(body);
+
+    let irq = Interrupt::new(true, true, false, false, POWER_BUTTON_GSI);
+    let crs = ResourceTemplate::new(vec![&irq]);
+    // A single name segment: ACPI's search rules find it in the parent scope, \_SB.
+    let pwrb = Path::new("PWRB");
+    let pressed = Notify::new(&pwrb, &0x80u8);
+    let is_button = Equal::new(&Arg(0), &POWER_BUTTON_GSI);
+    let on_button = If::new(&is_button, vec![&pressed]);
+    let evt = Method::new("_EVT".into(), 1, true, vec![&on_button]);
+    let hid = Name::new("_HID".into(), &"ACPI0013");
+    let uid = Name::new("_UID".into(), &aml::ZERO);
+    let crs = Name::new("_CRS".into(), &crs);
+    Device::new("GED_".into(), vec![&hid, &uid, &crs, &evt]).to_aml_bytes(body);
+}
+
+/// The DSDT: COM1, the power button and its GED, and each virtio-mmio slot as a `LNRO0005` device with its window and its
 /// edge-triggered, active-high interrupt (vNode raises it through an irqfd, a pulse).
 fn dsdt(devices: &[MmioDevice]) -> Result<Vec<u8>, AcpiError> {
     if devices.len() > 256 {
@@ -212,6 +238,7 @@ fn dsdt(devices: &[MmioDevice]) -> Result<Vec<u8>, AcpiError> {
     }
     let mut body = Vec::new();
     com1(&mut body);
+    power_button(&mut body);
     for (i, d) in devices.iter().enumerate() {
         let base = u32::try_from(d.base).map_err(|_| AcpiError::DeviceAbove4G(d.base))?;
         let len = u32::try_from(d.len).map_err(|_| AcpiError::DeviceAbove4G(d.base))?;
@@ -437,6 +464,54 @@ mod tests {
             assert_eq!(count(d, &crs), 1, "device {i}");
             assert_eq!(count(d, format!("VR{i:02X}").as_bytes()), 1);
         }
+    }
+
+    /// ASL without its `//` and `/* */` comments, on one line, words one space apart.
+    fn without_comments(dsl: &str) -> String {
+        let mut text: String = dsl
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join(" ");
+        while let Some(start) = text.find("/*") {
+            let end = text[start..]
+                .find("*/")
+                .map_or(text.len(), |e| start + e + 2);
+            text.replace_range(start..end, " ");
+        }
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    /// ACPICA's own disassembler (Debian's acpica-tools, what Linux's interpreter is built
+    /// from) reads the DSDT without a complaint and finds the power button and its GED.
+    #[test]
+    fn iasl_decompiles_the_power_button_and_its_ged() {
+        let t = AcpiTables::new(2, &devices(2)).unwrap();
+        let (_, d) = find(&t, b"DSDT");
+        let dir = std::env::temp_dir().join(format!("vnode-dsdt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let aml = dir.join("dsdt.aml");
+        std::fs::write(&aml, d).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&aml)
+            .output()
+            .expect("iasl (acpica-tools, scripts/setup.sh) runs");
+        let log = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).expect("iasl wrote dsdt.dsl");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let flat = without_comments(&dsl);
+        for want in [
+            r#"Device (PWRB) { Name (_HID, EisaId ("PNP0C0C") )"#,
+            r#"Device (GED) { Name (_HID, "ACPI0013" )"#,
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000003, }",
+            "Method (_EVT, 1, Serialized) { If ((Arg0 == 0x03)) { Notify (PWRB, 0x80) } }",
+        ] {
+            assert!(flat.contains(want), "{want:?} not in:\n{dsl}");
+        }
+        assert!(!log.contains("Error") && !log.contains("Warning"), "{log}");
     }
 
     #[test]
