@@ -166,7 +166,8 @@ async fn put_resume(State(vm): Vm) -> ApiResult<VmInfo> {
     blocking(move || vm.resume()).await
 }
 
-/// Asks the guest to power off and stops the VM at the deadline if it has not. Answers at once.
+/// Presses the guest's ACPI power button and stops the VM at the deadline if the guest has not
+/// powered off by then. Answers at once.
 #[utoipa::path(put, path = "/vm/shutdown", request_body(content = Option<ShutdownRequest>), responses(
     (status = 202, body = VmInfo),
     (status = 400, description = "bad body or deadline", body = ErrorBody),
