@@ -4,10 +4,13 @@
 //!   spawning `/bin/true` (issue 3).
 //! - `excache`: per-fault latency of the remote path against the in-process `local` page store,
 //!   and the test guest's workloads at shrinking ExCache sizes against all-local memory (issue 4).
+//! - `api`: `GET /vm/counters` latency under a running guest against a paused one, and the
+//!   guest's slowdown when `/metrics` is scraped at 10 Hz against no API traffic (issue 11).
 //!
 //! Everything reported is a median over runs (with p90 where it helps), with its baseline and the
 //! ratio beside it: the machines here are small and shared, so single runs mean little.
 
+mod api;
 mod boot_mem;
 mod excache;
 mod guestrun;
@@ -41,12 +44,15 @@ enum Mode {
     BootMem(boot_mem::BootMemArgs),
     /// ExCache: remote fault latency against the local floor; workloads at 100..12.5% cache.
     Excache(excache::ExcacheArgs),
+    /// Control API: counters latency under a running guest; the guest's slowdown under scrapes.
+    Api(api::ApiArgs),
 }
 
 /// Options every mode takes.
 #[derive(Args, Clone)]
 pub struct Common {
-    /// Runs per measurement (default: 11 for boot-mem, 3 for excache; 3 and 1 with --quick).
+    /// Runs per measurement (default: 11 for boot-mem, 3 for excache, 5 for api; 3, 1 and 1
+    /// with --quick).
     #[arg(long, value_name = "N")]
     runs: Option<usize>,
     /// A smoke version: small working sets, few runs.
@@ -169,6 +175,11 @@ pub fn main() -> ExitCode {
                 let env = Env::new(&a.common, 3, 1)?;
                 print!("{}", env.header("excache"));
                 excache::run(&env, &a).runtime()?;
+            }
+            Mode::Api(a) => {
+                let env = Env::new(&a.common, 5, 1)?;
+                print!("{}", env.header("api"));
+                api::run(&env, &a).runtime()?;
             }
         }
         println!("  at end: {}", host::load_line());
