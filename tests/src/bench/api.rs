@@ -78,6 +78,25 @@ fn connect(socket: &Path, stop: &AtomicBool) -> Option<Client> {
     None
 }
 
+/// A thread that connects to `socket` (until `stop`) and runs `body` with the client and a
+/// fresh probe, which it returns.
+fn probe_thread(
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    body: impl FnOnce(&Client, &mut Probe) + Send + 'static,
+) -> JoinHandle<Probe> {
+    std::thread::spawn(move || {
+        let mut p = Probe {
+            hist: histogram(),
+            errors: 0,
+        };
+        if let Some(c) = connect(&socket, &stop) {
+            body(&c, &mut p);
+        }
+        p
+    })
+}
+
 /// Whether the VM still runs (its API answers and says so).
 fn running(c: &Client) -> bool {
     c.info()
@@ -92,14 +111,7 @@ fn client_loop(
     period: Duration,
     metrics: bool,
 ) -> JoinHandle<Probe> {
-    std::thread::spawn(move || {
-        let mut p = Probe {
-            hist: histogram(),
-            errors: 0,
-        };
-        let Some(c) = connect(&socket, &stop) else {
-            return p;
-        };
+    probe_thread(socket, stop.clone(), move |c, p| {
         let mut next = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let t0 = Instant::now();
@@ -110,7 +122,7 @@ fn client_loop(
             };
             if ok {
                 record(&mut p.hist, t0.elapsed());
-            } else if stop.load(Ordering::Relaxed) || !running(&c) {
+            } else if stop.load(Ordering::Relaxed) || !running(c) {
                 // The guest ended and vnode is going: not the API's failure.
                 break;
             } else {
@@ -123,24 +135,16 @@ fn client_loop(
                 }
             }
         }
-        p
     })
 }
 
 /// `GET /vm/counters` round trips with the VM paused: the API's own latency, no guest running.
 /// Starts once the guest's fill is under way (the socket answers), pauses, measures, resumes.
 fn paused_baseline(socket: PathBuf, requests: u64, stop: Arc<AtomicBool>) -> JoinHandle<Probe> {
-    std::thread::spawn(move || {
-        let mut p = Probe {
-            hist: histogram(),
-            errors: 0,
-        };
-        let Some(c) = connect(&socket, &stop) else {
-            return p;
-        };
+    probe_thread(socket, stop, move |c, p| {
         if c.pause().is_err() {
             p.errors += 1;
-            return p;
+            return;
         }
         for _ in 0..requests {
             let t0 = Instant::now();
@@ -152,7 +156,6 @@ fn paused_baseline(socket: PathBuf, requests: u64, stop: Arc<AtomicBool>) -> Joi
         if c.resume().is_err() {
             p.errors += 1;
         }
-        p
     })
 }
 
