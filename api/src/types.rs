@@ -224,9 +224,10 @@ pub struct ExCacheCounters {
     pub replication: Option<MemReplication>,
 }
 
-/// Where the fault thread's time went, in microseconds: serving faults in all, and within that
-/// fetching, installing (UFFDIO_COPY), waking the faulting thread, write-protecting victims,
-/// writing them back and dropping them.
+/// Where the fault thread's time went, in microseconds: serving faults in all, reclaiming between
+/// faults (the reclaimer's write-backs and drops) in all, and within those two fetching,
+/// installing (UFFDIO_COPY), waking the faulting thread, write-protecting victims, writing them
+/// back and dropping them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PhaseTimesUs {
     pub serve: u64,
@@ -236,6 +237,9 @@ pub struct PhaseTimesUs {
     pub protect: u64,
     pub writeback: u64,
     pub drop: u64,
+    /// Time in the reclaimer between faults (absent from older VMMs' counters: 0).
+    #[serde(default)]
+    pub reclaim: u64,
 }
 
 /// A size: bytes as a number, or a string with binary units (`"64M"`, `"1.5G"`).

@@ -16,6 +16,7 @@ mod memd;
 mod opt;
 mod plot;
 mod stats;
+mod swap;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ struct Cli {
     mode: Mode,
 }
 
+// Parsed once at start-up: the size difference between the modes' options costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Mode {
     /// Guest fill bandwidth (first touch, warm) against the native loop; start-to-first-line time.

@@ -40,6 +40,9 @@ pub struct RemoteMemConfig {
     pub auth: remote_mem::ClientAuth,
     /// The fault thread busy-polls its userfaultfd instead of sleeping.
     pub spin: bool,
+    /// Eviction runs between faults with write-backs in flight (`reclaim.rs`); off, faults
+    /// evict when the ExCache is full, and wait for it.
+    pub reclaim: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,7 +243,8 @@ pub fn remote_memory_with(
         source,
         stats.clone(),
     )
-    .with_spin(cfg.spin);
+    .with_spin(cfg.spin)
+    .with_reclaim(cfg.reclaim);
     let doorbell = EventFd::new(libc::EFD_NONBLOCK).map_err(RemoteMemError::Spawn)?;
     let thread_doorbell = doorbell.try_clone().map_err(RemoteMemError::Spawn)?;
     let (cmds, rx) = mpsc::channel();

@@ -197,6 +197,7 @@ impl SavedConfig {
                 None => remote_mem::ClientAuth::insecure(*vnode_id),
             },
             spin,
+            reclaim: true,
         }))
     }
 }
@@ -246,6 +247,7 @@ mod tests {
                     ),
                 ),
                 spin: false,
+                reclaim: true,
             }),
             mem_prealloc: false,
         }
