@@ -200,7 +200,7 @@ pub fn run(env: &Env, a: &HandshakeArgs) -> Result<()> {
     let blk_ins = start(env, "vnode-blkd", &blk_args, false)?;
 
     let key = key()?;
-    let vnode_id = 0x6265_6e63_68;
+    let vnode_id = 0x0062_656e_6368;
     let auth_sec = ClientAuth::from_cluster_key(vnode_id, &key);
     let auth_ins = ClientAuth::insecure(vnode_id);
     let blk_opts_sec = ConnectOptions {
