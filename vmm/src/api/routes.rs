@@ -13,8 +13,8 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 use vnode_api::{
-    paths, Counters, ErrorBody, ExCacheResize, ShutdownRequest, VmInfo,
-    DEFAULT_SHUTDOWN_DEADLINE_SECS,
+    paths, Counters, ErrorBody, ExCacheResize, ShutdownRequest, SnapshotInfo, SnapshotRequest,
+    VmInfo, DEFAULT_SHUTDOWN_DEADLINE_SECS,
 };
 
 use crate::vm::{LifecycleError, RunningVm};
@@ -34,7 +34,8 @@ use crate::vm::{LifecycleError, RunningVm};
         put_resume,
         put_shutdown,
         put_stop,
-        put_excache
+        put_excache,
+        put_snapshot
     )
 )]
 pub struct ApiDoc;
@@ -54,7 +55,9 @@ impl IntoResponse for ApiError {
 impl From<LifecycleError> for ApiError {
     fn from(e: LifecycleError) -> Self {
         let status = match &e {
-            LifecycleError::WrongState(_) | LifecycleError::NoExCache => StatusCode::CONFLICT,
+            LifecycleError::WrongState(_)
+            | LifecycleError::NoExCache
+            | LifecycleError::NotSnapshottable(_) => StatusCode::CONFLICT,
             LifecycleError::Memory(crate::memory::RemoteMemError::Limit { .. }) => {
                 StatusCode::BAD_REQUEST
             }
@@ -78,6 +81,7 @@ pub fn router(vm: Arc<RunningVm>) -> Router {
         .route(paths::SHUTDOWN, put(put_shutdown))
         .route(paths::STOP, put(put_stop))
         .route(paths::EXCACHE, put(put_excache))
+        .route(paths::SNAPSHOT, put(put_snapshot))
         .method_not_allowed_fallback(|| async {
             ApiError(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -215,6 +219,28 @@ async fn put_excache(State(vm): Vm, body: Bytes) -> ApiResult<VmInfo> {
         .bytes()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     blocking(move || vm.resize_excache(bytes)).await
+}
+
+/// Pauses the VM (if it runs), writes its vCPU, VM and device state and its configuration to
+/// `path` on the vnode's host (with guest RAM when it is local; with remote RAM the ExCache's
+/// dirty pages go to the memory servers first), and leaves it paused. `PUT /vm/stop` then keeps
+/// guest RAM on the servers for `vnode restore --snapshot PATH`; `PUT /vm/resume` goes on here.
+#[utoipa::path(put, path = "/vm/snapshot", request_body = SnapshotRequest, responses(
+    (status = 200, body = SnapshotInfo),
+    (status = 400, description = "bad body", body = ErrorBody),
+    (status = 409, description = "the VM is stopping, or cannot be snapshotted (--mem-server local)", body = ErrorBody),
+    (status = 500, description = "the pause, the flush or the write failed", body = ErrorBody)
+))]
+async fn put_snapshot(State(vm): Vm, body: Bytes) -> ApiResult<SnapshotInfo> {
+    let req: Option<SnapshotRequest> = parse(&body, false)?;
+    let req = req.ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "a body is required".into()))?;
+    if req.path.is_empty() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "path must not be empty".into(),
+        ));
+    }
+    blocking(move || vm.snapshot(std::path::Path::new(&req.path))).await
 }
 
 /// The OpenAPI document as pretty JSON (what `docs/api/vnode.openapi.json` holds).
