@@ -23,7 +23,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
-use crate::{paths, Counters, ErrorBody, ExCacheResize, ShutdownRequest, VmInfo};
+use crate::{paths, Counters, ErrorBody, ExCacheResize, MemSpare, ShutdownRequest, VmInfo};
 
 /// A call through the API failed. Each variant names the socket.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +164,15 @@ impl Client {
         };
         let body = serde_json::to_vec(&req).expect("an ExCacheResize always serializes");
         self.json(Method::PUT, paths::EXCACHE, Some(body))
+    }
+
+    /// `PUT /vm/mem/spare`: a memory server to re-make a lost replica of guest RAM on.
+    pub fn add_mem_spare(&self, server: &str) -> Result<VmInfo, ClientError> {
+        let req = MemSpare {
+            server: server.to_string(),
+        };
+        let body = serde_json::to_vec(&req).expect("a MemSpare always serializes");
+        self.json(Method::PUT, paths::MEM_SPARE, Some(body))
     }
 
     /// Waits until nothing answers on the socket any more (vnode exited), up to `timeout`.

@@ -197,6 +197,7 @@ impl SavedConfig {
                 None => remote_mem::ClientAuth::insecure(*vnode_id),
             },
             spin,
+            spares: Vec::new(),
         }))
     }
 }
@@ -246,6 +247,7 @@ mod tests {
                     ),
                 ),
                 spin: false,
+                spares: Vec::new(),
             }),
             mem_prealloc: false,
         }
