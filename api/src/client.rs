@@ -23,7 +23,10 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
-use crate::{paths, Counters, ErrorBody, ExCacheResize, MemSpare, ShutdownRequest, VmInfo};
+use crate::{
+    paths, Counters, ErrorBody, ExCacheResize, MemSpare, ShutdownRequest, SnapshotInfo,
+    SnapshotRequest, VmInfo,
+};
 
 /// A call through the API failed. Each variant names the socket.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +176,16 @@ impl Client {
         };
         let body = serde_json::to_vec(&req).expect("a MemSpare always serializes");
         self.json(Method::PUT, paths::MEM_SPARE, Some(body))
+    }
+
+    /// `PUT /vm/snapshot`: pauses the VM (if running), writes its snapshot to `path` on the
+    /// vnode's host, and leaves it paused.
+    pub fn snapshot(&self, path: &str) -> Result<SnapshotInfo, ClientError> {
+        let req = SnapshotRequest {
+            path: path.to_owned(),
+        };
+        let body = serde_json::to_vec(&req).expect("a SnapshotRequest always serializes");
+        self.json(Method::PUT, paths::SNAPSHOT, Some(body))
     }
 
     /// Waits until nothing answers on the socket any more (vnode exited), up to `timeout`.

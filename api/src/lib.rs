@@ -16,13 +16,16 @@
 //! | PUT    | `/vm/shutdown`  | [`ShutdownRequest`] | [`VmInfo`] (202)       |
 //! | PUT    | `/vm/stop`      |                     | [`VmInfo`]             |
 //! | PUT    | `/vm/excache`   | [`ExCacheResize`]   | [`VmInfo`]             |
+//! | PUT    | `/vm/snapshot`  | [`SnapshotRequest`] | [`SnapshotInfo`]       |
 //!
 //! Every error is a 4xx or 5xx status with an [`ErrorBody`]; a client's mistake (bad JSON, an
 //! action the VM's state does not allow, an unknown path) is always a 4xx.
 
 pub mod client;
+mod snapshot;
 mod types;
 
+pub use snapshot::{SnapshotInfo, SnapshotRequest};
 pub use types::*;
 
 /// The API's paths, shared by the server's router and the client.
@@ -36,4 +39,5 @@ pub mod paths {
     pub const STOP: &str = "/vm/stop";
     pub const EXCACHE: &str = "/vm/excache";
     pub const MEM_SPARE: &str = "/vm/mem/spare";
+    pub const SNAPSHOT: &str = "/vm/snapshot";
 }

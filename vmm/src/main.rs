@@ -31,6 +31,9 @@ enum Command {
     /// Boot a guest and run it until it exits. vnode exits with the guest's status (0 = success;
     /// 250-253 are vnode's own: 253 when stopped through the API or by SIGTERM/SIGINT).
     Run(Box<RunArgs>),
+    /// Restore a snapshot (`PUT /vm/snapshot`) in this new process and let the guest go on: on
+    /// the snapshot's memory servers (attaching the region it left there), disks and TAPs.
+    Restore(RestoreArgs),
     /// Print the control API's OpenAPI document (JSON).
     Openapi,
 }
@@ -143,19 +146,17 @@ struct RunArgs {
 
 /// Turns the sandbox on before anything starts a thread: `--no-seccomp` leaves the filters
 /// out, `VNODE_SECCOMP=log` only logs what they would refuse (how the lists were drawn up).
-fn init_sandbox(args: &RunArgs) -> anyhow::Result<()> {
+fn init_sandbox(no_seccomp: bool, probe: Option<&str>) -> anyhow::Result<()> {
     use remote_blk::threads::ClientThread;
     use vmm::sandbox::{self, Mode, ThreadKind};
-    let mode = if args.no_seccomp {
+    let mode = if no_seccomp {
         Mode::Off
     } else if std::env::var("VNODE_SECCOMP").as_deref() == Ok("log") {
         Mode::Log
     } else {
         Mode::Enforce
     };
-    let probe = args
-        .debug_syscall_probe
-        .as_deref()
+    let probe = probe
         .map(|k| ThreadKind::parse(k).with_context(|| format!("no thread kind {k}")))
         .transpose()?;
     sandbox::init(mode, probe)?;
@@ -169,6 +170,91 @@ fn init_sandbox(args: &RunArgs) -> anyhow::Result<()> {
 }
 
 const MEM_CREDENTIAL_ENV: &str = "VNODE_MEM_CREDENTIAL";
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The snapshot file.
+    #[arg(long, value_name = "FILE")]
+    snapshot: PathBuf,
+    /// Where the guest's serial console (COM1) goes from now on: a file path; stdout if not
+    /// given.
+    #[arg(long, value_name = "PATH")]
+    serial: Option<PathBuf>,
+    /// Print the VM's counters as JSON on stderr when it stops.
+    #[arg(long)]
+    stats: bool,
+    /// KVM device to use.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/dev/kvm",
+        env = "VNODE_KVM_DEVICE"
+    )]
+    kvm_device: PathBuf,
+    /// The ExCache's fault thread busy-polls for faults.
+    #[arg(long)]
+    excache_spin: bool,
+    /// File holding the snapshot's vNode's memory credential (else $VNODE_MEM_CREDENTIAL).
+    #[arg(long, value_name = "FILE")]
+    mem_credential_file: Option<PathBuf>,
+    /// Single machine: a file holding the cluster key (else $VNODE_SECRET).
+    #[arg(long, value_name = "FILE")]
+    mem_secret_file: Option<PathBuf>,
+    /// Serve the control API on this Unix socket (as `vnode run --api-socket`).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Tests only: serve the API on this TCP address too.
+    #[arg(long, value_name = "ADDR", hide = true)]
+    api_listen_tcp: Option<String>,
+    /// FOR DEBUGGING ONLY: run without the seccomp filters (as `vnode run --no-seccomp`).
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
+/// The key a restored vNode proves to its memory servers: its credential, else the cluster key.
+fn restore_key(args: &RestoreArgs) -> anyhow::Result<Option<remote_mem::VnodeKey>> {
+    use vnode_common::{cred::Credential, secret};
+    if let Some(c) = Credential::load(args.mem_credential_file.as_deref(), MEM_CREDENTIAL_ENV)? {
+        return Ok(Some(remote_mem::VnodeKey::Credential(c)));
+    }
+    Ok(secret::load(
+        args.mem_secret_file.as_deref(),
+        vnode_common::CLUSTER_KEY_ENV,
+    )?
+    .map(remote_mem::VnodeKey::ClusterKey))
+}
+
+/// `vnode restore`: the snapshot is checked whole (magic, version, checksum) before anything
+/// is created or any server is contacted; a bad file or missing key is a usage error (250).
+fn restore(args: RestoreArgs) -> Result<Exit, Failure> {
+    init_sandbox(args.no_seccomp, None)?;
+    let what = || format!("cannot restore {}", args.snapshot.display());
+    let (snapshot, reader) =
+        vmm::snapshot::file::SnapshotReader::open::<vmm::snapshot::Snapshot>(&args.snapshot)
+            .with_context(what)
+            .usage()?;
+    let opts = vmm::snapshot::restore::RestoreOptions {
+        serial: args
+            .serial
+            .clone()
+            .map_or(SerialOut::Stdout, SerialOut::File),
+        kvm_device: args.kvm_device.clone(),
+        mem_key: restore_key(&args).usage()?,
+        excache_spin: args.excache_spin,
+    };
+    let cfg = vmm::snapshot::restore::restored_config(&snapshot, &opts)
+        .with_context(what)
+        .usage()?;
+    install_signals()?;
+    let vmm = vmm::snapshot::restore::restore(&snapshot, reader, &opts).with_context(what)?;
+    tracing::info!(snapshot = %args.snapshot.display(), "VM restored");
+    let run_opts = RunOptions {
+        stats: args.stats,
+        api_socket: args.api_socket,
+        api_listen_tcp: args.api_listen_tcp,
+    };
+    serve(vmm, &cfg, Ok(snapshot.config), run_opts)
+}
 
 fn parse_vnode_id(s: &str) -> Result<u64, String> {
     match s.strip_prefix("0x") {
@@ -317,10 +403,21 @@ fn install_signals() -> anyhow::Result<()> {
 /// Configuration errors exit 250, set-up errors 251, a fatal VM error 252; otherwise the guest's
 /// status (`vnode_common::cli`).
 fn run(args: RunArgs) -> Result<Exit, Failure> {
-    init_sandbox(&args)?;
+    init_sandbox(args.no_seccomp, args.debug_syscall_probe.as_deref())?;
     let (cfg, opts) = vm_config(args).usage()?;
     install_signals()?;
     let vmm = vmm::builder::build(&cfg).context("cannot build the VM")?;
+    let saved = vmm::snapshot::SavedConfig::from_config(&cfg).map_err(|e| e.to_string());
+    serve(vmm, &cfg, saved, opts)
+}
+
+/// Runs a built (or restored) VM with its API until it ends.
+fn serve(
+    vmm: vmm::builder::Vmm,
+    cfg: &VmConfig,
+    saved: Result<vmm::snapshot::SavedConfig, String>,
+    opts: RunOptions,
+) -> Result<Exit, Failure> {
     let info = vnode_api::VmInfo {
         id: cfg
             .remote_mem
@@ -337,6 +434,7 @@ fn run(args: RunArgs) -> Result<Exit, Failure> {
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let running = RunningVm::start(vmm, info)?;
+    running.set_snapshot_config(saved);
     let api = if opts.api_socket.is_some() || opts.api_listen_tcp.is_some() {
         let server = ApiServer::start(
             opts.api_socket.as_deref(),
@@ -399,6 +497,7 @@ fn main() -> ExitCode {
     };
     cli::main(program, |cli: Cli| match cli.command {
         Command::Run(args) => run(*args),
+        Command::Restore(args) => restore(args),
         Command::Openapi => {
             println!("{}", vmm::api::openapi_json());
             Ok(Exit::Success)

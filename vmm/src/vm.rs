@@ -23,6 +23,8 @@ use crate::kvm::persist::VcpuStateHandle;
 use crate::kvm::{self, kick_signal, VcpuControl, VcpuWant};
 use crate::memory::RemoteMemory;
 use crate::sandbox::{self, ThreadKind};
+use crate::snapshot::capture::{self, CaptureError};
+use crate::snapshot::SavedConfig;
 
 /// How the VM ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -63,7 +65,15 @@ pub enum LifecycleError {
     /// Some vCPUs or devices did not stop in time; the VM is paused as far as it got.
     #[error("{0} did not pause within {PAUSE_TIMEOUT:?}")]
     PauseTimeout(&'static str),
+    /// This VM cannot be snapshotted (HTTP 409).
+    #[error("cannot snapshot this VM: {0}")]
+    NotSnapshottable(String),
+    #[error("snapshot failed: {0}")]
+    Capture(#[from] CaptureError),
 }
+
+/// How long a snapshot waits for the ExCache to write its dirty pages to the memory servers.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long a pause waits for every vCPU and device thread to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,6 +99,10 @@ pub struct RunningVm {
     /// Leave guest RAM's region on the memory servers at stop (a snapshot or migration hands
     /// it over); freed otherwise.
     keep_region: AtomicBool,
+    /// Guest RAM, which a snapshot writes into its file when it is local.
+    mem: vm_memory::GuestMemoryMmap,
+    /// The configuration a snapshot saves, or why this VM cannot be snapshotted.
+    saved_config: Mutex<Result<SavedConfig, String>>,
 }
 
 /// What a snapshot of a paused VM reads (`snapshot::capture::Sources` takes these).
@@ -151,7 +165,72 @@ impl RunningVm {
             vcpu_states,
             virtio,
             keep_region: AtomicBool::new(false),
+            mem,
+            saved_config: Mutex::new(Err("its configuration was not given".into())),
         }))
+    }
+
+    /// The configuration a snapshot saves (or why this VM cannot be snapshotted).
+    pub fn set_snapshot_config(&self, config: Result<SavedConfig, String>) {
+        *self.saved_config.lock().expect("snapshot lock poisoned") = config;
+    }
+
+    /// Pauses the VM (if it runs), writes its snapshot to `path` and leaves it paused. With
+    /// remote RAM the ExCache's dirty pages go to the memory servers first, and from then on a
+    /// stop keeps the region there for the restore (a resume gives it back to this VM).
+    pub fn snapshot(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<vnode_api::SnapshotInfo, LifecycleError> {
+        let started = std::time::Instant::now();
+        let config = self
+            .saved_config
+            .lock()
+            .expect("snapshot lock poisoned")
+            .clone()
+            .map_err(LifecycleError::NotSnapshottable)?;
+        if self.state() == VmState::Running {
+            self.pause()?;
+        }
+        let _op = self.op.lock().expect("op lock poisoned");
+        match self.state() {
+            VmState::Paused => {}
+            s => return Err(LifecycleError::WrongState(s)),
+        }
+        let flushed = match &self.remote {
+            Some(remote) => remote.flush_dirty(FLUSH_TIMEOUT)?,
+            None => 0,
+        };
+        let vm = self.kvm_vm.lock().expect("vm lock poisoned");
+        let vm = vm
+            .as_ref()
+            .ok_or(LifecycleError::WrongState(VmState::Stopped))?;
+        let snapshot = capture::capture(&capture::Sources {
+            vm,
+            vcpus: &self.vcpu_states,
+            serial: &self.serial,
+            virtio: &self.virtio,
+            config: &config,
+        })?;
+        let ram = self.remote.is_none().then_some(&self.mem);
+        let bytes = capture::write_file(path, &snapshot, ram)?;
+        if self.remote.is_some() {
+            self.keep_region.store(true, Ordering::Release);
+        }
+        let took_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(path = %path.display(), bytes, flushed, took_ms, "snapshot written");
+        Ok(vnode_api::SnapshotInfo {
+            path: path.display().to_string(),
+            bytes,
+            ram: if self.remote.is_some() {
+                "remote"
+            } else {
+                "local"
+            }
+            .to_owned(),
+            flushed_pages: flushed as u64,
+            took_ms,
+        })
     }
 
     pub fn state(&self) -> VmState {
@@ -226,6 +305,8 @@ impl RunningVm {
             VmState::Paused => {}
             s => return Err(LifecycleError::WrongState(s)),
         }
+        // The VM goes on here: its guest RAM is its own again, not a snapshot's.
+        self.keep_region.store(false, Ordering::Release);
         DEVICE_PAUSE.resume();
         self.ctl.set(VcpuWant::Run);
         self.set_state(VmState::Running);
@@ -243,7 +324,9 @@ impl RunningVm {
                 s => return Err(LifecycleError::WrongState(s)),
             }
             if self.state() == VmState::Paused {
-                // A paused guest cannot see the button: let it run to act on it.
+                // A paused guest cannot see the button: let it run to act on it (a snapshot
+                // taken meanwhile is then stale, and its RAM this VM's again).
+                self.keep_region.store(false, Ordering::Release);
                 DEVICE_PAUSE.resume();
                 self.ctl.set(VcpuWant::Run);
             }
@@ -344,7 +427,11 @@ impl RunningVm {
             }
             tick();
         };
-        self.teardown(!self.keep_region.load(Ordering::Acquire));
+        let keep = self.keep_region.load(Ordering::Acquire);
+        if keep {
+            tracing::info!("guest RAM stays on the memory servers for its next owner");
+        }
+        self.teardown(!keep);
         match reason {
             StopReason::GuestExit(status) => Outcome::Guest(status),
             StopReason::Reset => Outcome::Guest(0),

@@ -13,8 +13,8 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 use vnode_api::{
-    paths, Counters, ErrorBody, ExCacheResize, MemSpare, ShutdownRequest, VmInfo,
-    DEFAULT_SHUTDOWN_DEADLINE_SECS,
+    paths, Counters, ErrorBody, ExCacheResize, MemSpare, ShutdownRequest, SnapshotInfo,
+    SnapshotRequest, VmInfo, DEFAULT_SHUTDOWN_DEADLINE_SECS,
 };
 
 use crate::vm::{LifecycleError, RunningVm};
@@ -35,7 +35,8 @@ use crate::vm::{LifecycleError, RunningVm};
         put_shutdown,
         put_stop,
         put_excache,
-        put_mem_spare
+        put_mem_spare,
+        put_snapshot
     )
 )]
 pub struct ApiDoc;
@@ -57,6 +58,7 @@ impl From<LifecycleError> for ApiError {
         let status = match &e {
             LifecycleError::WrongState(_)
             | LifecycleError::NoExCache
+            | LifecycleError::NotSnapshottable(_)
             | LifecycleError::Memory(crate::memory::RemoteMemError::Spare(_)) => {
                 StatusCode::CONFLICT
             }
@@ -84,6 +86,7 @@ pub fn router(vm: Arc<RunningVm>) -> Router {
         .route(paths::STOP, put(put_stop))
         .route(paths::EXCACHE, put(put_excache))
         .route(paths::MEM_SPARE, put(put_mem_spare))
+        .route(paths::SNAPSHOT, put(put_snapshot))
         .method_not_allowed_fallback(|| async {
             ApiError(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -241,6 +244,28 @@ async fn put_mem_spare(State(vm): Vm, body: Bytes) -> ApiResult<VmInfo> {
         ));
     }
     blocking(move || vm.add_mem_spare(&req.server)).await
+}
+
+/// Pauses the VM (if it runs), writes its vCPU, VM and device state and its configuration to
+/// `path` on the vnode's host (with guest RAM when it is local; with remote RAM the ExCache's
+/// dirty pages go to the memory servers first), and leaves it paused. `PUT /vm/stop` then keeps
+/// guest RAM on the servers for `vnode restore --snapshot PATH`; `PUT /vm/resume` goes on here.
+#[utoipa::path(put, path = "/vm/snapshot", request_body = SnapshotRequest, responses(
+    (status = 200, body = SnapshotInfo),
+    (status = 400, description = "bad body", body = ErrorBody),
+    (status = 409, description = "the VM is stopping, or cannot be snapshotted (--mem-server local)", body = ErrorBody),
+    (status = 500, description = "the pause, the flush or the write failed", body = ErrorBody)
+))]
+async fn put_snapshot(State(vm): Vm, body: Bytes) -> ApiResult<SnapshotInfo> {
+    let req: Option<SnapshotRequest> = parse(&body, false)?;
+    let req = req.ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "a body is required".into()))?;
+    if req.path.is_empty() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "path must not be empty".into(),
+        ));
+    }
+    blocking(move || vm.snapshot(std::path::Path::new(&req.path))).await
 }
 
 /// The OpenAPI document as pretty JSON (what `docs/api/vnode.openapi.json` holds).

@@ -45,6 +45,21 @@ pub enum VmAction {
         #[arg(value_name = "SIZE")]
         size: String,
     },
+    /// Pause the VM and write its snapshot to FILE (on the vnode's host); it stays paused. A
+    /// `stop` then keeps guest RAM on the memory servers for `restore`.
+    Snapshot {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Start a new vnode from snapshot FILE, serving its API on --api-socket, and return once
+    /// it answers (`vnode restore --snapshot FILE`, next to this vnodectl).
+    Restore {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The restored guest's serial console (default: vnode's stdout).
+        #[arg(long, value_name = "PATH")]
+        serial: Option<PathBuf>,
+    },
 }
 
 /// Output format.
@@ -74,6 +89,12 @@ pub enum VmCmdError {
     Size(#[from] vnode_common::size::SizeError),
     #[error("--deadline {0}: not a number of seconds")]
     Deadline(f64),
+    #[error("cannot start {0}")]
+    Spawn(PathBuf, #[source] std::io::Error),
+    #[error("the restoring vnode exited ({0}) before its API answered")]
+    RestoreFailed(std::process::ExitStatus),
+    #[error("the restoring vnode's API did not answer within {0:?}")]
+    RestoreTimeout(Duration),
 }
 
 /// Runs one action and returns what to print.
@@ -99,7 +120,72 @@ pub fn run(args: &VmArgs) -> Result<String, VmCmdError> {
             let bytes = vnode_common::size::parse_size(size)?;
             show_info(&c.resize_excache(bytes)?, json)
         }
+        VmAction::Snapshot { file } => {
+            // The path is vnode's to open: make a relative one mean the same to it.
+            let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+            show_snapshot(&c.snapshot(&file.display().to_string())?, json)
+        }
+        VmAction::Restore { file, serial } => show_info(
+            &restore(&args.api_socket, file, serial.as_deref(), &c)?,
+            json,
+        ),
     })
+}
+
+/// How long `restore` waits for the new vnode's API.
+const RESTORE_WAIT: Duration = Duration::from_secs(60);
+
+/// Starts `vnode restore` in the background and waits for its API to answer.
+fn restore(
+    socket: &std::path::Path,
+    file: &std::path::Path,
+    serial: Option<&std::path::Path>,
+    c: &Client,
+) -> Result<VmInfo, VmCmdError> {
+    let vnode = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("vnode")))
+        .unwrap_or_else(|| PathBuf::from("vnode"));
+    let mut cmd = std::process::Command::new(&vnode);
+    cmd.args(["restore", "--snapshot"])
+        .arg(file)
+        .arg("--api-socket")
+        .arg(socket)
+        .stdin(std::process::Stdio::null());
+    if let Some(s) = serial {
+        cmd.arg("--serial").arg(s);
+    }
+    let mut child = cmd.spawn().map_err(|e| VmCmdError::Spawn(vnode, e))?;
+    let deadline = std::time::Instant::now() + RESTORE_WAIT;
+    loop {
+        if let Ok(info) = c.info() {
+            return Ok(info);
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(VmCmdError::RestoreFailed(st));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(VmCmdError::RestoreTimeout(RESTORE_WAIT));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn show_snapshot(s: &vnode_api::SnapshotInfo, json: bool) -> String {
+    if json {
+        return to_json(s);
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY);
+    t.add_row(vec!["snapshot".to_owned(), s.path.clone()]);
+    t.add_row(vec!["bytes".to_owned(), s.bytes.to_string()]);
+    t.add_row(vec!["guest RAM".to_owned(), s.ram.clone()]);
+    t.add_row(vec![
+        "flushed pages".to_owned(),
+        s.flushed_pages.to_string(),
+    ]);
+    t.add_row(vec!["took".to_owned(), format!("{} ms", s.took_ms)]);
+    t.to_string()
 }
 
 fn to_json(v: &impl Serialize) -> String {

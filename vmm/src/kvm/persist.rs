@@ -23,6 +23,41 @@ use super::{ioctl_err, KvmError};
 /// Most MSRs asked for in one KVM_GET_MSRS / KVM_SET_MSRS call.
 const MSR_CHUNK: usize = 64;
 
+/// The ioctls a snapshot makes on a running VM (on the API thread, with the vCPUs parked):
+/// every KVM_GET_* of [`save_vcpu`] and [`save_vm`], and KVM_GET_MSR_INDEX_LIST on the KVM
+/// descriptor. The API thread's seccomp filter (`sandbox`) allows these and no other KVM ioctl.
+pub const SNAPSHOT_IOCTLS: [u64; 16] = {
+    use std::mem::size_of;
+    use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
+    const KVMIO: u32 = 0xAE;
+    const RW: u32 = _IOC_READ | _IOC_WRITE;
+    const fn r(nr: u32, size: usize) -> u64 {
+        ioctl_expr(_IOC_READ, KVMIO, nr, size as u32) as u64
+    }
+    const fn rw(nr: u32, size: usize) -> u64 {
+        ioctl_expr(RW, KVMIO, nr, size as u32) as u64
+    }
+    use kvm_bindings::{kvm_cpuid2, kvm_msr_list, kvm_msrs};
+    [
+        rw(0x02, size_of::<kvm_msr_list>()),   // KVM_GET_MSR_INDEX_LIST
+        rw(0x62, size_of::<kvm_irqchip>()),    // KVM_GET_IRQCHIP
+        r(0x7c, size_of::<kvm_clock_data>()),  // KVM_GET_CLOCK
+        r(0x9f, size_of::<kvm_pit_state2>()),  // KVM_GET_PIT2
+        r(0x81, size_of::<kvm_regs>()),        // KVM_GET_REGS
+        r(0x83, size_of::<kvm_sregs>()),       // KVM_GET_SREGS
+        rw(0x88, size_of::<kvm_msrs>()),       // KVM_GET_MSRS
+        r(0x8c, size_of::<kvm_fpu>()),         // KVM_GET_FPU
+        r(0x8e, size_of::<kvm_lapic_state>()), // KVM_GET_LAPIC
+        rw(0x91, size_of::<kvm_cpuid2>()),     // KVM_GET_CPUID2
+        r(0x98, size_of::<kvm_mp_state>()),    // KVM_GET_MP_STATE
+        r(0x9f, size_of::<kvm_vcpu_events>()), // KVM_GET_VCPU_EVENTS
+        r(0xa1, size_of::<kvm_debugregs>()),   // KVM_GET_DEBUGREGS
+        r(0xa4, size_of::<kvm_xsave>()),       // KVM_GET_XSAVE
+        r(0xa6, size_of::<kvm_xcrs>()),        // KVM_GET_XCRS
+        ioctl_expr(_IOC_NONE, KVMIO, 0xa3, 0) as u64, // KVM_GET_TSC_KHZ
+    ]
+};
+
 /// The legacy FPU/SSE state (KVM_GET_FPU), for hosts without XSAVE.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FpuState {

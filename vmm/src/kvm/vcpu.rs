@@ -270,6 +270,7 @@ impl Vcpu {
             match ctl.want() {
                 VcpuWant::Run => {}
                 VcpuWant::Pause => {
+                    self.settle(buses);
                     ctl.park();
                     continue;
                 }
@@ -310,6 +311,24 @@ impl Vcpu {
             stop.stop(StopReason::Fatal(format!("vCPU {}: {fatal}", self.index)));
             return;
         }
+    }
+
+    /// Completes what KVM still owes the guest for the last exit (the data of an IN into RAX,
+    /// RIP past an OUT or MMIO access): KVM does it on the next KVM_RUN, which `immediate_exit`
+    /// makes return before entering the guest. A parked vCPU's saved state is then whole: a
+    /// snapshot taken now neither repeats nor loses that access.
+    fn settle(&mut self, buses: &IoBuses) {
+        self.fd.set_kvm_immediate_exit(1);
+        // A string instruction may need several exits to complete.
+        for _ in 0..64 {
+            match self.fd.run() {
+                Ok(exit) => {
+                    let _ = handle_exit(exit, buses);
+                }
+                Err(_) => break, // EINTR: nothing owed any more
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     fn where_am_i(&self) -> String {

@@ -237,11 +237,37 @@ const FAULT_IOCTLS: [u64; 6] = {
     [u[0], u[1], u[2], u[3], u[4], libc::FIONBIO]
 };
 
+/// The API thread's: a snapshot's KVM_GET_*, and FIONBIO (a descriptor made non-blocking for
+/// tokio).
+const API_IOCTLS: [u64; 17] = {
+    let k = crate::kvm::persist::SNAPSHOT_IOCTLS;
+    [
+        k[0],
+        k[1],
+        k[2],
+        k[3],
+        k[4],
+        k[5],
+        k[6],
+        k[7],
+        k[8],
+        k[9],
+        k[10],
+        k[11],
+        k[12],
+        k[13],
+        k[14],
+        k[15],
+        libc::FIONBIO,
+    ]
+};
+
 /// `ioctl` requests a kind may make; None: no ioctl at all.
 fn ioctls(kind: ThreadKind) -> Option<&'static [u64]> {
     match kind {
         ThreadKind::Vcpu => Some(&crate::kvm::VCPU_RUN_TIME_IOCTLS),
         ThreadKind::Fault => Some(&FAULT_IOCTLS),
+        ThreadKind::Api => Some(&API_IOCTLS),
         // FIONBIO: connecting with a deadline (TcpStream::connect_timeout) to a replica.
         ThreadKind::DiskResync => Some(&[libc::FIONBIO]),
         _ => None,
@@ -276,11 +302,6 @@ pub fn rules(kind: ThreadKind) -> Rules {
         let filter_mode = libc::SECCOMP_SET_MODE_FILTER as u64;
         r.insert(libc::SYS_seccomp, vec![arg_eq(0, filter_mode)]);
     }
-    if kind == ThreadKind::Api {
-        // Any ioctl: tokio's FIONBIO, and the KVM_GET_* of a snapshot, which is not wired to
-        // the API yet; to be narrowed to those numbers when it is.
-        r.insert(libc::SYS_ioctl, Vec::new());
-    }
     r
 }
 
@@ -308,5 +329,23 @@ mod tests {
             crate::kvm::VCPU_RUN_TIME_IOCTLS.len()
         );
         assert!(!rules(ThreadKind::Device).contains_key(&libc::SYS_ioctl));
+    }
+
+    #[test]
+    fn the_api_thread_may_read_kvm_state_but_not_run_or_change_it() {
+        let r = rules(ThreadKind::Api);
+        let allowed = &r[&libc::SYS_ioctl];
+        assert_eq!(allowed.len(), API_IOCTLS.len(), "one rule per request");
+        // The requests are distinct (two equal numbers would hide a missing one).
+        let mut reqs = API_IOCTLS.to_vec();
+        reqs.sort_unstable();
+        reqs.dedup();
+        assert_eq!(reqs.len(), API_IOCTLS.len());
+        // KVM_RUN and KVM_SET_REGS (from the vCPU list) are not among them.
+        let run = crate::kvm::VCPU_RUN_TIME_IOCTLS[0];
+        let set_regs = crate::kvm::VCPU_RUN_TIME_IOCTLS[2];
+        assert!(!API_IOCTLS.contains(&run) && !API_IOCTLS.contains(&set_regs));
+        // KVM_GET_REGS is, and is the number the vCPU thread uses.
+        assert!(API_IOCTLS.contains(&crate::kvm::VCPU_RUN_TIME_IOCTLS[1]));
     }
 }

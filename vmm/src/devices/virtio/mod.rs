@@ -159,6 +159,11 @@ impl DevicePause {
         self.cv.notify_all();
     }
 
+    /// True while devices are asked to pause (a thread finishes its in-flight work first).
+    pub fn pausing(&self) -> bool {
+        self.lock().paused
+    }
+
     /// Parks the calling device thread while devices are paused.
     pub fn checkpoint(&self) {
         let mut st = self.lock();

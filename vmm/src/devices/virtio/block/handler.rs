@@ -27,6 +27,8 @@ const S_UNSUPP: u8 = 2;
 /// Guest-triggered problems logged before going quiet (all disks).
 static BAD_REQUEST_LOG: RateLimit = RateLimit::new(16);
 static BACKEND_ERROR_LOG: RateLimit = RateLimit::new(16);
+/// How long a pause waits for the backend to answer requests in flight.
+const FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the device thread knows about its disk.
 #[derive(Clone, Debug)]
@@ -97,6 +99,9 @@ impl Handler {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
+            if DEVICE_PAUSE.pausing() {
+                self.finish_in_flight(&mut st);
+            }
             DEVICE_PAUSE.checkpoint();
             if self.stop.load(Ordering::Acquire) {
                 return;
@@ -113,6 +118,34 @@ impl Handler {
             if std::mem::take(&mut st.used) {
                 self.interrupt.signal(INT_USED_RING);
             }
+        }
+    }
+
+    /// Completes every request the backend still holds, and starts and completes the one
+    /// waiting for room under the in-flight limit (it is already off the ring), so a paused
+    /// device has none half done: a snapshot takes the used ring as the device's position.
+    fn finish_in_flight(&mut self, st: &mut State) {
+        let deadline = std::time::Instant::now() + FINISH_TIMEOUT;
+        loop {
+            if st.pending.is_empty() {
+                match st.waiting.take() {
+                    Some(p) => self.start(st, p),
+                    None => break,
+                }
+                continue;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok((token, res)) = st.rx.recv_timeout(left) else {
+                tracing::error!(dev = %self.name, left = st.pending.len(), "requests still in flight at pause");
+                break;
+            };
+            if let Some(p) = st.pending.remove(&token) {
+                st.in_flight -= data_bytes(&p.req);
+                self.complete(st, p, res);
+            }
+        }
+        if std::mem::take(&mut st.used) {
+            self.interrupt.signal(INT_USED_RING);
         }
     }
 
