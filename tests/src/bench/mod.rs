@@ -4,6 +4,8 @@
 //!   spawning `/bin/true` (issue 3).
 //! - `excache`: per-fault latency of the remote path against the in-process `local` page store,
 //!   and the test guest's workloads at shrinking ExCache sizes against all-local memory (issue 4).
+//! - `handshake`: connection set-up and 4 KiB read latency with challenge-response
+//!   authentication against `--insecure` servers and the TCP floor (issue 10).
 //!
 //! Everything reported is a median over runs (with p90 where it helps), with its baseline and the
 //! ratio beside it: the machines here are small and shared, so single runs mean little.
@@ -11,6 +13,7 @@
 mod boot_mem;
 mod excache;
 mod guestrun;
+mod handshake;
 mod host;
 mod memd;
 mod opt;
@@ -41,6 +44,9 @@ enum Mode {
     BootMem(boot_mem::BootMemArgs),
     /// ExCache: remote fault latency against the local floor; workloads at 100..12.5% cache.
     Excache(excache::ExcacheArgs),
+    /// Authentication's cost: connection set-up and 4 KiB reads, challenge-response against
+    /// --insecure and the TCP floor, on vnode-memd and vnode-blkd.
+    Handshake(handshake::HandshakeArgs),
 }
 
 /// Options every mode takes.
@@ -169,6 +175,11 @@ pub fn main() -> ExitCode {
                 let env = Env::new(&a.common, 3, 1)?;
                 print!("{}", env.header("excache"));
                 excache::run(&env, &a).runtime()?;
+            }
+            Mode::Handshake(a) => {
+                let env = Env::new(&a.common, 5, 1)?;
+                print!("{}", env.header("handshake"));
+                handshake::run(&env, &a).runtime()?;
             }
         }
         println!("  at end: {}", host::load_line());
