@@ -112,15 +112,26 @@ pub struct Counters {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MemReplication {
     pub region: u64,
-    /// `healthy` (every replica healthy) or `degraded`.
+    /// `healthy` (every replica healthy), `re-replicating` (a new copy is being filled while
+    /// the guest runs) or `degraded` (one copy).
     pub state: String,
     pub replicas: Vec<MemReplica>,
     /// Replicas lost while another copy carried on.
     pub failovers: u64,
-    /// When the current degraded period began (ms since the epoch).
+    /// When the current degraded period began (ms since the epoch); it lasts until a new copy
+    /// is complete.
     pub degraded_since_unix_ms: Option<u64>,
     /// Time spent degraded so far, the current period included.
     pub degraded_ms: u64,
+    /// New copies completed on spare servers (re-replications).
+    #[serde(default)]
+    pub rereplications: u64,
+    /// Pages copied so far to the copy being filled (0 when none is).
+    #[serde(default)]
+    pub copied_pages: u64,
+    /// Failed servers that may still hold a stale copy, freed when they answer again.
+    #[serde(default)]
+    pub stale_copies: Vec<String>,
 }
 
 /// One memory server holding guest RAM.
@@ -273,6 +284,15 @@ impl From<u64> for Size {
 pub struct ExCacheResize {
     /// At least 1 MiB and at most the guest's RAM.
     pub local_mem: Size,
+}
+
+/// `PUT /vm/mem/spare`: a memory server that a lost replica of guest RAM is re-made on (at
+/// once if one is lost now, else when one is). Guest RAM must be replicated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemSpare {
+    /// `HOST:PORT` of a `vnode-memd` that accepts this vNode's credential.
+    pub server: String,
 }
 
 /// The default time a guest gets to power off after the ACPI power button.

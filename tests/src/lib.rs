@@ -2,6 +2,7 @@
 //! are, and running `vnode` with a deadline.
 
 pub mod prom;
+pub mod wire;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

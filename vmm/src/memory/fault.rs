@@ -16,6 +16,8 @@ use std::time::Instant;
 use userfaultfd::EventBuffer;
 use vmm_sys_util::eventfd::EventFd;
 
+use remote_mem::Repair;
+
 use super::excache::{runs, ExCache, Prefetcher};
 use super::source::{PageSource, SourceError, MAX_BATCH};
 use super::stats::{timed, ExCacheStats};
@@ -60,6 +62,9 @@ pub enum FaultCmd {
     /// Stop serving faults, freeing guest RAM's region on the servers or keeping it (a
     /// snapshot or migration hands it over).
     Stop { free_region: bool },
+    /// A memory server a lost replica of guest RAM can be re-made on; the reply says whether
+    /// it was taken (guest RAM must be replicated).
+    AddSpare(String, Sender<Result<(), String>>),
 }
 
 pub struct FaultServer {
@@ -157,15 +162,21 @@ impl FaultServer {
             },
         ];
         let mut last_activity = Instant::now();
+        let mut repair = Repair::Idle;
         loop {
             let shrinking = self.target < self.cache.limit();
             let reclaiming = self.reclaim_pending();
+            let copying = repair == Repair::Busy;
             // Spinning polls without sleeping (timeout 0): it saves the wake-up of a sleeping
-            // thread on every fault at the price of a busy core. A shrink or write-backs in
-            // progress poll too, doing their work between rounds of faults. A sleeping poll wakes
-            // every KEEPALIVE to keep the servers' connections alive through a quiet guest.
-            let timeout = if self.spin || shrinking || reclaiming {
+            // thread on every fault at the price of a busy core. A shrink, write-backs or a
+            // re-replication in progress poll too, doing their work between rounds of faults. A
+            // sleeping poll wakes every KEEPALIVE to keep the servers' connections alive through
+            // a quiet guest, or sooner to free a failed server's stale copy.
+            let timeout = if self.spin || shrinking || reclaiming || copying {
                 0
+            } else if let Repair::After(d) = repair {
+                d.clamp(std::time::Duration::from_millis(1), KEEPALIVE)
+                    .as_millis() as libc::c_int
             } else {
                 KEEPALIVE.as_millis() as libc::c_int
             };
@@ -174,7 +185,7 @@ impl FaultServer {
             if r < 0 {
                 continue; // EINTR
             }
-            if r > 0 || shrinking || reclaiming {
+            if r > 0 || shrinking || reclaiming || copying {
                 last_activity = Instant::now();
             } else if last_activity.elapsed() >= KEEPALIVE {
                 last_activity = Instant::now();
@@ -201,7 +212,19 @@ impl FaultServer {
             } else if r == 0 {
                 std::hint::spin_loop();
             }
+            // Cheap when there is nothing to repair; a replica lost by any call above starts
+            // its re-replication here.
+            repair = self.repair_step(r == 0 && !shrinking)?;
         }
+    }
+
+    /// One step of re-replication (a batch of the pages the servers hold) or, when `idle`,
+    /// of freeing a failed server's stale copy.
+    fn repair_step(&mut self, idle: bool) -> Result<Repair, FaultError> {
+        let cache = &self.cache;
+        let pages = cache.pages() as u64;
+        let held = |p: u64| p < pages && cache.on_server(p as u32);
+        Ok(self.source.repair(&held, idle)?)
     }
 
     /// Carries out one command; true when the thread must end.
@@ -220,6 +243,13 @@ impl FaultServer {
                 let r = self.flush_dirty();
                 let _ = reply.send(r.as_ref().map(|n| *n).map_err(|e| e.to_string()));
                 r?;
+            }
+            FaultCmd::AddSpare(addr, reply) => {
+                let r = self.source.add_spare(&addr).map_err(|e| e.to_string());
+                if r.is_ok() {
+                    tracing::info!(server = %addr, "spare memory server added");
+                }
+                let _ = reply.send(r);
             }
             FaultCmd::Drain(reply) => {
                 self.drain()?;

@@ -5,7 +5,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use remote_mem::{ClientAuth, ClientError, MemClient, RegionHealth, ReplicatedRegion, WriteTicket};
+use remote_mem::{
+    ClientAuth, ClientError, MemClient, RegionHealth, Repair, ReplicatedRegion, WriteTicket,
+};
 
 use super::uffd::PAGE;
 
@@ -18,6 +20,8 @@ pub enum SourceError {
     Remote(#[from] ClientError),
     #[error("page {0} is outside guest RAM")]
     OutOfRange(u64),
+    #[error("guest RAM is not replicated (--mem-server PRIMARY,BACKUP): no replica to re-make")]
+    NotReplicated,
 }
 
 /// A write sent with [`PageSource::submit_write`] and not yet acknowledged.
@@ -63,6 +67,17 @@ pub trait PageSource: Send {
     fn release(&mut self) -> Result<(), SourceError> {
         Ok(())
     }
+    /// One step of repairing replicated pages (re-replication, freeing stale copies): see
+    /// [`ReplicatedRegion::repair_step`]. `held(page)`: whether the servers hold `page`.
+    fn repair(&mut self, _held: &dyn Fn(u64) -> bool, _idle: bool) -> Result<Repair, SourceError> {
+        Ok(Repair::Idle)
+    }
+
+    /// Adds a server a lost replica can be re-made on.
+    fn add_spare(&mut self, _addr: &str) -> Result<(), SourceError> {
+        Err(SourceError::NotReplicated)
+    }
+
     /// Nothing has been asked of the source for a while: keep its connections open (memory
     /// servers close connections idle past their `--idle-timeout`).
     fn keepalive(&mut self) -> Result<(), SourceError> {
@@ -163,6 +178,16 @@ impl RemoteSource {
         }
         Ok(src)
     }
+
+    /// Gives replicated guest RAM the servers a lost replica is re-made on.
+    pub fn with_spares(mut self, spares: &[String]) -> Self {
+        if let RemoteSource::Replicated(r) = &mut self {
+            for s in spares {
+                r.add_spare(s);
+            }
+        }
+        self
+    }
 }
 
 /// How many `Moved` redirections one request follows before it gives up.
@@ -219,6 +244,9 @@ pub fn replication_json() -> serde_json::Value {
         "failovers": s.failovers,
         "degraded_since_unix_ms": s.degraded_since_unix_ms,
         "degraded_ms": s.degraded_ms,
+        "rereplications": s.rereplications,
+        "copied_pages": s.copied_pages,
+        "stale_copies": s.stale_copies,
     })
 }
 
@@ -317,6 +345,23 @@ impl PageSource for RemoteSource {
             RemoteSource::Replicated(r) => r.ping()?,
         }
         Ok(())
+    }
+
+    fn repair(&mut self, held: &dyn Fn(u64) -> bool, idle: bool) -> Result<Repair, SourceError> {
+        match self {
+            RemoteSource::Single(..) => Ok(Repair::Idle),
+            RemoteSource::Replicated(r) => Ok(r.repair_step(held, idle)?),
+        }
+    }
+
+    fn add_spare(&mut self, addr: &str) -> Result<(), SourceError> {
+        match self {
+            RemoteSource::Single(..) => Err(SourceError::NotReplicated),
+            RemoteSource::Replicated(r) => {
+                r.add_spare(addr);
+                Ok(())
+            }
+        }
     }
 }
 

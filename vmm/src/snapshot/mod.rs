@@ -198,6 +198,7 @@ impl SavedConfig {
             },
             spin,
             reclaim: true,
+            spares: Vec::new(),
         }))
     }
 }
@@ -248,6 +249,7 @@ mod tests {
                 ),
                 spin: false,
                 reclaim: true,
+                spares: Vec::new(),
             }),
             mem_prealloc: false,
         }
