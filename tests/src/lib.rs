@@ -3,6 +3,7 @@
 
 pub mod netns;
 pub mod prom;
+pub mod wire;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

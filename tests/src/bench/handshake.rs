@@ -137,20 +137,28 @@ fn mem_connects(addr: &str, auth: &ClientAuth, n: usize) -> Result<Vec<f64>> {
         .collect()
 }
 
-/// Single-page reads at pseudo-random pages of an allocated region, on one connection.
+/// Microseconds of each of `n` calls of `read` at pseudo-random indexes below `limit`.
+fn random_reads(n: usize, limit: u64, mut read: impl FnMut(u64) -> Result<()>) -> Result<Vec<f64>> {
+    let mut x = 0x9e37_79b9_u64;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let i = (x >> 33) % limit;
+            time_us(|| read(i))
+        })
+        .collect()
+}
+
+/// Single-page reads of an allocated region, on one connection.
 fn mem_reads(addr: &str, auth: &ClientAuth, n: usize, region: u64) -> Result<Vec<f64>> {
     let mut c = MemClient::connect(addr, auth)?;
     c.alloc_region(region, REGION_PAGES)?;
     let mut page = vec![0u8; remote_mem::protocol::PAGE_SIZE];
-    let mut x = 0x9e37_79b9_u64;
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let p = (x >> 33) % REGION_PAGES;
-        out.push(time_us(|| Ok(c.read_pages(region, &[p], &mut page)?))?);
-    }
+    let out = random_reads(n, REGION_PAGES, |p| {
+        Ok(c.read_pages(region, &[p], &mut page)?)
+    })?;
     c.free_region(region)?;
     Ok(out)
 }
@@ -163,18 +171,8 @@ fn nbd_connects(uri: &str, opts: &ConnectOptions, n: usize) -> Result<Vec<f64>> 
 
 fn nbd_reads(uri: &str, opts: &ConnectOptions, n: usize) -> Result<Vec<f64>> {
     let c = NbdClient::connect(uri, opts)?;
-    let blocks = c.size() / 4096;
     let mut buf = vec![0u8; 4096];
-    let mut x = 0x51_7cc1_b727_220a_u64;
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let off = ((x >> 33) % blocks) * 4096;
-        out.push(time_us(|| Ok(c.read_at(&mut buf, off)?))?);
-    }
-    Ok(out)
+    random_reads(n, c.size() / 4096, |b| Ok(c.read_at(&mut buf, b * 4096)?))
 }
 
 /// The memory protocol's greeting: the `Challenge` frame.
