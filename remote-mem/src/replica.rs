@@ -156,10 +156,14 @@ impl ReplicatedRegion {
         Ok(())
     }
 
-    /// Frees the region on both servers.
+    /// Frees the region on both servers, and on every server that held a copy this owner
+    /// dropped as failed (a server only slow under load, or back since, would otherwise keep
+    /// that stale copy with no owner left to free it).
     pub fn free(&mut self) -> Result<(), ClientError> {
         let region = self.region;
-        self.on_both(|c| c.free_region(region))
+        let r = self.on_both(|c| c.free_region(region));
+        self.free_all_stale();
+        r
     }
 
     /// Reads from the primary; if it has failed, from the backup.

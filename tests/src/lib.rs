@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests in tests/tests/: where the binaries and guest images
 //! are, and running `vnode` with a deadline.
 
+pub mod netns;
 pub mod prom;
 pub mod wire;
 

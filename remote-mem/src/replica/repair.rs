@@ -232,6 +232,27 @@ impl ReplicatedRegion {
             .set_stale(self.stale.iter().map(|s| s.addr.clone()).collect());
     }
 
+    /// One try to free every stale copy now, whatever their backoff (the owner is going away).
+    pub(super) fn free_all_stale(&mut self) {
+        let Some(live) = self.replicas.iter().find_map(|r| r.client.as_ref()) else {
+            return;
+        };
+        let region = self.region;
+        let mut freed = Vec::new();
+        for s in &self.stale {
+            match free_on(live, &s.addr, region) {
+                Ok(()) => freed.push(s.addr.clone()),
+                Err(e) => {
+                    tracing::warn!(region, server = %s.addr, error = %e, "stale copy left on a server that does not answer")
+                }
+            }
+        }
+        for addr in freed {
+            tracing::info!(region, server = %addr, "stale copy freed");
+            self.take_stale(&addr);
+        }
+    }
+
     /// Tries to free the region on the first stale server due: gone from the list once freed
     /// (or found absent), retried later with backoff while the server does not answer.
     fn free_one_stale(&mut self, idle: bool) {
