@@ -24,8 +24,8 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
 use crate::{
-    paths, Counters, ErrorBody, ExCacheResize, ShutdownRequest, SnapshotInfo, SnapshotRequest,
-    VmInfo,
+    paths, Counters, ErrorBody, ExCacheResize, MemSpare, ShutdownRequest, SnapshotInfo,
+    SnapshotRequest, VmInfo,
 };
 
 /// A call through the API failed. Each variant names the socket.
@@ -167,6 +167,15 @@ impl Client {
         };
         let body = serde_json::to_vec(&req).expect("an ExCacheResize always serializes");
         self.json(Method::PUT, paths::EXCACHE, Some(body))
+    }
+
+    /// `PUT /vm/mem/spare`: a memory server to re-make a lost replica of guest RAM on.
+    pub fn add_mem_spare(&self, server: &str) -> Result<VmInfo, ClientError> {
+        let req = MemSpare {
+            server: server.to_string(),
+        };
+        let body = serde_json::to_vec(&req).expect("a MemSpare always serializes");
+        self.json(Method::PUT, paths::MEM_SPARE, Some(body))
     }
 
     /// `PUT /vm/snapshot`: pauses the VM (if running), writes its snapshot to `path` on the

@@ -38,5 +38,6 @@ pub mod paths {
     pub const SHUTDOWN: &str = "/vm/shutdown";
     pub const STOP: &str = "/vm/stop";
     pub const EXCACHE: &str = "/vm/excache";
+    pub const MEM_SPARE: &str = "/vm/mem/spare";
     pub const SNAPSHOT: &str = "/vm/snapshot";
 }

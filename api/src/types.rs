@@ -112,15 +112,26 @@ pub struct Counters {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MemReplication {
     pub region: u64,
-    /// `healthy` (every replica healthy) or `degraded`.
+    /// `healthy` (every replica healthy), `re-replicating` (a new copy is being filled while
+    /// the guest runs) or `degraded` (one copy).
     pub state: String,
     pub replicas: Vec<MemReplica>,
     /// Replicas lost while another copy carried on.
     pub failovers: u64,
-    /// When the current degraded period began (ms since the epoch).
+    /// When the current degraded period began (ms since the epoch); it lasts until a new copy
+    /// is complete.
     pub degraded_since_unix_ms: Option<u64>,
     /// Time spent degraded so far, the current period included.
     pub degraded_ms: u64,
+    /// New copies completed on spare servers (re-replications).
+    #[serde(default)]
+    pub rereplications: u64,
+    /// Pages copied so far to the copy being filled (0 when none is).
+    #[serde(default)]
+    pub copied_pages: u64,
+    /// Failed servers that may still hold a stale copy, freed when they answer again.
+    #[serde(default)]
+    pub stale_copies: Vec<String>,
 }
 
 /// One memory server holding guest RAM.
@@ -224,9 +235,10 @@ pub struct ExCacheCounters {
     pub replication: Option<MemReplication>,
 }
 
-/// Where the fault thread's time went, in microseconds: serving faults in all, and within that
-/// fetching, installing (UFFDIO_COPY), waking the faulting thread, write-protecting victims,
-/// writing them back and dropping them.
+/// Where the fault thread's time went, in microseconds: serving faults in all, reclaiming between
+/// faults (the reclaimer's write-backs and drops) in all, and within those two fetching,
+/// installing (UFFDIO_COPY), waking the faulting thread, write-protecting victims, writing them
+/// back and dropping them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PhaseTimesUs {
     pub serve: u64,
@@ -236,6 +248,9 @@ pub struct PhaseTimesUs {
     pub protect: u64,
     pub writeback: u64,
     pub drop: u64,
+    /// Time in the reclaimer between faults (absent from older VMMs' counters: 0).
+    #[serde(default)]
+    pub reclaim: u64,
 }
 
 /// A size: bytes as a number, or a string with binary units (`"64M"`, `"1.5G"`).
@@ -269,6 +284,15 @@ impl From<u64> for Size {
 pub struct ExCacheResize {
     /// At least 1 MiB and at most the guest's RAM.
     pub local_mem: Size,
+}
+
+/// `PUT /vm/mem/spare`: a memory server that a lost replica of guest RAM is re-made on (at
+/// once if one is lost now, else when one is). Guest RAM must be replicated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemSpare {
+    /// `HOST:PORT` of a `vnode-memd` that accepts this vNode's credential.
+    pub server: String,
 }
 
 /// The default time a guest gets to power off after the ACPI power button.

@@ -12,6 +12,8 @@
 
 use std::fmt::Write as _;
 
+use vnode_common::size::format_size;
+
 /// One server's capacity and what is allocated on it, per resource. For a compute host `a` is
 /// vCPUs and `b` local memory; for memory and storage servers only `a` (bytes) is used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,9 +145,12 @@ impl Cluster {
             (format!("{} free vCPUs", req.vcpus), 0, |v| v.to_string())
         } else {
             (
-                format!("{} free local memory for the ExCache", bytes(req.local_mem)),
+                format!(
+                    "{} free local memory for the ExCache",
+                    format_size(req.local_mem)
+                ),
                 1,
-                bytes,
+                format_size,
             )
         };
         NoFit(format!(
@@ -157,16 +162,16 @@ impl Cluster {
     fn no_memory(&self, req: &Request, copies: usize) -> NoFit {
         NoFit(format!(
             "no {copies} distinct memory servers have {} free each (primary and backup): {}",
-            bytes(req.mem),
-            list(&self.memory, |n| bytes(n.free(0)))
+            format_size(req.mem),
+            list(&self.memory, |n| format_size(n.free(0)))
         ))
     }
 
     fn no_storage(&self, req: &Request) -> NoFit {
         NoFit(format!(
             "no storage server has {} free disk: {}",
-            bytes(req.disk),
-            list(&self.storage, |n| bytes(n.free(0)))
+            format_size(req.disk),
+            list(&self.storage, |n| format_size(n.free(0)))
         ))
     }
 }
@@ -204,22 +209,6 @@ fn list(nodes: &[Node], free: impl Fn(&Node) -> String) -> String {
         let _ = write!(s, " and {} more", nodes.len() - NAMED);
     }
     s
-}
-
-/// Bytes for people: "512 MiB", "1.5 GiB".
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 || v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 /// max/min utilisation of resource `i` over `nodes` (infinite when one is empty and another not).
@@ -358,12 +347,5 @@ mod tests {
         assert_eq!(imbalance(&c.compute, 0), 1.0);
         assert_eq!(imbalance(&c.memory, 0), 1.0);
         assert_eq!(imbalance(&c.storage, 0), 1.0);
-    }
-
-    #[test]
-    fn bytes_for_people() {
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(3 << 29), "1.5 GiB");
-        assert_eq!(bytes(4 << 30), "4 GiB");
     }
 }

@@ -1,5 +1,7 @@
 //! The health of one replicated region: each replica's state and server, how many fail-overs
-//! happened, and since when (and for how long in all) the region ran on one copy. Shared
+//! happened, since when (and for how long in all) the region ran on one copy, and the repair:
+//! a new copy being made (pages copied so far), copies completed, and the stale copies left on
+//! failed servers that are still to be freed. Shared
 //! between the thread that uses the region (it records changes, which are rare) and whoever
 //! reports on it (the VMM's stats), so it is a small mutex, never taken on the data path.
 
@@ -41,7 +43,8 @@ pub struct ReplicaReport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthSnapshot {
     pub region: u64,
-    /// "healthy" (every replica healthy) or "degraded".
+    /// "healthy" (every replica healthy), "re-replicating" (a new copy is being made) or
+    /// "degraded" (running on one copy).
     pub state: &'static str,
     pub replicas: Vec<ReplicaReport>,
     /// Replicas lost while another copy carried on.
@@ -50,6 +53,12 @@ pub struct HealthSnapshot {
     pub degraded_since_unix_ms: Option<u64>,
     /// Time spent degraded so far, the current period included.
     pub degraded_ms: u64,
+    /// New copies completed (re-replications).
+    pub rereplications: u64,
+    /// Pages copied so far to the replica being filled (0 when none is).
+    pub copied_pages: u64,
+    /// Servers that failed holding a copy, which is freed when they answer again.
+    pub stale_copies: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -59,6 +68,9 @@ struct Inner {
     failovers: u64,
     degraded_since: Option<(Instant, SystemTime)>,
     degraded_before: Duration,
+    rereplications: u64,
+    copied_pages: u64,
+    stale: Vec<String>,
 }
 
 /// Shared health record of one region.
@@ -85,6 +97,9 @@ impl RegionHealth {
             failovers: 0,
             degraded_since: None,
             degraded_before: Duration::ZERO,
+            rereplications: 0,
+            copied_pages: 0,
+            stale: Vec::new(),
         }))
     }
 
@@ -116,6 +131,9 @@ impl RegionHealth {
             if state != ReplicaState::Failed {
                 h.replicas[i].failure = None;
             }
+            if state != ReplicaState::Copying {
+                h.copied_pages = 0;
+            }
             if state == ReplicaState::Healthy
                 && h.replicas.iter().all(|r| r.state == ReplicaState::Healthy)
             {
@@ -126,15 +144,31 @@ impl RegionHealth {
         });
     }
 
+    /// `pages` more pages reached the replica being filled.
+    pub fn copied(&self, pages: u64) {
+        self.with(|h| h.copied_pages += pages);
+    }
+
+    /// A new copy was completed (after [`RegionHealth::moved`] to `Healthy`).
+    pub fn rereplicated(&self) {
+        self.with(|h| h.rereplications += 1);
+    }
+
+    /// The list of servers holding a stale copy changed.
+    pub fn set_stale(&self, servers: Vec<String>) {
+        self.with(|h| h.stale = servers);
+    }
+
     pub fn snapshot(&self) -> HealthSnapshot {
         self.with(|h| {
             let current = h.degraded_since.map(|(i, _)| i.elapsed());
+            let copying = h.replicas.iter().any(|r| r.state == ReplicaState::Copying);
             HealthSnapshot {
                 region: h.region,
-                state: if current.is_some() {
-                    "degraded"
-                } else {
-                    "healthy"
+                state: match (current.is_some(), copying) {
+                    (_, true) => "re-replicating",
+                    (true, false) => "degraded",
+                    (false, false) => "healthy",
                 },
                 replicas: h.replicas.clone(),
                 failovers: h.failovers,
@@ -143,6 +177,9 @@ impl RegionHealth {
                         .map_or(0, |d| d.as_millis() as u64)
                 }),
                 degraded_ms: (h.degraded_before + current.unwrap_or_default()).as_millis() as u64,
+                rereplications: h.rereplications,
+                copied_pages: h.copied_pages,
+                stale_copies: h.stale.clone(),
             }
         })
     }
@@ -164,6 +201,14 @@ mod tests {
         // The last copy failing is not a fail-over.
         h.failed(1, "also gone".into());
         assert_eq!(h.snapshot().failovers, 1);
+        h.moved(0, "c:3", ReplicaState::Copying);
+        h.copied(5);
+        let s = h.snapshot();
+        assert_eq!((s.state, s.copied_pages), ("re-replicating", 5));
+        assert!(
+            s.degraded_since_unix_ms.is_some(),
+            "still one copy while copying"
+        );
         h.moved(0, "c:3", ReplicaState::Healthy);
         h.moved(1, "d:4", ReplicaState::Healthy);
         let s = h.snapshot();

@@ -23,4 +23,4 @@ pub use client::{MemClient, ReadTicket, WriteTicket};
 pub use error::ClientError;
 pub use health::{HealthSnapshot, RegionHealth, ReplicaState};
 pub use protocol::{ErrorCode, PAGE_SIZE};
-pub use replica::{ReplicaReadTicket, ReplicatedRegion, Role};
+pub use replica::{Repair, ReplicaReadTicket, ReplicatedRegion, Role};

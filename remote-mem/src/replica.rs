@@ -10,10 +10,19 @@
 //! VMM stops, it never serves a zero page. A refused request (unknown region, page out of
 //! range) is returned as is: it is a bug, not a dead server.
 //!
+//! Repair (`repair.rs`): a lost replica is replaced by a new copy on a spare server, filled
+//! in the background while the region is in use, and the failed server's stale copy is freed
+//! once it answers again.
+//!
 //! Migration: [`ReplicatedRegion::migrate`] moves one replica to another server and switches
 //! this handle over. Other handles (other fault threads) still connected to the old server get
 //! `Moved` on their next call and follow to the new server by themselves.
 
+mod repair;
+
+pub use repair::Repair;
+
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::client::{MemClient, ReadTicket};
@@ -35,6 +44,8 @@ struct Replica {
     failure: Option<String>,
     /// Bumped whenever `client` is replaced or dropped: tickets of an older connection are void.
     generation: u64,
+    /// Being filled (re-replication): written, never read.
+    copying: bool,
 }
 
 /// A read submitted with [`ReplicatedRegion::submit_read`].
@@ -52,6 +63,14 @@ pub struct ReplicatedRegion {
     region: u64,
     replicas: [Replica; 2],
     health: Arc<RegionHealth>,
+    /// The region's size, once allocated or opened (what a new copy is given).
+    pages: u64,
+    /// Servers to put a new copy on when a replica is lost, in order.
+    spares: VecDeque<String>,
+    /// While a replica is `copying`: the next page to copy to it.
+    copy_next: u64,
+    /// Failed servers that may still hold a copy: freed when they answer again.
+    stale: Vec<repair::StaleCopy>,
 }
 
 /// Most `Moved` redirections followed in one call (a region migrated twice meanwhile).
@@ -64,12 +83,17 @@ impl ReplicatedRegion {
             client: Some(c),
             failure: None,
             generation: 0,
+            copying: false,
         };
         let health = Arc::new(RegionHealth::new(region, [primary.addr(), backup.addr()]));
         ReplicatedRegion {
             region,
             replicas: [r(primary), r(backup)],
             health,
+            pages: 0,
+            spares: VecDeque::new(),
+            copy_next: 0,
+            stale: Vec::new(),
         }
     }
 
@@ -83,16 +107,23 @@ impl ReplicatedRegion {
         self.region
     }
 
-    /// True once one replica has failed.
+    /// True while the region is on fewer than two complete copies.
     pub fn degraded(&self) -> bool {
-        self.replicas.iter().any(|r| r.client.is_none())
+        self.replicas
+            .iter()
+            .any(|r| r.client.is_none() || r.copying)
+    }
+
+    /// Whether replica `i` can serve reads: alive and complete.
+    fn readable(&self, i: usize) -> bool {
+        self.replicas[i].client.is_some() && !self.replicas[i].copying
     }
 
     /// Address of the server reads go to, if any is left.
     pub fn read_server(&self) -> Option<&str> {
-        self.replicas
-            .iter()
-            .find_map(|r| r.client.as_ref())
+        (0..2)
+            .find(|i| self.readable(*i))
+            .and_then(|i| self.replicas[i].client.as_ref())
             .map(MemClient::addr)
     }
 
@@ -107,7 +138,9 @@ impl ReplicatedRegion {
     /// Allocates the region on both servers.
     pub fn alloc(&mut self, pages: u64) -> Result<(), ClientError> {
         let region = self.region;
-        self.on_both(|c| c.alloc_region(region, pages))
+        self.on_both(|c| c.alloc_region(region, pages))?;
+        self.pages = pages;
+        Ok(())
     }
 
     /// Pings both servers, so an idle region's connections outlive the servers' idle timeout.
@@ -118,19 +151,28 @@ impl ReplicatedRegion {
     /// Attaches to the existing region on both servers; both must hold `pages` pages.
     pub fn open(&mut self, pages: u64) -> Result<(), ClientError> {
         let region = self.region;
-        self.on_both(|c| c.open_region(region, pages).map(|_| ()))
+        self.on_both(|c| c.open_region(region, pages).map(|_| ()))?;
+        self.pages = pages;
+        Ok(())
     }
 
-    /// Frees the region on both servers.
+    /// Frees the region on both servers, and on every server that held a copy this owner
+    /// dropped as failed (a server only slow under load, or back since, would otherwise keep
+    /// that stale copy with no owner left to free it).
     pub fn free(&mut self) -> Result<(), ClientError> {
         let region = self.region;
-        self.on_both(|c| c.free_region(region))
+        let r = self.on_both(|c| c.free_region(region));
+        self.free_all_stale();
+        r
     }
 
     /// Reads from the primary; if it has failed, from the backup.
     pub fn read_pages(&mut self, pages: &[u64], out: &mut [u8]) -> Result<(), ClientError> {
         let region = self.region;
         for i in 0..2 {
+            if !self.readable(i) {
+                continue;
+            }
             if self.run(i, |c| c.read_pages(region, pages, out))?.is_some() {
                 return Ok(());
             }
@@ -143,6 +185,9 @@ impl ReplicatedRegion {
     pub fn submit_read(&mut self, pages: &[u64]) -> Result<ReplicaReadTicket, ClientError> {
         let region = self.region;
         for i in 0..2 {
+            if !self.readable(i) {
+                continue;
+            }
             if let Some(ticket) = self.run(i, |c| c.submit_read(region, pages))? {
                 return Ok(ReplicaReadTicket {
                     replica: i,
@@ -224,7 +269,8 @@ impl ReplicatedRegion {
         if let Some(e) = first_err {
             return Err(e);
         }
-        if self.replicas.iter().all(|r| r.client.is_none()) {
+        // A copy still being filled does not count: it lacks older pages.
+        if !(0..2).any(|i| self.readable(i)) {
             return Err(self.both_failed());
         }
         Ok(())
@@ -308,7 +354,7 @@ impl ReplicatedRegion {
         for i in 0..2 {
             self.run(i, &mut f)?;
         }
-        if self.replicas.iter().all(|r| r.client.is_none()) {
+        if !(0..2).any(|i| self.readable(i)) {
             return Err(self.both_failed());
         }
         Ok(())
@@ -317,7 +363,10 @@ impl ReplicatedRegion {
     fn lose(&mut self, i: usize, e: &ClientError) {
         let role = if i == 0 { "primary" } else { "backup" };
         tracing::error!(region = self.region, role, error = %e, "memory server failed; replica dropped");
-        self.replicas[i].client = None;
+        if let Some(c) = self.replicas[i].client.take() {
+            self.remember_stale(c.addr());
+        }
+        self.replicas[i].copying = false;
         self.replicas[i].generation += 1;
         self.replicas[i].failure = Some(error_chain(e));
         self.health.failed(i, error_chain(e));

@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests in tests/tests/: where the binaries and guest images
 //! are, and running `vnode` with a deadline.
 
+pub mod netns;
 pub mod prom;
+pub mod wire;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

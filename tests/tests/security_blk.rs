@@ -7,7 +7,7 @@
 mod blk_common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Stdio};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -18,6 +18,7 @@ use remote_blk::nbd::client::{ClientError, ConnectOptions, NbdClient};
 use remote_blk::nbd::protocol::*;
 use vnode_common::cred;
 use vnode_common::secret::Secret;
+use vnode_tests::wire::{assert_absent, recording_relay, threads_of};
 use vnode_tests::{bin, vnode_testguest, wait_deadline};
 
 const KEY: &str = "blk-cluster-key";
@@ -132,14 +133,6 @@ fn read_reply(s: &mut TcpStream) -> std::io::Result<(OptionReply, Vec<u8>)> {
     Ok((r, d))
 }
 
-fn threads_of(pid: u32) -> usize {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    s.lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("Threads: line")
-}
-
 #[test]
 fn protected_exports_stay_closed_while_their_vnode_runs() {
     let dir = TempDir::new("sec-blk");
@@ -226,35 +219,6 @@ fn protected_exports_stay_closed_while_their_vnode_runs() {
     assert_victim_ok(victim);
 }
 
-/// A TCP relay that records every byte in both directions of one connection.
-fn recording_relay(target: String) -> (String, JoinHandle<Vec<u8>>) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind relay");
-    let addr = l.local_addr().expect("addr").to_string();
-    let h = std::thread::spawn(move || {
-        let (a, _) = l.accept().expect("accept");
-        let b = TcpStream::connect(&target).expect("connect target");
-        let pump = |mut from: TcpStream, mut to: TcpStream| {
-            std::thread::spawn(move || {
-                let (mut seen, mut buf) = (Vec::new(), [0u8; 65536]);
-                while let Ok(n) = from.read(&mut buf) {
-                    if n == 0 || to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                }
-                let _ = to.shutdown(std::net::Shutdown::Write);
-                seen
-            })
-        };
-        let up = pump(a.try_clone().expect("clone"), b.try_clone().expect("clone"));
-        let down = pump(b, a);
-        let mut all = up.join().expect("up");
-        all.extend(down.join().expect("down"));
-        all
-    });
-    (addr, h)
-}
-
 #[test]
 fn no_key_or_credential_crosses_the_wire() {
     let dir = TempDir::new("sec-blk-wire");
@@ -271,22 +235,8 @@ fn no_key_or_credential_crosses_the_wire() {
     drop(client);
     let wire = wire.join().expect("relay");
     assert!(wire.len() > 4096, "traffic recorded");
-    for (what, secret) in [
-        ("cluster key", KEY.as_bytes().to_vec()),
-        ("credential", c.as_bytes().to_vec()),
-    ] {
-        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-        for needle in [
-            secret.clone(),
-            hex.clone().into_bytes(),
-            hex.to_uppercase().into_bytes(),
-        ] {
-            assert!(
-                !wire.windows(needle.len()).any(|w| w == needle.as_slice()),
-                "the {what} is on the wire"
-            );
-        }
-    }
+    assert_absent(&wire, "cluster key", KEY.as_bytes());
+    assert_absent(&wire, "credential", c.as_bytes());
 }
 
 #[test]

@@ -16,6 +16,7 @@ use mem_support::{auth, cluster_key, temp_dir, Memd, SECRET_STR};
 use remote_mem::protocol::{self, ErrorCode, Header, Op, HEADER_LEN, NONCE_LEN};
 use remote_mem::{ClientAuth, MemClient, PAGE_SIZE};
 use vnode_common::cred;
+use vnode_tests::wire::{assert_absent, recording_relay, threads_of};
 use vnode_tests::{bin, vnode_testguest, wait_deadline};
 
 const VICTIM: u64 = 0x5eed_0000_0000_0001;
@@ -208,14 +209,6 @@ fn a_fake_server_is_detected_by_the_client() {
     );
 }
 
-fn threads_of(pid: u32) -> usize {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    s.lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("Threads: line")
-}
-
 #[test]
 fn two_thousand_idle_sockets_do_not_starve_a_running_vnode() {
     let srv = Memd::start(&["--capacity", "512M", "--max-connections", "64"]);
@@ -302,53 +295,6 @@ fn a_full_data_directory_refuses_the_region_and_the_server_lives() {
     assert!(page.iter().all(|&b| b == 0xab));
     let mut c2 = MemClient::connect(&srv.addr, &auth(ATTACKER)).expect("server alive");
     c2.alloc_region(0, 1).expect("a small region still fits");
-}
-
-/// A TCP relay that records every byte in both directions.
-fn recording_relay(target: String) -> (String, JoinHandle<Vec<u8>>) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind relay");
-    let addr = l.local_addr().expect("addr").to_string();
-    let h = std::thread::spawn(move || {
-        let (a, _) = l.accept().expect("accept");
-        let b = TcpStream::connect(&target).expect("connect target");
-        let pump = |mut from: TcpStream, mut to: TcpStream| {
-            std::thread::spawn(move || {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 65536];
-                while let Ok(n) = from.read(&mut buf) {
-                    if n == 0 || to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                }
-                let _ = to.shutdown(std::net::Shutdown::Write);
-                seen
-            })
-        };
-        let up = pump(a.try_clone().expect("clone"), b.try_clone().expect("clone"));
-        let down = pump(b, a);
-        let mut all = up.join().expect("up");
-        all.extend(down.join().expect("down"));
-        all
-    });
-    (addr, h)
-}
-
-fn assert_absent(wire: &[u8], what: &str, secret: &[u8]) {
-    let hex_lower = secret
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>();
-    for needle in [
-        secret.to_vec(),
-        hex_lower.clone().into_bytes(),
-        hex_lower.to_uppercase().into_bytes(),
-    ] {
-        assert!(
-            !wire.windows(needle.len()).any(|w| w == needle.as_slice()),
-            "{what} found on the wire"
-        );
-    }
 }
 
 #[test]

@@ -91,6 +91,11 @@ struct RunArgs {
     /// region; `local` keeps pages in this process (the fault path without a network).
     #[arg(long, value_name = "ADDR[,ADDR]", value_delimiter = ',')]
     mem_server: Vec<String>,
+    /// Spare memory servers for replicated guest RAM (PRIMARY,BACKUP): when a replica fails, a
+    /// new copy is made on the first spare that takes it, in the background while the guest
+    /// runs (more can be added through the API: PUT /vm/mem/spare).
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+    mem_spare: Vec<String>,
     /// ExCache capacity: how much guest RAM may be resident here (default: all of --mem).
     #[arg(long, value_name = "SIZE", requires = "mem_server")]
     local_mem: Option<String>,
@@ -112,6 +117,9 @@ struct RunArgs {
     /// The ExCache's fault thread busy-polls for faults (lower latency, one busy core).
     #[arg(long, requires = "mem_server")]
     excache_spin: bool,
+    /// Evict on the fault path only, as before the reclaimer (for measuring it).
+    #[arg(long, requires = "mem_server")]
+    no_excache_reclaim: bool,
     /// File holding this vNode's memory credential, 64 hex digits from the manager or
     /// `vnode-cred mem --vnode-id ID` (else $VNODE_MEM_CREDENTIAL). Bound to one vNode id, so
     /// --vnode-id is required with it.
@@ -296,6 +304,9 @@ fn remote_mem_config(
             args.mem_server.len()
         );
     }
+    if !args.mem_spare.is_empty() && args.mem_server.len() != 2 {
+        anyhow::bail!("--mem-spare needs replicated guest RAM: --mem-server PRIMARY,BACKUP");
+    }
     let local_mem = args
         .local_mem
         .as_deref()
@@ -316,6 +327,8 @@ fn remote_mem_config(
         prefetch_max: args.prefetch,
         auth,
         spin: args.excache_spin,
+        reclaim: !args.no_excache_reclaim,
+        spares: args.mem_spare.clone(),
     }))
 }
 

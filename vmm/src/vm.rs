@@ -387,6 +387,18 @@ impl RunningVm {
         Ok(self.info())
     }
 
+    /// Gives replicated guest RAM a spare memory server for re-replication.
+    pub fn add_mem_spare(&self, server: &str) -> Result<VmInfo, LifecycleError> {
+        let _op = self.op.lock().expect("op lock poisoned");
+        match self.state() {
+            VmState::Running | VmState::Paused => {}
+            s => return Err(LifecycleError::WrongState(s)),
+        }
+        let remote = self.remote.as_ref().ok_or(LifecycleError::NoExCache)?;
+        remote.add_spare(server)?;
+        Ok(self.info())
+    }
+
     /// Writes every dirty resident page of guest RAM to the memory servers.
     pub fn flush_excache(&self, timeout: Duration) -> Result<usize, LifecycleError> {
         let remote = self.remote.as_ref().ok_or(LifecycleError::NoExCache)?;

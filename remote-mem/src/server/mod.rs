@@ -150,6 +150,13 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// Serves one connection on the calling thread, from the handshake to its end, as the
+    /// accept loop would serve a TCP one. For fuzz targets that play a client's bytes
+    /// ([`crate::transport::Scripted`]) against the whole server state machine.
+    pub fn serve_conn<C: crate::transport::Conn>(&self, conn: C) {
+        conn::serve(conn, &self.shared);
+    }
+
     /// A handle on the page store for the manager's registration (usage, reclamation), usable
     /// from another thread while the server runs.
     pub fn admin(&self) -> Admin {

@@ -72,7 +72,20 @@ pub struct ExcacheArgs {
     /// Use this memory server for every remote run instead of starting a fresh vnode-memd.
     #[arg(long, value_name = "ADDR")]
     mem_server: Option<String>,
+    /// Remote cells run again without the reclaimer (`--no-excache-reclaim`: eviction on the
+    /// fault path, as before it), PATTERN@FRACTION; empty for none.
+    #[arg(long, value_delimiter = ',', default_value = "seq@0.25,zipf@0.5")]
+    no_reclaim_cells: Vec<String>,
+    /// The Linux-swap peer's sizes as fractions of the working set (an all-local vnode in a
+    /// memory cgroup of that size plus `SWAP_SLACK`, swapping to a swap file); empty for none.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.25")]
+    swap_fractions: Vec<f64>,
 }
+
+/// The Linux-swap peer's memory limit beyond the ExCache's size: the vnode process's own
+/// memory beside guest RAM (its binary, heap and thread stacks), which the ExCache's limit does
+/// not count either.
+const SWAP_SLACK: u64 = 16 << 20;
 
 /// Where guest RAM lives in one cell.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -84,6 +97,10 @@ enum Backing {
     /// All-local RAM populated before the guest starts (`--mem-prealloc`): the fill phase's
     /// first touch costs only KVM's mapping.
     Prealloc,
+    /// Remote without the reclaimer: faults evict when the ExCache is full.
+    NoReclaim(f64),
+    /// All-local RAM in a memory cgroup of the ExCache's size, swapping to a swap file.
+    LinuxSwap(f64),
 }
 
 impl Backing {
@@ -93,6 +110,8 @@ impl Backing {
             Backing::Remote(f) => format!("remote {}%", f * 100.0),
             Backing::LocalStore(f) => format!("local store {}%", f * 100.0),
             Backing::Prealloc => "all-local, prealloc".into(),
+            Backing::NoReclaim(f) => format!("no reclaimer {}%", f * 100.0),
+            Backing::LinuxSwap(f) => format!("Linux swap {}%", f * 100.0),
         }
     }
 }
@@ -140,6 +159,8 @@ struct Plan<'a> {
     footprint: u64,
     /// vnode has --mem-prealloc, so the KVM mapping floor can be measured.
     prealloc: bool,
+    /// The swap file and memory cgroup of the Linux-swap cells.
+    swap: Option<super::swap::SwapPeer>,
 }
 
 pub fn run(env: &Env, a: &ExcacheArgs) -> Result<()> {
@@ -163,7 +184,15 @@ pub fn run(env: &Env, a: &ExcacheArgs) -> Result<()> {
         secret: format!("vnode-bench-{}", std::process::id()),
         footprint: 0,
         prealloc: vnode_has_flag(&env.vnode, "--mem-prealloc")?,
+        swap: None,
     };
+    if !a.swap_fractions.is_empty() {
+        let size = plan.bytes + (256 << 20);
+        match super::swap::SwapPeer::start(&env.out, size) {
+            Ok(s) => plan.swap = Some(s),
+            Err(e) => println!("  no Linux-swap peer: {e:#}"),
+        }
+    }
     if !a.no_footprint {
         plan.footprint = plan.probe_footprint()?;
     }
@@ -220,6 +249,16 @@ impl Plan<'_> {
             if *p == "seq" && self.prealloc {
                 add(Backing::Prealloc);
             }
+            for (np, f) in points(&self.args.no_reclaim_cells) {
+                if np == *p {
+                    add(Backing::NoReclaim(f));
+                }
+            }
+            if self.swap.is_some() {
+                for &f in &self.args.swap_fractions {
+                    add(Backing::LinuxSwap(f));
+                }
+            }
         }
         cells
     }
@@ -227,14 +266,9 @@ impl Plan<'_> {
     /// Where the in-process page store runs: the fault comparison's point, then --floor-cells.
     fn floor_points(&self) -> Vec<(String, f64)> {
         let mut pts = vec![(self.args.floor_pattern.clone(), self.args.floor_fraction)];
-        for c in &self.args.floor_cells {
-            let parsed = c
-                .split_once('@')
-                .and_then(|(p, f)| Some((p.to_string(), f.parse::<f64>().ok()?)));
-            match parsed {
-                Some(pt) if !pts.contains(&pt) => pts.push(pt),
-                Some(_) => {}
-                None => eprintln!("  ignoring --floor-cells {c:?}: want PATTERN@FRACTION"),
+        for pt in points(&self.args.floor_cells) {
+            if !pts.contains(&pt) {
+                pts.push(pt);
             }
         }
         pts
@@ -255,14 +289,18 @@ impl Plan<'_> {
             .ok_or_else(|| anyhow::anyhow!("the guest's fill line has no base: {}", g.summary))
     }
 
+    /// The ExCache's size at fraction `f` of the working set.
+    fn cache_bytes(&self, f: f64) -> u64 {
+        ((self.bytes as f64 * f) as u64 + self.footprint) / 4096 * 4096
+    }
+
     fn guest_mem(&self) -> String {
         // The working set plus room for the guest's image, page tables and metadata.
         fmt_size(self.bytes + (32 << 20))
     }
 
     fn spec(&self, c: &Cell, addr: &str) -> GuestSpec<'_> {
-        let cache =
-            |f: f64| fmt_size(((self.bytes as f64 * f) as u64 + self.footprint) / 4096 * 4096);
+        let cache = |f: f64| fmt_size(self.cache_bytes(f));
         let mut extra: Vec<String> = self.args.vnode_arg.clone();
         let mut ex = |server: &str, f: f64| {
             extra.extend(
@@ -278,9 +316,13 @@ impl Plan<'_> {
             )
         };
         match c.backing {
-            Backing::AllLocal => {}
+            Backing::AllLocal | Backing::LinuxSwap(_) => {}
             Backing::Prealloc => extra.push("--mem-prealloc".into()),
             Backing::Remote(f) => ex(addr, f),
+            Backing::NoReclaim(f) => {
+                ex(addr, f);
+                extra.push("--no-excache-reclaim".into());
+            }
             Backing::LocalStore(f) => ex("local", f),
         }
         GuestSpec {
@@ -302,7 +344,7 @@ impl Plan<'_> {
 
     fn run_one(&self, c: &Cell) -> Result<GuestRun> {
         let server = match (&c.backing, &self.memd, &self.args.mem_server) {
-            (Backing::Remote(_), Some(bin), _) => Some(MemServer::start(
+            (Backing::Remote(_) | Backing::NoReclaim(_), Some(bin), _) => Some(MemServer::start(
                 bin,
                 "4G",
                 &self.secret,
@@ -315,7 +357,12 @@ impl Plan<'_> {
             (None, Some(a)) => a.clone(),
             (None, None) => String::new(),
         };
-        self.spec(c, &addr).run()
+        match (c.backing, &self.swap) {
+            (Backing::LinuxSwap(f), Some(swap)) => {
+                swap.run(&self.spec(c, &addr), self.cache_bytes(f) + SWAP_SLACK)
+            }
+            _ => self.spec(c, &addr).run(),
+        }
     }
 
     fn run_all(&self, cells: &[Cell]) -> Result<Vec<Samples>> {
@@ -344,6 +391,23 @@ impl Plan<'_> {
         println!("  {total} runs in {:.0} s", started.elapsed().as_secs_f64());
         Ok(out)
     }
+}
+
+/// PATTERN@FRACTION points; others are reported and skipped.
+fn points(specs: &[String]) -> Vec<(String, f64)> {
+    specs
+        .iter()
+        .filter(|c| !c.is_empty())
+        .filter_map(|c| {
+            let parsed = c
+                .split_once('@')
+                .and_then(|(p, f)| Some((p.to_string(), f.parse::<f64>().ok()?)));
+            if parsed.is_none() {
+                eprintln!("  ignoring {c:?}: want PATTERN@FRACTION");
+            }
+            parsed
+        })
+        .collect()
 }
 
 /// The cells and their samples, side by side.
@@ -490,6 +554,22 @@ fn workload_targets(find: &Results, targets: &mut Vec<String>) {
         verdict(z.map(|z| z <= 1.5)),
         ratio(z)
     ));
+    for p in ["seq", "random", "zipf"] {
+        for f in [0.5, 0.25] {
+            let (Some(ex), Some(sw)) = (
+                slowdown(find, p, Backing::Remote(f)),
+                slowdown(find, p, Backing::LinuxSwap(f)),
+            ) else {
+                continue;
+            };
+            targets.push(format!(
+                "{}  {p} at {}% faster than Linux swap: {} of its time",
+                verdict(Some(ex < sw)),
+                f * 100.0,
+                ratio(Some(ex / sw))
+            ));
+        }
+    }
     let s = slowdown(find, "seq", Backing::Remote(0.25)).map(|s| 1.0 / s);
     targets.push(format!(
         "{}  seq at 25% >= 50% of all-local speed: {}",
@@ -620,8 +700,9 @@ fn bounds_table(plan: &Plan, find: &Results) -> String {
 /// Where the fault thread's time went (the `time_us` stats), for the remote and local-store
 /// cells, beside the guest's own pass+verify time.
 fn time_table(plan: &Plan, find: &Results) -> String {
-    const PHASES: [&str; 7] = [
+    const PHASES: [&str; 8] = [
         "serve",
+        "reclaim",
         "fetch",
         "install",
         "wake",
@@ -634,7 +715,10 @@ fn time_table(plan: &Plan, find: &Results) -> String {
     let mut t = Table::new(&head);
     let mut rows = 0;
     for (c, s) in find.cells.iter().zip(find.res) {
-        if !matches!(c.backing, Backing::Remote(_) | Backing::LocalStore(_)) {
+        if !matches!(
+            c.backing,
+            Backing::Remote(_) | Backing::LocalStore(_) | Backing::NoReclaim(_)
+        ) {
             continue;
         }
         let phase = |k: &'static str| {
@@ -657,7 +741,8 @@ fn time_table(plan: &Plan, find: &Results) -> String {
     }
     format!(
         "the fault thread's time in seconds by phase (medians; whole runs, fill included); guest s = \
-         the guest's pass+verify time; wake = UFFDIO_WAKE of the thread that faulted\n{}",
+         the guest's pass+verify time; reclaim = the reclaimer between faults; wake = UFFDIO_WAKE \
+         of the thread that faulted\n{}",
         t.render()
     )
 }
@@ -679,6 +764,8 @@ fn workload_table(plan: &Plan, find: &Results) -> String {
         "evictions",
         "writebacks",
         "fault p50 us",
+        "traffic GB/s",
+        "vs swap",
     ]);
     for (c, s) in cells.iter().zip(res) {
         let base = find.get(&c.pattern, Backing::AllLocal);
@@ -700,17 +787,37 @@ fn workload_table(plan: &Plan, find: &Results) -> String {
             ex("evictions"),
             ex("writebacks"),
             num(s.median(|g| g.excache("fault_p50_us")), 1),
+            num(s.median(|g| traffic(g, plan.env.tsc_hz)), 2),
+            ratio(vs_swap(find, c)),
         ]);
     }
     format!(
         "workloads: medians of {} runs; Mcyc = 10^6 guest TSC cycles ({:.3} GHz) of the passes \
          and verify phases; vs all-local = ratio of medians (targets use it), min/min = ratio of \
-         the fastest runs; memory = ExCache size as % of the {} working set\n{}",
+         the fastest runs; memory = ExCache size as % of the {} working set; traffic = page bytes \
+         in plus out per second of pass+verify time (fill included in the bytes); vs swap = ratio \
+         of medians to the Linux-swap cell of the same size\n{}",
         plan.env.runs,
         plan.env.tsc_hz / 1e9,
         fmt_size(plan.bytes),
         t.render()
     )
+}
+
+/// Page bytes moved both ways per second of the guest's pass+verify time, in GB/s.
+fn traffic(g: &GuestRun, tsc_hz: f64) -> Option<f64> {
+    let bytes = g.excache("bytes_in")? + g.excache("bytes_out")?;
+    Some(bytes / (work_cycles(g)? / tsc_hz) / 1e9)
+}
+
+/// A cell's median pass+verify time over the Linux-swap cell's of the same size.
+fn vs_swap(find: &Results, c: &Cell) -> Option<f64> {
+    let f = match c.backing {
+        Backing::Remote(f) | Backing::NoReclaim(f) | Backing::LocalStore(f) => f,
+        _ => return None,
+    };
+    let swap = find.get(&c.pattern, Backing::LinuxSwap(f))?;
+    Some(find.get(&c.pattern, c.backing)?.median(work_cycles)? / swap.median(work_cycles)?)
 }
 
 /// Fastest run over the all-local baseline's fastest: load spikes only ever add time, so on a

@@ -6,6 +6,8 @@
 //!   and the test guest's workloads at shrinking ExCache sizes against all-local memory (issue 4).
 //! - `api`: `GET /vm/counters` latency under a running guest against a paused one, and the
 //!   guest's slowdown when `/metrics` is scraped at 10 Hz against no API traffic (issue 11).
+//! - `handshake`: connection set-up and 4 KiB read latency with challenge-response
+//!   authentication against `--insecure` servers and the TCP floor (issue 10).
 //!
 //! Everything reported is a median over runs (with p90 where it helps), with its baseline and the
 //! ratio beside it: the machines here are small and shared, so single runs mean little.
@@ -14,11 +16,13 @@ mod api;
 mod boot_mem;
 mod excache;
 mod guestrun;
+mod handshake;
 mod host;
 mod memd;
 mod opt;
 mod plot;
 mod stats;
+mod swap;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +42,8 @@ struct Cli {
     mode: Mode,
 }
 
+// Parsed once at start-up: the size difference between the modes' options costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Mode {
     /// Guest fill bandwidth (first touch, warm) against the native loop; start-to-first-line time.
@@ -46,6 +52,9 @@ enum Mode {
     Excache(excache::ExcacheArgs),
     /// Control API: counters latency under a running guest; the guest's slowdown under scrapes.
     Api(api::ApiArgs),
+    /// Authentication's cost: connection set-up and 4 KiB reads, challenge-response against
+    /// --insecure and the TCP floor, on vnode-memd and vnode-blkd.
+    Handshake(handshake::HandshakeArgs),
 }
 
 /// Options every mode takes.
@@ -180,6 +189,11 @@ pub fn main() -> ExitCode {
                 let env = Env::new(&a.common, 5, 1)?;
                 print!("{}", env.header("api"));
                 api::run(&env, &a).runtime()?;
+            }
+            Mode::Handshake(a) => {
+                let env = Env::new(&a.common, 5, 1)?;
+                print!("{}", env.header("handshake"));
+                handshake::run(&env, &a).runtime()?;
             }
         }
         println!("  at end: {}", host::load_line());

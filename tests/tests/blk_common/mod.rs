@@ -2,6 +2,8 @@
 //! port 0 / Unix sockets in temp dirs, and find the external tools.
 #![allow(dead_code)] // each blk_* test binary uses a different subset
 
+pub mod failover;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -115,10 +117,19 @@ impl Drop for Server {
 /// Without `--secret-file` in `args` the server runs `--insecure` (every export open, as plain
 /// NBD servers are): the interop and I/O tests; the security tests give a key.
 pub fn start_blkd(args: &[&str]) -> Server {
+    start_blkd_cmd(Command::new(blkd_bin()), "127.0.0.1:0", args)
+}
+
+/// [`start_blkd`] inside network namespace `ns` of `net`, listening on its address.
+pub fn start_blkd_in(net: &vnode_tests::netns::Net, ns: usize, args: &[&str]) -> Server {
+    let listen = format!("{}:0", net.addrs[ns]);
+    start_blkd_cmd(net.command(ns, &blkd_bin()), &listen, args)
+}
+
+fn start_blkd_cmd(mut cmd: Command, listen: &str, args: &[&str]) -> Server {
     let unix = args.contains(&"--socket");
-    let mut cmd = Command::new(blkd_bin());
     if !unix {
-        cmd.args(["--listen", "127.0.0.1:0"]);
+        cmd.args(["--listen", listen]);
     }
     cmd.env_remove("VNODE_SECRET");
     if !args.contains(&"--secret-file") {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod failover;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,15 +59,26 @@ impl Memd {
         Self::start_env(listen, extra, &[])
     }
 
+    /// Starts a server inside network namespace `ns` of `net`, listening on its address.
+    pub fn start_in(net: &vnode_tests::netns::Net, ns: usize, extra: &[&str]) -> Memd {
+        let listen = format!("{}:0", net.addrs[ns]);
+        Self::start_cmd(&listen, extra, &[], Some(net.command(ns, &memd_bin())))
+    }
+
     /// Starts a server with extra environment variables (e.g. the migration test hooks).
     pub fn start_env(listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Memd {
+        Self::start_cmd(listen, extra, env, None)
+    }
+
+    fn start_cmd(listen: &str, extra: &[&str], env: &[(&str, &str)], cmd: Option<Command>) -> Memd {
         let mut args = vec!["--listen", listen];
         if !extra.contains(&"--capacity") {
             args.extend(["--capacity", "64M"]);
         }
         args.extend_from_slice(extra);
         let log = temp_dir("log").join("memd.stderr");
-        let mut child = spawn_memd_env(&args, &log, env);
+        let cmd = cmd.unwrap_or_else(|| Command::new(memd_bin()));
+        let mut child = spawn_memd_cmd(cmd, &args, &log, env);
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
         BufReader::new(stdout)
@@ -134,8 +147,12 @@ pub fn spawn_memd(args: &[&str], log: &Path) -> Child {
 
 /// [`spawn_memd`] with extra environment variables.
 pub fn spawn_memd_env(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Child {
-    Command::new(memd_bin())
-        .args(args)
+    spawn_memd_cmd(Command::new(memd_bin()), args, log, env)
+}
+
+/// [`spawn_memd_env`] through `cmd` (`vnode-memd`, or `ip netns exec NS vnode-memd`).
+fn spawn_memd_cmd(mut cmd: Command, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Child {
+    cmd.args(args)
         .envs(env.iter().copied())
         .env("VNODE_SECRET", SECRET_STR)
         .env("VNODE_LOG", "info")

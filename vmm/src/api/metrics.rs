@@ -32,6 +32,9 @@ pub fn exposition() -> String {
             let v = ex[g].as_u64().unwrap_or(0);
             sub.register(g, format!("ExCache {g}"), ConstGauge::new(v as i64));
         }
+        if let Some(r) = &ex.get("replication").filter(|r| !r.is_null()) {
+            add_replication(sub, r);
+        }
         let (all, fetched) = stats.latency_histograms();
         sub.register(
             "fault_latency_seconds",
@@ -47,6 +50,44 @@ pub fn exposition() -> String {
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");
     out
+}
+
+/// Replicated guest RAM: one gauge per state (1 for the current one), the repair's counters
+/// and levels.
+fn add_replication(reg: &mut Registry, r: &serde_json::Value) {
+    let reg = reg.sub_registry_with_prefix("replication");
+    for state in ["healthy", "re-replicating", "degraded"] {
+        let on = i64::from(r["state"] == state);
+        let reg = reg.sub_registry_with_label((
+            std::borrow::Cow::Borrowed("state"),
+            std::borrow::Cow::Borrowed(state),
+        ));
+        reg.register(
+            "state",
+            "guest RAM's replication state (1: current)",
+            ConstGauge::new(on),
+        );
+    }
+    for k in ["failovers", "rereplications", "degraded_ms"] {
+        let v = r[k].as_u64().unwrap_or(0);
+        reg.register(
+            k,
+            format!("guest RAM replication {k}"),
+            ConstCounter::new(v),
+        );
+    }
+    let copied = r["copied_pages"].as_u64().unwrap_or(0) as i64;
+    reg.register(
+        "copied_pages",
+        "pages copied to the copy being filled",
+        ConstGauge::new(copied),
+    );
+    let stale = r["stale_copies"].as_array().map_or(0, Vec::len) as i64;
+    reg.register(
+        "stale_copies",
+        "failed servers whose stale copy is not freed yet",
+        ConstGauge::new(stale),
+    );
 }
 
 /// Every integer field of `obj` but the gauges and percentiles, as a counter `prefix_field`.

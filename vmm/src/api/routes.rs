@@ -13,8 +13,8 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 use vnode_api::{
-    paths, Counters, ErrorBody, ExCacheResize, ShutdownRequest, SnapshotInfo, SnapshotRequest,
-    VmInfo, DEFAULT_SHUTDOWN_DEADLINE_SECS,
+    paths, Counters, ErrorBody, ExCacheResize, MemSpare, ShutdownRequest, SnapshotInfo,
+    SnapshotRequest, VmInfo, DEFAULT_SHUTDOWN_DEADLINE_SECS,
 };
 
 use crate::vm::{LifecycleError, RunningVm};
@@ -35,6 +35,7 @@ use crate::vm::{LifecycleError, RunningVm};
         put_shutdown,
         put_stop,
         put_excache,
+        put_mem_spare,
         put_snapshot
     )
 )]
@@ -57,7 +58,10 @@ impl From<LifecycleError> for ApiError {
         let status = match &e {
             LifecycleError::WrongState(_)
             | LifecycleError::NoExCache
-            | LifecycleError::NotSnapshottable(_) => StatusCode::CONFLICT,
+            | LifecycleError::NotSnapshottable(_)
+            | LifecycleError::Memory(crate::memory::RemoteMemError::Spare(_)) => {
+                StatusCode::CONFLICT
+            }
             LifecycleError::Memory(crate::memory::RemoteMemError::Limit { .. }) => {
                 StatusCode::BAD_REQUEST
             }
@@ -81,6 +85,7 @@ pub fn router(vm: Arc<RunningVm>) -> Router {
         .route(paths::SHUTDOWN, put(put_shutdown))
         .route(paths::STOP, put(put_stop))
         .route(paths::EXCACHE, put(put_excache))
+        .route(paths::MEM_SPARE, put(put_mem_spare))
         .route(paths::SNAPSHOT, put(put_snapshot))
         .method_not_allowed_fallback(|| async {
             ApiError(
@@ -220,6 +225,26 @@ async fn put_excache(State(vm): Vm, body: Bytes) -> ApiResult<VmInfo> {
         .bytes()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     blocking(move || vm.resize_excache(bytes)).await
+}
+
+/// Gives replicated guest RAM a spare memory server: when a replica is lost (now or later), a
+/// new copy is made there in the background while the guest runs (`excache.replication` in
+/// the counters shows `re-replicating`, then `healthy`).
+#[utoipa::path(put, path = "/vm/mem/spare", request_body = MemSpare, responses(
+    (status = 200, body = VmInfo),
+    (status = 400, description = "bad body", body = ErrorBody),
+    (status = 409, description = "guest RAM is not replicated, or the VM is stopping", body = ErrorBody)
+))]
+async fn put_mem_spare(State(vm): Vm, body: Bytes) -> ApiResult<VmInfo> {
+    let req: Option<MemSpare> = parse(&body, false)?;
+    let req = req.ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "a body is required".into()))?;
+    if !req.server.contains(':') {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("server {:?} is not HOST:PORT", req.server),
+        ));
+    }
+    blocking(move || vm.add_mem_spare(&req.server)).await
 }
 
 /// Pauses the VM (if it runs), writes its vCPU, VM and device state and its configuration to

@@ -32,6 +32,14 @@ pub enum VmAction {
     },
     /// Stop the VM now (vnode frees guest RAM on the servers and exits).
     Stop,
+    /// Replica states of guest RAM and of each replicated disk (healthy, re-replicating or
+    /// resyncing, degraded), one row per replica.
+    Replicas,
+    /// Give replicated guest RAM a spare memory server: a lost replica is re-made there.
+    AddMemSpare {
+        #[arg(value_name = "HOST:PORT")]
+        server: String,
+    },
     /// Grow or shrink the ExCache to SIZE (e.g. 64M, 1G).
     ResizeExcache {
         #[arg(value_name = "SIZE")]
@@ -106,6 +114,8 @@ pub fn run(args: &VmArgs) -> Result<String, VmCmdError> {
             show_info(&c.shutdown(d)?, json)
         }
         VmAction::Stop => show_info(&c.stop()?, json),
+        VmAction::Replicas => show_replicas(&c.counters()?, json),
+        VmAction::AddMemSpare { server } => show_info(&c.add_mem_spare(server)?, json),
         VmAction::ResizeExcache { size } => {
             let bytes = vnode_common::size::parse_size(size)?;
             show_info(&c.resize_excache(bytes)?, json)
@@ -219,6 +229,86 @@ fn show_info(i: &VmInfo, json: bool) -> String {
     t.to_string()
 }
 
+fn show_replicas(c: &Counters, json: bool) -> String {
+    let mem = c.excache.as_ref().and_then(|e| e.replication.as_ref());
+    if json {
+        return to_json(&serde_json::json!({
+            "memory": mem,
+            "disks": c.replicated_disks,
+        }));
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY);
+    t.set_header(vec![
+        "what",
+        "state",
+        "replica",
+        "server",
+        "replica state",
+        "detail",
+    ]);
+    if let Some(m) = mem {
+        let detail = format!(
+            "failovers {}, re-replications {}, copied {} pages, degraded {} ms{}",
+            m.failovers,
+            m.rereplications,
+            m.copied_pages,
+            m.degraded_ms,
+            if m.stale_copies.is_empty() {
+                String::new()
+            } else {
+                format!(", stale copies on {}", m.stale_copies.join(","))
+            }
+        );
+        for (n, r) in m.replicas.iter().enumerate() {
+            let d = r.failure.clone().unwrap_or_default();
+            let first = if n == 0 {
+                detail.clone()
+            } else {
+                String::new()
+            };
+            let d = [first, d]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect::<Vec<_>>();
+            t.add_row(vec![
+                format!("guest RAM (region {})", m.region),
+                m.state.clone(),
+                r.role.clone(),
+                r.server.clone(),
+                r.state.clone(),
+                d.join("; "),
+            ]);
+        }
+    }
+    for d in &c.replicated_disks {
+        for (n, r) in d.replicas.iter().enumerate() {
+            t.add_row(vec![
+                format!("disk {}", d.disk),
+                d.state.clone(),
+                n.to_string(),
+                r.uri.clone(),
+                r.state.clone(),
+                format!(
+                    "dirty {} bytes, failovers {}, resyncs {}{}",
+                    r.dirty_bytes,
+                    d.failovers,
+                    d.resyncs,
+                    r.failure
+                        .as_deref()
+                        .map(|f| format!("; {f}"))
+                        .unwrap_or_default()
+                ),
+            ]);
+        }
+    }
+    if mem.is_none() && c.replicated_disks.is_empty() {
+        return "nothing is replicated".to_owned();
+    }
+    t.to_string()
+}
+
 fn show_counters(c: &Counters, json: bool) -> String {
     if json {
         return to_json(c);
@@ -265,5 +355,43 @@ mod tests {
         assert!(t.contains("excache.time_us.serve"), "{t}");
         let j: Counters = serde_json::from_str(&show_counters(&c, true)).unwrap();
         assert_eq!(j, c);
+    }
+
+    #[test]
+    fn replicas_table_shows_each_replica_and_the_repair() {
+        let mut c = Counters::default();
+        assert_eq!(show_replicas(&c, false), "nothing is replicated");
+        let replica = |role: &str, server: &str, state: &str| vnode_api::MemReplica {
+            role: role.into(),
+            server: server.into(),
+            state: state.into(),
+            failure: None,
+        };
+        c.excache = Some(vnode_api::ExCacheCounters {
+            replication: Some(vnode_api::MemReplication {
+                state: "re-replicating".into(),
+                replicas: vec![
+                    replica("primary", "10.0.0.1:7000", "healthy"),
+                    replica("backup", "10.0.0.3:7000", "copying"),
+                ],
+                failovers: 1,
+                copied_pages: 77,
+                stale_copies: vec!["10.0.0.2:7000".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let t = show_replicas(&c, false);
+        for want in [
+            "re-replicating",
+            "10.0.0.3:7000",
+            "copying",
+            "copied 77 pages",
+            "stale copies on 10.0.0.2:7000",
+        ] {
+            assert!(t.contains(want), "{want}: {t}");
+        }
+        let j: serde_json::Value = serde_json::from_str(&show_replicas(&c, true)).unwrap();
+        assert_eq!(j["memory"]["state"], "re-replicating");
     }
 }

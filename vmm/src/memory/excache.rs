@@ -43,6 +43,10 @@ const RESIDENT: u8 = 1;
 const DIRTY: u8 = 2;
 const ON_SERVER: u8 = 4;
 const REFERENCED: u8 = 8;
+/// Chosen as a victim and being written back: still mapped, no longer resident for the policy.
+const EVICTING: u8 = 16;
+/// Written by the guest while its write-back was in flight: must be sent again before dropping.
+const REDIRTY: u8 = 32;
 const EMPTY: u32 = u32::MAX;
 
 /// A page chosen for eviction: its index and whether its content must be written back.
@@ -56,6 +60,8 @@ pub struct ExCache {
     state: Vec<u8>,
     limit: usize,
     resident: usize,
+    /// Victims whose write-back is in flight: still mapped, so they count against the limit.
+    evicting: usize,
     max_resident: usize,
     policy: Policy,
     fifo: VecDeque<u32>,
@@ -80,6 +86,7 @@ impl ExCache {
             state: vec![0; pages],
             limit,
             resident: 0,
+            evicting: 0,
             max_resident: 0,
             policy,
             fifo: VecDeque::with_capacity(limit),
@@ -101,8 +108,19 @@ impl ExCache {
     pub fn max_resident(&self) -> usize {
         self.max_resident
     }
+    /// Victims whose write-back is still in flight (mapped, counted against the limit).
+    pub fn evicting(&self) -> usize {
+        self.evicting
+    }
     pub fn is_resident(&self, page: u32) -> bool {
         self.state[page as usize] & RESIDENT != 0
+    }
+    /// The page is mapped: resident, or a victim whose write-back is in flight.
+    pub fn is_present(&self, page: u32) -> bool {
+        self.state[page as usize] & (RESIDENT | EVICTING) != 0
+    }
+    pub fn is_evicting(&self, page: u32) -> bool {
+        self.state[page as usize] & EVICTING != 0
     }
     pub fn is_dirty(&self, page: u32) -> bool {
         self.state[page as usize] & DIRTY != 0
@@ -123,17 +141,26 @@ impl ExCache {
 
     /// How many pages must be evicted before `incoming` more can be installed.
     pub fn room_needed(&self, incoming: usize) -> usize {
-        (self.resident + incoming).saturating_sub(self.limit)
+        (self.resident + self.evicting + incoming).saturating_sub(self.limit)
+    }
+
+    /// Pages that can be installed now without evicting.
+    pub fn room(&self) -> usize {
+        self.limit.saturating_sub(self.resident + self.evicting)
     }
 
     /// Records a newly installed page.
     pub fn insert(&mut self, page: u32, dirty: bool) {
         let s = &mut self.state[page as usize];
         assert!(*s & RESIDENT == 0, "page {page} installed twice");
-        assert!(self.resident < self.limit, "ExCache over its limit");
+        assert!(*s & EVICTING == 0, "page {page} installed while mapped");
+        assert!(
+            self.resident + self.evicting < self.limit,
+            "ExCache over its limit"
+        );
         *s |= RESIDENT | REFERENCED | if dirty { DIRTY } else { 0 };
         self.resident += 1;
-        self.max_resident = self.max_resident.max(self.resident);
+        self.max_resident = self.max_resident.max(self.resident + self.evicting);
         match self.policy {
             Policy::Fifo => self.fifo.push_back(page),
             Policy::Clock => {
@@ -155,9 +182,9 @@ impl ExCache {
     /// server shrinks by evicting first, batch by batch).
     pub fn set_limit(&mut self, limit: usize) {
         assert!(
-            limit > 0 && limit >= self.resident,
-            "ExCache limit {limit} below its {} resident pages",
-            self.resident
+            limit > 0 && limit >= self.resident + self.evicting,
+            "ExCache limit {limit} below its {} mapped pages",
+            self.resident + self.evicting
         );
         if self.policy == Policy::Clock && limit > self.ring.len() {
             let old = self.ring.len();
@@ -201,6 +228,45 @@ impl ExCache {
             out.push(Victim { page, dirty });
         }
         out
+    }
+
+    /// Chooses up to `n` victims as [`ExCache::evict`] does, but a dirty victim stays mapped,
+    /// marked evicting, until [`ExCache::written_back`] says its write-back landed.
+    pub fn evict_async(&mut self, n: usize) -> Vec<Victim> {
+        let out = self.evict(n);
+        for v in out.iter().filter(|v| v.dirty) {
+            self.state[v.page as usize] |= EVICTING;
+            self.evicting += 1;
+        }
+        out
+    }
+
+    /// The guest wrote an evicting page: its write-back in flight is stale, so the page must be
+    /// sent again before it may be dropped. True if the page was evicting.
+    pub fn redirty(&mut self, page: u32) -> bool {
+        let s = &mut self.state[page as usize];
+        if *s & EVICTING == 0 {
+            return false;
+        }
+        *s |= REDIRTY;
+        true
+    }
+
+    /// The write-back of an evicting page was acknowledged: true if the page may now be dropped
+    /// (no longer evicting), false if the guest wrote it meanwhile and it must be sent again.
+    pub fn written_back(&mut self, page: u32) -> bool {
+        let s = &mut self.state[page as usize];
+        assert!(
+            *s & EVICTING != 0,
+            "page {page} written back but not evicting"
+        );
+        if *s & REDIRTY != 0 {
+            *s &= !REDIRTY;
+            return false;
+        }
+        *s &= !EVICTING;
+        self.evicting -= 1;
+        true
     }
 
     fn clock_victim(&mut self) -> u32 {
@@ -451,6 +517,32 @@ mod tests {
             c.insert(9, true);
             assert_eq!((c.resident(), c.limit()), (2, 2));
         }
+    }
+
+    #[test]
+    fn evicting_pages_count_against_the_limit_until_written_back() {
+        let mut c = ExCache::new(16, 4, Policy::Fifo);
+        for p in 0..4 {
+            c.insert(p, p != 1);
+        }
+        let v = c.evict_async(2);
+        assert_eq!(v.iter().map(|v| v.page).collect::<Vec<_>>(), vec![0, 1]);
+        // 0 is dirty and stays mapped; 1 was clean and is gone at once.
+        assert!(c.is_present(0) && c.is_evicting(0) && !c.is_resident(0));
+        assert!(!c.is_present(1));
+        assert_eq!((c.resident(), c.evicting(), c.room()), (2, 1, 1));
+        assert_eq!(c.room_needed(2), 1);
+        // Written during its write-back: sent again, not dropped.
+        assert!(c.redirty(0));
+        assert!(!c.redirty(1), "a dropped page is not evicting");
+        assert!(!c.written_back(0));
+        assert!(c.is_evicting(0));
+        assert!(c.written_back(0));
+        assert!(!c.is_present(0) && c.on_server(0));
+        assert_eq!((c.evicting(), c.room()), (0, 2));
+        c.insert(0, false);
+        c.insert(1, false);
+        assert_eq!(c.max_resident(), 4);
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The fault server: one named thread that serves every userfaultfd fault on guest RAM, from any
 //! thread (vCPUs, device threads, the loader). Missing pages are fetched from the `PageSource`
 //! (with a prefetch window on streams) or zero-filled locally when never written; installs are
-//! write-protected so the first write is seen and the page marked dirty; when the ExCache is full,
-//! victims are evicted (dirty ones write-protected, written back, then dropped). This thread never
-//! touches a page that is not resident, so it never faults itself.
+//! write-protected so the first write is seen and the page marked dirty. Eviction runs beside the
+//! faults, between them (`reclaim.rs`): it keeps free room between two watermarks with write-backs
+//! in flight, so a fault normally only fetches, installs and wakes. When the ExCache is full anyway,
+//! a fault evicts first (dirty victims write-protected, written back, then dropped). This thread
+//! never touches a page that is not mapped, so it never faults itself.
 
+use std::collections::VecDeque;
 use std::os::unix::io::AsRawFd;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
@@ -13,11 +16,17 @@ use std::time::Instant;
 use userfaultfd::EventBuffer;
 use vmm_sys_util::eventfd::EventFd;
 
+use remote_mem::Repair;
+
 use super::excache::{runs, ExCache, Prefetcher};
 use super::source::{PageSource, SourceError, MAX_BATCH};
 use super::stats::{timed, ExCacheStats};
 use super::uffd::{Fault, GuestUffd, UffdError, PAGE};
 use crate::devices::{StopReason, StopSignal};
+use reclaim::Batch;
+
+#[path = "reclaim.rs"]
+mod reclaim;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
@@ -53,6 +62,9 @@ pub enum FaultCmd {
     /// Stop serving faults, freeing guest RAM's region on the servers or keeping it (a
     /// snapshot or migration hands it over).
     Stop { free_region: bool },
+    /// A memory server a lost replica of guest RAM can be re-made on; the reply says whether
+    /// it was taken (guest RAM must be replicated).
+    AddSpare(String, Sender<Result<(), String>>),
 }
 
 pub struct FaultServer {
@@ -66,8 +78,16 @@ pub struct FaultServer {
     buf: Vec<u8>,
     wb_buf: Vec<u8>,
     spin: bool,
+    /// Whether the reclaimer runs between faults.
+    reclaimer: bool,
     /// The capacity asked for; below `cache.limit()` while a shrink is under way.
     target: usize,
+    /// Write-backs of evicting pages in flight, oldest first (`reclaim.rs`).
+    inflight: VecDeque<Batch>,
+    /// Evicting pages the guest wrote while their write-back was in flight: sent again.
+    resend: Vec<u32>,
+    /// Write-back buffers of completed batches, for the next ones.
+    spare: Vec<Vec<u8>>,
 }
 
 impl FaultServer {
@@ -92,8 +112,18 @@ impl FaultServer {
             buf: vec![0; MAX_BATCH * PAGE],
             wb_buf: vec![0; WRITEBACK_BATCH * PAGE],
             spin: false,
+            reclaimer: true,
             target: cache_limit,
+            inflight: VecDeque::new(),
+            resend: Vec::new(),
+            spare: Vec::new(),
         }
+    }
+
+    /// Evict between faults with write-backs in flight (else only on the fault path).
+    pub fn with_reclaim(mut self, on: bool) -> Self {
+        self.reclaimer = on;
+        self
     }
 
     /// Busy-poll for faults instead of sleeping in poll().
@@ -132,14 +162,21 @@ impl FaultServer {
             },
         ];
         let mut last_activity = Instant::now();
+        let mut repair = Repair::Idle;
         loop {
             let shrinking = self.target < self.cache.limit();
+            let reclaiming = self.reclaim_pending();
+            let copying = repair == Repair::Busy;
             // Spinning polls without sleeping (timeout 0): it saves the wake-up of a sleeping
-            // thread on every fault at the price of a busy core. A shrink in progress polls too,
-            // evicting a batch between rounds of faults. A sleeping poll wakes every KEEPALIVE
-            // to keep the servers' connections alive through a quiet guest.
-            let timeout = if self.spin || shrinking {
+            // thread on every fault at the price of a busy core. A shrink, write-backs or a
+            // re-replication in progress poll too, doing their work between rounds of faults. A
+            // sleeping poll wakes every KEEPALIVE to keep the servers' connections alive through
+            // a quiet guest, or sooner to free a failed server's stale copy.
+            let timeout = if self.spin || shrinking || reclaiming || copying {
                 0
+            } else if let Repair::After(d) = repair {
+                d.clamp(std::time::Duration::from_millis(1), KEEPALIVE)
+                    .as_millis() as libc::c_int
             } else {
                 KEEPALIVE.as_millis() as libc::c_int
             };
@@ -148,7 +185,7 @@ impl FaultServer {
             if r < 0 {
                 continue; // EINTR
             }
-            if r > 0 || shrinking {
+            if r > 0 || shrinking || reclaiming || copying {
                 last_activity = Instant::now();
             } else if last_activity.elapsed() >= KEEPALIVE {
                 last_activity = Instant::now();
@@ -162,18 +199,32 @@ impl FaultServer {
                     }
                 }
             }
-            if fds[0].revents != 0 {
+            let faulted = fds[0].revents != 0;
+            if faulted {
                 self.uffd.read_faults(&mut events, &mut faults)?;
                 for f in &faults {
                     self.serve(*f)?;
                 }
             }
+            self.reclaim(!faulted)?;
             if shrinking {
                 self.shrink_step()?;
             } else if r == 0 {
                 std::hint::spin_loop();
             }
+            // Cheap when there is nothing to repair; a replica lost by any call above starts
+            // its re-replication here.
+            repair = self.repair_step(r == 0 && !shrinking)?;
         }
+    }
+
+    /// One step of re-replication (a batch of the pages the servers hold) or, when `idle`,
+    /// of freeing a failed server's stale copy.
+    fn repair_step(&mut self, idle: bool) -> Result<Repair, FaultError> {
+        let cache = &self.cache;
+        let pages = cache.pages() as u64;
+        let held = |p: u64| p < pages && cache.on_server(p as u32);
+        Ok(self.source.repair(&held, idle)?)
     }
 
     /// Carries out one command; true when the thread must end.
@@ -182,7 +233,7 @@ impl FaultServer {
             FaultCmd::SetLimit(pages, reply) => {
                 self.target = pages.clamp(1, self.cache.pages());
                 self.stats.limit_pages.set(self.target as u64);
-                if self.target >= self.cache.resident() {
+                if self.target >= self.cache.resident() + self.cache.evicting() {
                     self.cache.set_limit(self.target);
                 }
                 tracing::info!(pages = self.target, "ExCache limit set");
@@ -193,13 +244,29 @@ impl FaultServer {
                 let _ = reply.send(r.as_ref().map(|n| *n).map_err(|e| e.to_string()));
                 r?;
             }
+            FaultCmd::AddSpare(addr, reply) => {
+                let r = self.source.add_spare(&addr).map_err(|e| e.to_string());
+                if r.is_ok() {
+                    tracing::info!(server = %addr, "spare memory server added");
+                }
+                let _ = reply.send(r);
+            }
             FaultCmd::Drain(reply) => {
                 self.drain()?;
                 let _ = reply.send(());
             }
             FaultCmd::Stop { free_region } => {
                 // With `free_region` the guest is gone and its RAM garbage: give it back. A
-                // hand-over (snapshot, migration) keeps it for the next owner.
+                // hand-over (snapshot, migration) keeps it for the next owner, with every
+                // write-back in flight landed.
+                if !free_region {
+                    if let Err(e) = self.finish_reclaim() {
+                        tracing::warn!(
+                            "cannot finish write-backs to {}: {e}",
+                            self.source.describe()
+                        );
+                    }
+                }
                 if free_region {
                     if let Err(e) = self.source.release() {
                         tracing::warn!("cannot free guest RAM on {}: {e}", self.source.describe());
@@ -236,6 +303,7 @@ impl FaultServer {
     /// One batch of a shrink: evicts towards the target, and lowers the limit as it goes so
     /// faults meanwhile evict rather than grow the cache.
     fn shrink_step(&mut self) -> Result<(), FaultError> {
+        self.finish_reclaim()?;
         let excess = self.cache.resident().saturating_sub(self.target);
         if excess > 0 {
             self.evict(excess.min(SHRINK_BATCH))?;
@@ -248,6 +316,7 @@ impl FaultServer {
     /// Writes every dirty resident page back to the source; they stay resident, clean and
     /// write-protected (the next write faults and marks them dirty again). Returns how many.
     fn flush_dirty(&mut self) -> Result<usize, FaultError> {
+        self.finish_reclaim()?;
         let dirty = self.cache.dirty_resident();
         self.write_back(&dirty)?;
         for p in &dirty {
@@ -258,7 +327,9 @@ impl FaultServer {
     }
 
     fn note_residency(&self) {
-        self.stats.resident_pages.set(self.cache.resident() as u64);
+        self.stats
+            .resident_pages
+            .set((self.cache.resident() + self.cache.evicting()) as u64);
         self.stats
             .max_resident_pages
             .raise(self.cache.max_resident() as u64);
@@ -288,6 +359,9 @@ impl FaultServer {
                 if self.cache.is_resident(page) {
                     self.cache.mark_dirty(page);
                     self.uffd.unprotect(addr, PAGE)?;
+                } else if self.cache.redirty(page) {
+                    // Written during its write-back: that copy is stale, the page is sent again.
+                    self.uffd.unprotect(addr, PAGE)?;
                 } else {
                     // Evicted since the fault was raised: the writer retries and faults as missing.
                     self.uffd.wake(addr, PAGE)?;
@@ -295,7 +369,7 @@ impl FaultServer {
             }
             Fault::Missing { addr, write } => {
                 let page = self.page_of(addr)?;
-                if self.cache.is_resident(page) {
+                if self.cache.is_present(page) {
                     self.uffd.wake(addr, PAGE)?; // installed by a prefetch or an earlier event
                     return Ok(());
                 }
@@ -324,7 +398,7 @@ impl FaultServer {
             .map(|k| plan.first + k * plan.stride)
             .take_while(|p| *p >= 0 && (*p as usize) < self.cache.pages())
             .map(|p| p as u32)
-            .filter(|p| !self.cache.is_resident(*p))
+            .filter(|p| !self.cache.is_present(*p))
             .take(max_extra)
             .collect();
         extra.dedup();
@@ -388,6 +462,10 @@ impl FaultServer {
 
     /// Evicts until `incoming` pages fit.
     fn make_room(&mut self, incoming: usize) -> Result<(), FaultError> {
+        // Write-backs in flight free their pages once acknowledged: wait for those first.
+        while self.cache.room_needed(incoming) > 0 && !self.inflight.is_empty() {
+            self.complete_oldest()?;
+        }
         let needed = self.cache.room_needed(incoming);
         if needed == 0 {
             return Ok(());

@@ -40,6 +40,11 @@ pub struct RemoteMemConfig {
     pub auth: remote_mem::ClientAuth,
     /// The fault thread busy-polls its userfaultfd instead of sleeping.
     pub spin: bool,
+    /// Eviction runs between faults with write-backs in flight (`reclaim.rs`); off, faults
+    /// evict when the ExCache is full, and wait for it.
+    pub reclaim: bool,
+    /// Memory servers a new copy of replicated guest RAM goes to when a replica is lost.
+    pub spares: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +69,8 @@ pub enum RemoteMemError {
     Doorbell(#[source] std::io::Error),
     #[error("cannot write dirty pages back: {0}")]
     Flush(String),
+    #[error("{0}")]
+    Spare(String),
 }
 
 /// The smallest ExCache.
@@ -115,6 +122,16 @@ impl RemoteMemory {
         rx.recv_timeout(timeout)
             .map_err(|_| RemoteMemError::Gone)?
             .map_err(RemoteMemError::Flush)
+    }
+
+    /// Adds `server` to the memory servers a lost replica of guest RAM is re-made on (at once,
+    /// if one is lost now). Refused when guest RAM is not replicated.
+    pub fn add_spare(&self, server: &str) -> Result<(), RemoteMemError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(FaultCmd::AddSpare(server.to_string(), tx))?;
+        rx.recv_timeout(COMMAND_WAIT)
+            .map_err(|_| RemoteMemError::Gone)?
+            .map_err(RemoteMemError::Spare)
     }
 
     /// Waits until the fault server has served every fault raised so far.
@@ -174,7 +191,8 @@ pub fn remote_memory_with(
     } else {
         Box::new(
             RemoteSource::connect(&cfg.servers, &cfg.auth, pages as u64, attach)
-                .map_err(RemoteMemError::Connect)?,
+                .map_err(RemoteMemError::Connect)?
+                .with_spares(&cfg.spares),
         )
     };
     // SAFETY: a fresh anonymous private mapping; nothing else refers to the address range.
@@ -240,7 +258,8 @@ pub fn remote_memory_with(
         source,
         stats.clone(),
     )
-    .with_spin(cfg.spin);
+    .with_spin(cfg.spin)
+    .with_reclaim(cfg.reclaim);
     let doorbell = EventFd::new(libc::EFD_NONBLOCK).map_err(RemoteMemError::Spawn)?;
     let thread_doorbell = doorbell.try_clone().map_err(RemoteMemError::Spawn)?;
     let (cmds, rx) = mpsc::channel();

@@ -5,7 +5,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use remote_mem::{ClientAuth, ClientError, MemClient, RegionHealth, ReplicatedRegion};
+use remote_mem::{
+    ClientAuth, ClientError, MemClient, RegionHealth, Repair, ReplicatedRegion, WriteTicket,
+};
 
 use super::uffd::PAGE;
 
@@ -18,6 +20,21 @@ pub enum SourceError {
     Remote(#[from] ClientError),
     #[error("page {0} is outside guest RAM")]
     OutOfRange(u64),
+    #[error("guest RAM is not replicated (--mem-server PRIMARY,BACKUP): no replica to re-make")]
+    NotReplicated,
+}
+
+/// A write sent with [`PageSource::submit_write`] and not yet acknowledged.
+#[must_use = "a submitted write must be completed"]
+pub enum WriteToken {
+    /// Already stored (a source that does not pipeline writes).
+    Done,
+    /// Requests in flight on the single server's connection `conn` (its generation: a
+    /// connection replaced since, by following a migrated region, never answers them).
+    Sent {
+        conn: u64,
+        tickets: Vec<WriteTicket>,
+    },
 }
 
 pub trait PageSource: Send {
@@ -26,6 +43,23 @@ pub trait PageSource: Send {
     /// Stores `data` (PAGE bytes per page) as the content of `pages` (any number: a remote
     /// source pipelines them MAX_BATCH at a time).
     fn write_pages(&mut self, pages: &[u64], data: &[u8]) -> Result<(), SourceError>;
+    /// Sends `data` as the content of `pages` without waiting for the acknowledgement, which
+    /// [`PageSource::complete_write`] collects (sources that cannot pipeline store at once).
+    fn submit_write(&mut self, pages: &[u64], data: &[u8]) -> Result<WriteToken, SourceError> {
+        self.write_pages(pages, data)?;
+        Ok(WriteToken::Done)
+    }
+    /// Waits until a submitted write is stored; `pages` and `data` are what was submitted (sent
+    /// again if the connection they went on was replaced meanwhile).
+    fn complete_write(
+        &mut self,
+        token: WriteToken,
+        pages: &[u64],
+        data: &[u8],
+    ) -> Result<(), SourceError> {
+        let _ = (token, pages, data);
+        Ok(())
+    }
     /// Where the pages live, for messages.
     fn describe(&self) -> String;
     /// The guest is gone: give its pages back (free the region on the servers). Not called when
@@ -33,6 +67,17 @@ pub trait PageSource: Send {
     fn release(&mut self) -> Result<(), SourceError> {
         Ok(())
     }
+    /// One step of repairing replicated pages (re-replication, freeing stale copies): see
+    /// [`ReplicatedRegion::repair_step`]. `held(page)`: whether the servers hold `page`.
+    fn repair(&mut self, _held: &dyn Fn(u64) -> bool, _idle: bool) -> Result<Repair, SourceError> {
+        Ok(Repair::Idle)
+    }
+
+    /// Adds a server a lost replica can be re-made on.
+    fn add_spare(&mut self, _addr: &str) -> Result<(), SourceError> {
+        Err(SourceError::NotReplicated)
+    }
+
     /// Nothing has been asked of the source for a while: keep its connections open (memory
     /// servers close connections idle past their `--idle-timeout`).
     fn keepalive(&mut self) -> Result<(), SourceError> {
@@ -85,7 +130,9 @@ impl PageSource for LocalSource {
 
 /// The guest's RAM as region 0 of its vNode on one memory server, or replicated on two.
 pub enum RemoteSource {
-    Single(Box<MemClient>),
+    /// One server's client, and its connection's generation (raised when a migrated region
+    /// is followed to a new server).
+    Single(Box<MemClient>, u64),
     Replicated(Box<ReplicatedRegion>),
 }
 
@@ -111,7 +158,7 @@ impl RemoteSource {
                 let mut c = clients.pop().expect("one client");
                 // The only copy: nothing to fail over to, so a longer deadline.
                 c.set_deadline_floor(vnode_common::deadline::SOLE_COPY_FLOOR);
-                RemoteSource::Single(Box::new(c))
+                RemoteSource::Single(Box::new(c), 0)
             }
             _ => {
                 let backup = clients.pop().expect("two clients");
@@ -122,14 +169,24 @@ impl RemoteSource {
             }
         };
         match (&mut src, attach) {
-            (RemoteSource::Single(c), false) => c.alloc_region(GUEST_RAM_REGION, pages)?,
-            (RemoteSource::Single(c), true) => {
+            (RemoteSource::Single(c, _), false) => c.alloc_region(GUEST_RAM_REGION, pages)?,
+            (RemoteSource::Single(c, _), true) => {
                 c.open_region(GUEST_RAM_REGION, pages)?;
             }
             (RemoteSource::Replicated(r), false) => r.alloc(pages)?,
             (RemoteSource::Replicated(r), true) => r.open(pages)?,
         }
         Ok(src)
+    }
+
+    /// Gives replicated guest RAM the servers a lost replica is re-made on.
+    pub fn with_spares(mut self, spares: &[String]) -> Self {
+        if let RemoteSource::Replicated(r) = &mut self {
+            for s in spares {
+                r.add_spare(s);
+            }
+        }
+        self
     }
 }
 
@@ -141,6 +198,7 @@ const MAX_FOLLOW: usize = 4;
 /// again there. Only this request waits; the guest's vCPUs go on.
 fn follow_moves<T>(
     c: &mut Box<MemClient>,
+    conn: &mut u64,
     mut f: impl FnMut(&mut MemClient) -> Result<T, ClientError>,
 ) -> Result<T, ClientError> {
     let mut hops = 0;
@@ -150,6 +208,7 @@ fn follow_moves<T>(
                 let target = e.moved_to().unwrap_or_default().to_string();
                 tracing::info!(from = c.addr(), to = %target, "guest RAM moved; following it");
                 **c = c.connect_like(&target)?;
+                *conn += 1;
                 hops += 1;
             }
             r => return r,
@@ -185,14 +244,17 @@ pub fn replication_json() -> serde_json::Value {
         "failovers": s.failovers,
         "degraded_since_unix_ms": s.degraded_since_unix_ms,
         "degraded_ms": s.degraded_ms,
+        "rereplications": s.rereplications,
+        "copied_pages": s.copied_pages,
+        "stale_copies": s.stale_copies,
     })
 }
 
 impl PageSource for RemoteSource {
     fn read_pages(&mut self, pages: &[u64], out: &mut [u8]) -> Result<(), SourceError> {
         match self {
-            RemoteSource::Single(c) => {
-                follow_moves(c, |c| c.read_pages(GUEST_RAM_REGION, pages, out))?
+            RemoteSource::Single(c, conn) => {
+                follow_moves(c, conn, |c| c.read_pages(GUEST_RAM_REGION, pages, out))?
             }
             RemoteSource::Replicated(r) => r.read_pages(pages, out)?,
         }
@@ -201,17 +263,64 @@ impl PageSource for RemoteSource {
 
     fn write_pages(&mut self, pages: &[u64], data: &[u8]) -> Result<(), SourceError> {
         match self {
-            RemoteSource::Single(c) => {
-                follow_moves(c, |c| c.write_pages(GUEST_RAM_REGION, pages, data))?
+            RemoteSource::Single(c, conn) => {
+                follow_moves(c, conn, |c| c.write_pages(GUEST_RAM_REGION, pages, data))?
             }
             RemoteSource::Replicated(r) => r.write_pages(pages, data)?,
         }
         Ok(())
     }
 
+    fn submit_write(&mut self, pages: &[u64], data: &[u8]) -> Result<WriteToken, SourceError> {
+        let RemoteSource::Single(c, conn) = self else {
+            self.write_pages(pages, data)?;
+            return Ok(WriteToken::Done);
+        };
+        let mut tickets = Vec::with_capacity(pages.len().div_ceil(MAX_BATCH));
+        for (chunk, d) in pages.chunks(MAX_BATCH).zip(data.chunks(MAX_BATCH * PAGE)) {
+            tickets.push(c.submit_write(GUEST_RAM_REGION, chunk, d)?);
+        }
+        Ok(WriteToken::Sent {
+            conn: *conn,
+            tickets,
+        })
+    }
+
+    fn complete_write(
+        &mut self,
+        token: WriteToken,
+        pages: &[u64],
+        data: &[u8],
+    ) -> Result<(), SourceError> {
+        let (
+            RemoteSource::Single(c, conn),
+            WriteToken::Sent {
+                conn: sent_on,
+                tickets,
+            },
+        ) = (&mut *self, token)
+        else {
+            return Ok(());
+        };
+        let mut moved = *conn != sent_on;
+        if !moved {
+            for t in tickets {
+                match c.complete_write(t) {
+                    Err(e) if e.moved_to().is_some() => moved = true,
+                    r => r?,
+                }
+            }
+        }
+        if moved {
+            // The region moved while these were in flight: send them again, following it.
+            self.write_pages(pages, data)?;
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         match self {
-            RemoteSource::Single(c) => format!("memory server {}", c.addr()),
+            RemoteSource::Single(c, _) => format!("memory server {}", c.addr()),
             RemoteSource::Replicated(r) => format!(
                 "memory servers {} (primary) and {} (backup)",
                 r.server(remote_mem::Role::Primary).unwrap_or("(failed)"),
@@ -222,7 +331,9 @@ impl PageSource for RemoteSource {
 
     fn release(&mut self) -> Result<(), SourceError> {
         match self {
-            RemoteSource::Single(c) => follow_moves(c, |c| c.free_region(GUEST_RAM_REGION))?,
+            RemoteSource::Single(c, conn) => {
+                follow_moves(c, conn, |c| c.free_region(GUEST_RAM_REGION))?
+            }
             RemoteSource::Replicated(r) => r.free()?,
         }
         Ok(())
@@ -230,10 +341,27 @@ impl PageSource for RemoteSource {
 
     fn keepalive(&mut self) -> Result<(), SourceError> {
         match self {
-            RemoteSource::Single(c) => c.ping()?,
+            RemoteSource::Single(c, _) => c.ping()?,
             RemoteSource::Replicated(r) => r.ping()?,
         }
         Ok(())
+    }
+
+    fn repair(&mut self, held: &dyn Fn(u64) -> bool, idle: bool) -> Result<Repair, SourceError> {
+        match self {
+            RemoteSource::Single(..) => Ok(Repair::Idle),
+            RemoteSource::Replicated(r) => Ok(r.repair_step(held, idle)?),
+        }
+    }
+
+    fn add_spare(&mut self, addr: &str) -> Result<(), SourceError> {
+        match self {
+            RemoteSource::Single(..) => Err(SourceError::NotReplicated),
+            RemoteSource::Replicated(r) => {
+                r.add_spare(addr);
+                Ok(())
+            }
+        }
     }
 }
 

@@ -47,6 +47,8 @@ pub struct PhaseTimes {
     pub protect: Counter,
     pub writeback: Counter,
     pub drop: Counter,
+    /// The reclaimer's time between faults (its protect, writeback and drop count there too).
+    pub reclaim: Counter,
 }
 
 /// Runs `f`, adding its duration in nanoseconds to `c`.
@@ -118,6 +120,7 @@ impl PhaseTimes {
             protect: us(&self.protect),
             writeback: us(&self.writeback),
             drop: us(&self.drop),
+            reclaim: us(&self.reclaim),
         }
     }
 }

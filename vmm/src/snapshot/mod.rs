@@ -197,6 +197,8 @@ impl SavedConfig {
                 None => remote_mem::ClientAuth::insecure(*vnode_id),
             },
             spin,
+            reclaim: true,
+            spares: Vec::new(),
         }))
     }
 }
@@ -246,6 +248,8 @@ mod tests {
                     ),
                 ),
                 spin: false,
+                reclaim: true,
+                spares: Vec::new(),
             }),
             mem_prealloc: false,
         }

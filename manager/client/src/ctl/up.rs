@@ -189,8 +189,10 @@ fn tag(dir: &Path) -> u32 {
         })
 }
 
-/// Creates the bridge and `n` namespaces; returns (bridge, namespaces, bridge IP, host IPs).
-fn network(n: u32, dir: &Path, cf: &mut ClusterFile) -> Result<(String, Vec<String>), UpError> {
+/// Creates the bridge and `n` namespaces (named from `dir`, recorded in `cf` as they are made,
+/// so [`teardown_network`] undoes a partial set-up too); returns the bridge and the addresses:
+/// the bridge's (the root namespace's), then each namespace's. The fault tests use it too.
+pub fn network(n: u32, dir: &Path, cf: &mut ClusterFile) -> Result<(String, Vec<String>), UpError> {
     let t = tag(dir);
     let (a, b) = (100 + (t % 100), (t >> 8) % 250);
     let bridge = format!("vnb{:04x}", t & 0xffff);
@@ -468,6 +470,16 @@ fn agent_children(dir: &Path) -> Vec<u32> {
     out
 }
 
+/// Deletes the namespaces and the bridge [`network`] made (best effort).
+pub fn teardown_network(cf: &ClusterFile) {
+    for ns in &cf.netns {
+        let _ = ip(&["netns", "del", ns]);
+    }
+    if let Some(b) = &cf.bridge {
+        let _ = ip(&["link", "del", b]);
+    }
+}
+
 /// `vnodectl down`.
 pub fn down(a: &DownArgs) -> Result<(), UpError> {
     let dir = std::path::absolute(&a.dir).map_err(io("cannot resolve --dir"))?;
@@ -484,12 +496,7 @@ pub fn down(a: &DownArgs) -> Result<(), UpError> {
     for pr in &cf.procs {
         kill(pr.pid, &pr.argv[0], libc::SIGKILL);
     }
-    for ns in &cf.netns {
-        let _ = ip(&["netns", "del", ns]);
-    }
-    if let Some(b) = &cf.bridge {
-        let _ = ip(&["link", "del", b]);
-    }
+    teardown_network(&cf);
     p.finish_and_clear();
     println!(
         "cluster down: {} processes stopped; files kept in {}",
