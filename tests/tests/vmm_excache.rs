@@ -63,10 +63,12 @@ fn stats(f: &Finished) -> serde_json::Value {
     serde_json::from_str::<serde_json::Value>(line).unwrap()["excache"].clone()
 }
 
-fn remote_run(policy: &str) {
+/// A 1G verified workload through a 256M ExCache with `policy`, evicting on the fault path or
+/// (`reclaim`) with the reclaimer between faults.
+fn remote_run(policy: &str, reclaim: bool) {
     let memd = Memd::start();
     let cmdline = "test=mem bytes=1G pattern=random seed=11 writes=50 passes=1";
-    let args = [
+    let mut args = vec![
         "--mem-server",
         &memd.addr,
         "--local-mem",
@@ -75,6 +77,9 @@ fn remote_run(policy: &str) {
         policy,
         "--stats",
     ];
+    if reclaim {
+        args.push("--excache-reclaim");
+    }
     let mut cmd = vnode_testguest("1280M", 1, cmdline, &args);
     cmd.env("VNODE_SECRET", "test-secret");
     let f = run_with_deadline(&mut cmd, DEADLINE);
@@ -112,7 +117,11 @@ fn remote_run(policy: &str) {
         parts > 0 && parts <= phase("serve") + phase("reclaim"),
         "{t}"
     );
-    assert!(phase("reclaim") > 0, "the reclaimer ran: {t}");
+    assert_eq!(
+        phase("reclaim") > 0,
+        reclaim,
+        "the reclaimer ran iff asked: {t}"
+    );
     for k in ["fetch", "install", "wake", "writeback", "drop"] {
         assert!(phase(k) > 0, "{k}: {t}");
     }
@@ -120,12 +129,12 @@ fn remote_run(policy: &str) {
 
 #[test]
 fn one_gib_on_remote_memory_with_quarter_local_fifo() {
-    remote_run("fifo");
+    remote_run("fifo", false);
 }
 
 #[test]
 fn one_gib_on_remote_memory_with_quarter_local_clock() {
-    remote_run("clock");
+    remote_run("clock", true);
 }
 
 #[test]
@@ -158,12 +167,18 @@ fn run_and_interrupt(servers: &str, mid: impl FnOnce()) -> Finished {
     run_guest_and_interrupt(
         servers,
         "test=mem bytes=512M pattern=random seed=5 writes=50 passes=3",
+        &[],
         mid,
     )
 }
 
 /// As [`run_and_interrupt`], with the guest's command line given.
-fn run_guest_and_interrupt(servers: &str, cmdline: &str, mid: impl FnOnce()) -> Finished {
+fn run_guest_and_interrupt(
+    servers: &str,
+    cmdline: &str,
+    extra: &[&str],
+    mid: impl FnOnce(),
+) -> Finished {
     // Unique per run: the servers' ports are (parallel tests share this process's id).
     let log = std::env::temp_dir().join(format!(
         "vnode-excache-{}-{}.out",
@@ -184,6 +199,7 @@ fn run_guest_and_interrupt(servers: &str, cmdline: &str, mid: impl FnOnce()) -> 
             "--stats",
         ],
     );
+    cmd.args(extra);
     cmd.env("VNODE_SECRET", "test-secret");
     let mut child = cmd
         .stdin(Stdio::null())
@@ -235,7 +251,7 @@ const WRITE_HEAVY: &str = "test=mem bytes=512M pattern=random seed=9 writes=100 
 fn reclaimer_with_its_memory_server_killed_mid_write_back() {
     let mut memd = Memd::start();
     let addr = memd.addr.clone();
-    let f = run_guest_and_interrupt(&addr, WRITE_HEAVY, || {
+    let f = run_guest_and_interrupt(&addr, WRITE_HEAVY, &["--excache-reclaim"], || {
         std::thread::sleep(Duration::from_millis(300));
         memd.kill();
     });
@@ -244,7 +260,7 @@ fn reclaimer_with_its_memory_server_killed_mid_write_back() {
     let mut primary = Memd::start();
     let backup = Memd::start();
     let servers = format!("{},{}", primary.addr, backup.addr);
-    let f = run_guest_and_interrupt(&servers, WRITE_HEAVY, || {
+    let f = run_guest_and_interrupt(&servers, WRITE_HEAVY, &["--excache-reclaim"], || {
         std::thread::sleep(Duration::from_millis(300));
         primary.kill();
     });

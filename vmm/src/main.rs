@@ -117,9 +117,11 @@ struct RunArgs {
     /// The ExCache's fault thread busy-polls for faults (lower latency, one busy core).
     #[arg(long, requires = "mem_server")]
     excache_spin: bool,
-    /// Evict on the fault path only, as before the reclaimer (for measuring it).
+    /// Evict between faults with the reclaimer (write-backs pipelined, kept off the fault
+    /// path) instead of on the fault path. Experimental: correct, but measured 10-13% slower
+    /// than the default so far (docs/bench/excache.txt).
     #[arg(long, requires = "mem_server")]
-    no_excache_reclaim: bool,
+    excache_reclaim: bool,
     /// File holding this vNode's memory credential, 64 hex digits from the manager or
     /// `vnode-cred mem --vnode-id ID` (else $VNODE_MEM_CREDENTIAL). Bound to one vNode id, so
     /// --vnode-id is required with it.
@@ -327,7 +329,7 @@ fn remote_mem_config(
         prefetch_max: args.prefetch,
         auth,
         spin: args.excache_spin,
-        reclaim: !args.no_excache_reclaim,
+        reclaim: args.excache_reclaim,
         spares: args.mem_spare.clone(),
     }))
 }

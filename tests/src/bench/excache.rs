@@ -72,8 +72,8 @@ pub struct ExcacheArgs {
     /// Use this memory server for every remote run instead of starting a fresh vnode-memd.
     #[arg(long, value_name = "ADDR")]
     mem_server: Option<String>,
-    /// Remote cells run again without the reclaimer (`--no-excache-reclaim`: eviction on the
-    /// fault path, as before it), PATTERN@FRACTION; empty for none.
+    /// Remote cells (which run with `--excache-reclaim`) run again without it (eviction on
+    /// the fault path, vnode's default), PATTERN@FRACTION; empty for none.
     #[arg(long, value_delimiter = ',', default_value = "seq@0.25,zipf@0.5")]
     no_reclaim_cells: Vec<String>,
     /// The Linux-swap peer's sizes as fractions of the working set (an all-local vnode in a
@@ -318,11 +318,11 @@ impl Plan<'_> {
         match c.backing {
             Backing::AllLocal | Backing::LinuxSwap(_) => {}
             Backing::Prealloc => extra.push("--mem-prealloc".into()),
-            Backing::Remote(f) => ex(addr, f),
-            Backing::NoReclaim(f) => {
+            Backing::Remote(f) => {
                 ex(addr, f);
-                extra.push("--no-excache-reclaim".into());
+                extra.push("--excache-reclaim".into());
             }
+            Backing::NoReclaim(f) => ex(addr, f),
             Backing::LocalStore(f) => ex("local", f),
         }
         GuestSpec {

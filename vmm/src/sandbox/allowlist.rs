@@ -68,13 +68,21 @@ const SOCKET_IO: &[i64] = &[
 
 fn extra(kind: ThreadKind) -> &'static [i64] {
     match kind {
-        // Waits for the VM to stop (futex), prints stats, joins the others, tears down.
-        // Closing the disks' connections (shutdown) at exit; removing the API socket.
+        // Waits for the VM to stop (futex), prints stats, joins the others, tears down:
+        // closing the disks' NBD connections (NBD_CMD_DISC, then shutdown), syncing file
+        // disks, removing the API socket.
         ThreadKind::Main => &[
             libc::SYS_fsync,
             libc::SYS_fdatasync,
             libc::SYS_shutdown,
             libc::SYS_unlink,
+            libc::SYS_sendto,
+            libc::SYS_sendmsg,
+            libc::SYS_writev,
+            libc::SYS_recvfrom,
+            libc::SYS_read,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
         ],
         // The serial output (stdout or a file), eventfds (irqfd, queue notify), a device's
         // DRIVER_OK or reset (dup of the notify eventfd, handing the loop to its worker).
